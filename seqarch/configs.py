@@ -1,0 +1,110 @@
+"""Typed, frozen mixer configs: build one from keyword overrides with clear errors.
+
+Every mixer owns a frozen dataclass config. `make_config(cls, **overrides)` is the one
+place where user input (Python kwargs, YAML, `key=value` on the command line) becomes such a
+config, so every unknown key and every ill-typed value fails the same way: a `ValueError`
+naming the key and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+_MISSING_HINT = object()
+
+
+def _describe(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return " | ".join(repr(choice) for choice in get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_describe(arg) for arg in get_args(hint))
+    if origin is tuple:
+        args = get_args(hint)
+        inner = _describe(args[0]) if args else "Any"
+        return f"tuple[{inner}, ...]"
+    if hint is type(None):
+        return "None"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Return (ok, value) where value is converted to `hint` when that loses nothing."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return True, value
+    if hint is type(None):
+        return value is None, value
+    if origin is Literal:
+        return value in get_args(hint), value
+    if origin in (Union, types.UnionType):
+        for arg in get_args(hint):
+            ok, converted = _coerce(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False, value
+        args = get_args(hint)
+        item_hint = args[0] if args else Any
+        converted = []
+        for item in value:
+            ok, item = _coerce(item, item_hint)
+            if not ok:
+                return False, value
+            converted.append(item)
+        return True, tuple(converted)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if hint is str:
+        return isinstance(value, str), value
+    if isinstance(hint, type):
+        return isinstance(value, hint), value
+    return True, value
+
+
+def make_config(config_cls: type, owner: str = "", **overrides: Any):
+    """Build `config_cls(**overrides)`, raising ValueError on unknown or ill-typed keys.
+
+    `owner` names the thing being configured in the message (e.g. "mixer 'mamba'").
+    """
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+    hints = get_type_hints(config_cls)
+    owner = owner or config_cls.__name__
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key {unknown[0]!r} for {owner}; valid keys: {', '.join(sorted(fields))}"
+        )
+    converted = {}
+    for key, value in overrides.items():
+        hint = hints.get(key, _MISSING_HINT)
+        if hint is _MISSING_HINT:
+            converted[key] = value
+            continue
+        ok, value_converted = _coerce(value, hint)
+        if not ok:
+            raise ValueError(
+                f"config key {key!r} for {owner} must be {_describe(hint)}, got {value!r}"
+                f" ({type(value).__name__})"
+            )
+        converted[key] = value_converted
+    return config_cls(**converted)
+
+
+def config_fields(config_cls: type) -> dict[str, str]:
+    """Map each init field of `config_cls` to a readable type description."""
+    hints = get_type_hints(config_cls)
+    return {f.name: _describe(hints[f.name]) for f in dataclasses.fields(config_cls) if f.init}
+
+
+__all__ = ["make_config", "config_fields"]

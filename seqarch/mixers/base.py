@@ -1,0 +1,144 @@
+"""The SequenceMixer contract and the state types every mixer shares.
+
+Legend: B batch, L length, D model width.
+
+A mixer maps (B, L, D) -> (B, L, D) causally and offers two ways to compute the same function:
+
+    y = mixer(x)                                  parallel path (training)
+    state = mixer.init_state(B, device=, dtype=)
+    y, state = mixer.prefill(x, state)            parallel over a chunk, continuing from `state`
+    y_t, state = mixer.step(x_t, state)           recurrent path, one token: (B, D) -> (B, D)
+
+`forward(x) == prefill(x, init_state)[0] == stack(step(x_t))` to float32 tolerance; the contract
+suite in tests/test_contract.py holds every registered mixer to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+def _tensor_nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, MixerState):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_nbytes(item) for item in value)
+    return 0
+
+
+def _cast(value: Any, device, dtype):
+    if isinstance(value, torch.Tensor):
+        if dtype is None or not value.is_floating_point() and not value.is_complex():
+            return value.to(device=device)
+        if value.is_complex():
+            complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+            return value.to(device=device, dtype=complex_dtype)
+        return value.to(device=device, dtype=dtype)
+    if isinstance(value, MixerState):
+        return value.to(device, dtype)
+    if isinstance(value, list):
+        return [_cast(item, device, dtype) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_cast(item, device, dtype) for item in value)
+    return value
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, MixerState):
+        for field in dataclasses.fields(value):
+            found = _first_tensor(getattr(value, field.name))
+            if found is not None:
+                return found
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+@dataclasses.dataclass
+class MixerState:
+    """Base of every recurrent state: a dataclass whose fields are tensors (batch first),
+    nested states, lists of those, or plain Python numbers (e.g. a position counter).
+
+    Complex tensors keep their complex type under `to(dtype=float...)`: they follow the
+    precision (complex64 for float32/16, complex128 for float64). Integer tensors keep theirs.
+    """
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        return sum(_tensor_nbytes(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    @property
+    def batch_size(self) -> int:
+        tensor = _first_tensor(self)
+        if tensor is None:
+            raise ValueError(f"{type(self).__name__} holds no tensor, so it has no batch size")
+        return tensor.shape[0]
+
+    def to(self, device=None, dtype=None):
+        """A copy on `device` with floating tensors cast to `dtype` (None keeps each)."""
+        return dataclasses.replace(
+            self, **{f.name: _cast(getattr(self, f.name), device, dtype) for f in dataclasses.fields(self)}
+        )
+
+
+class SequenceMixer(nn.Module, ABC):
+    """A causal (B, L, D) -> (B, L, D) map with a parallel and a recurrent path.
+
+    Subclasses set `self.config` (their frozen dataclass) and `self.d_model`, and implement
+    `forward`, `init_state`, `prefill`, `step` and `state_nbytes`.
+    """
+
+    #: True when the state grows with the number of tokens seen (a full KV cache, Hyena's
+    #: exact decoding); False for mixers whose state is constant in L.
+    state_grows_with_length: ClassVar[bool] = False
+
+    config: Any
+    d_model: int
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Parallel path: x (B, L, D) -> y (B, L, D)."""
+
+    @abstractmethod
+    def init_state(self, batch_size: int, device=None, dtype=None) -> MixerState:
+        """The state before any token (zeros, or an empty cache)."""
+
+    @abstractmethod
+    def prefill(self, x: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
+        """Parallel over a chunk x (B, L, D) continuing from `state`; returns (y, new state)."""
+
+    @abstractmethod
+    def step(self, x_t: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
+        """Recurrent path for one token x_t (B, D); returns (y_t (B, D), new state)."""
+
+    @abstractmethod
+    def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of the state after `seq_len` tokens, computed without allocating."""
+
+    def own_mlp(self) -> nn.Module | None:
+        """The channel mixer this family brings in place of the default MLP (RWKV's
+        channel-mix), or None. A returned module follows the SequenceMixer contract."""
+        return None
+
+    def extra_repr(self) -> str:
+        return repr(self.config)
+
+
+def check_input(x: torch.Tensor, d_model: int, ndim: int, what: str) -> None:
+    """Raise a clear ValueError when `x` is not (B, L, D) / (B, D) with D == d_model."""
+    shape = "(B, L, D)" if ndim == 3 else "(B, D)"
+    if x.ndim != ndim or x.shape[-1] != d_model:
+        raise ValueError(f"{what} expects {shape} with D={d_model}, got shape {tuple(x.shape)}")

@@ -1,0 +1,170 @@
+"""S4D: a diagonal linear time-invariant state-space model per channel.
+
+Gu, Gupta, Goel, Ré (2022), "On the Parameterization and Initialization of Diagonal State Space
+Models". Legend: B batch, L length, D channels (= model width), N complex modes (= d_state / 2;
+the conjugate half is implied, hence the 2 Re(...) below).
+
+Continuous system per channel: h'(t) = A h(t) + B u(t), y(t) = 2 Re(C h(t)) + D u(t), with A
+diagonal complex (Re A < 0) and B = 1 (absorbed into C). Zero-order hold with step dt gives
+
+    dA = exp(dt A),   dB = (exp(dt A) - 1) / A
+    h_t = dA * h_{t-1} + dB * u_t,   y_t = 2 Re(sum_n C_n h_{t,n}) + D u_t          (recurrent path)
+    K_l = 2 Re(sum_n C_n dB_n dA_n^l),   y = K * u + D u   (causal conv, FFT)  (parallel path)
+
+Initialisation: S4D-Lin A_n = -1/2 + i pi n; S4D-Inv A_n = -1/2 + i (N / pi)(N / (2n + 1) - 1);
+log dt uniform in [log dt_min, log dt_max]. The layer then applies GELU and a position-wise GLU
+output projection, as the paper's S4D block does.
+
+Powers dA^l are formed as polar(exp(l Re(dt A)), (l Im(dt A)) mod 2 pi) with the angle reduced
+in float64: in float32 the raw angle l * Im(dt A) reaches 1e5 rad at l = 16k and would lose
+two decimal digits of the phase.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input
+from seqarch.ops.fftconv import fftconv
+from seqarch.registry import register
+
+# Elements of one (D, N, P) block of powers; bounds the memory of kernel generation.
+_POWER_BLOCK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class S4DConfig:
+    d_model: int = 256
+    d_state: int = 64  # real state size per channel; d_state / 2 complex modes
+    init: str = "inv"  # "inv" (S4D-Inv) or "lin" (S4D-Lin) imaginary parts of A
+    dt_min: float = 1e-3  # log dt is initialised uniformly in [log dt_min, log dt_max]
+    dt_max: float = 1e-1
+
+    def __post_init__(self):
+        if self.d_state < 2 or self.d_state % 2:
+            raise ValueError(f"s4d: d_state must be an even number >= 2, got {self.d_state}")
+        if self.init not in ("inv", "lin"):
+            raise ValueError(f"s4d: init={self.init!r}; valid: 'inv', 'lin'")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"s4d: need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+
+    @property
+    def n_modes(self) -> int:
+        return self.d_state // 2
+
+
+@dataclass
+class S4DState(MixerState):
+    ssm: torch.Tensor  # (B, D, N) complex
+
+
+@register("s4d", S4DConfig)
+class S4D(SequenceMixer):
+    def __init__(self, config: S4DConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.d_model = width = config.d_model
+        modes = config.n_modes
+        factory = {"device": device, "dtype": dtype}
+        log_dt = torch.rand(width) * (math.log(config.dt_max) - math.log(config.dt_min)) + math.log(config.dt_min)
+        n = torch.arange(modes, dtype=torch.float32)
+        if config.init == "lin":
+            imag = math.pi * n
+        else:
+            imag = modes / math.pi * (modes / (2 * n + 1) - 1)
+        self.log_dt = nn.Parameter(log_dt.to(**factory))
+        self.log_A_real = nn.Parameter(torch.full((width, modes), math.log(0.5)).to(**factory))
+        self.A_imag = nn.Parameter(imag.repeat(width, 1).to(**factory))
+        # C ~ N(0, 1) complex, stored as (real, imag) pairs so optimizers see real tensors.
+        self.C = nn.Parameter((torch.randn(width, modes, 2) * 0.5**0.5).to(**factory))
+        self.D = nn.Parameter(torch.randn(width).to(**factory))
+        self.out_proj = nn.Linear(width, 2 * width, **factory)
+        for param in (self.log_dt, self.log_A_real, self.A_imag):
+            param._no_weight_decay = True
+
+    # --- discretisation -------------------------------------------------------------------
+    def _discrete(self):
+        """dt*A split into (real (D, N), imag (D, N) in float64) and C * dB (D, N) complex."""
+        dt = self.log_dt.exp()[:, None]
+        A = torch.complex(-self.log_A_real.exp(), self.A_imag)
+        dtA = dt * A
+        dB = torch.expm1(dtA) / A
+        C = torch.view_as_complex(self.C.contiguous())
+        return dtA.real, dtA.imag.double(), C, dB
+
+    @staticmethod
+    def _powers(dtA_real, dtA_imag64, exponents: torch.Tensor) -> torch.Tensor:
+        """dA^p for p in `exponents` (P,): (D, N, P) complex, phase reduced in float64."""
+        magnitude = torch.exp(dtA_real[..., None] * exponents.to(dtA_real.dtype))
+        angle = torch.remainder(dtA_imag64[..., None] * exponents.double(), 2 * math.pi)
+        return torch.polar(magnitude, angle.to(dtA_real.dtype))
+
+    def _blocks(self, length: int):
+        block = max(1, _POWER_BLOCK_ELEMENTS // (self.d_model * self.config.n_modes))
+        for start in range(0, length, block):
+            yield start, min(length, start + block)
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """The convolution kernel K (D, length), K_l = 2 Re(sum_n C_n dB_n dA_n^l)."""
+        dtA_real, dtA_imag64, C, dB = self._discrete()
+        coefficient = C * dB
+        device = coefficient.device
+        pieces = []
+        for start, stop in self._blocks(length):
+            powers = self._powers(dtA_real, dtA_imag64, torch.arange(start, stop, device=device))
+            pieces.append(2 * torch.einsum("dn,dnl->dl", coefficient, powers).real)
+        return torch.cat(pieces, dim=-1)
+
+    # --- the contract -----------------------------------------------------------------------
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        return F.glu(self.out_proj(F.gelu(y)), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.d_model, 3, "s4d.forward")
+        u = rearrange(x, "b l d -> b d l")
+        y = fftconv(u, self.kernel(u.shape[-1]).to(u.dtype), self.D)
+        return self._output(rearrange(y, "b d l -> b l d"))
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> S4DState:
+        complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        return S4DState(ssm=torch.zeros(batch_size, self.d_model, self.config.n_modes, device=device,
+                                        dtype=complex_dtype))
+
+    def prefill(self, x: torch.Tensor, state: S4DState) -> tuple[torch.Tensor, S4DState]:
+        check_input(x, self.d_model, 3, "s4d.prefill")
+        u = rearrange(x, "b l d -> b d l")
+        length = u.shape[-1]
+        y = fftconv(u, self.kernel(length).to(u.dtype), self.D)
+        dtA_real, dtA_imag64, C, dB = self._discrete()
+        h0 = state.ssm.to(C.dtype)
+        device = u.device
+        contributions = []
+        final = h0 * self._powers(dtA_real, dtA_imag64, torch.tensor([length], device=device))[..., 0]
+        for start, stop in self._blocks(length):
+            # y_t += 2 Re(sum_n C_n dA_n^(t+1) h0_n): the initial state decaying into the chunk.
+            powers = self._powers(dtA_real, dtA_imag64, torch.arange(start + 1, stop + 1, device=device))
+            contributions.append(2 * torch.einsum("bdn,dn,dnl->bdl", h0, C, powers).real)
+            # h_L += sum_s dA^(L-1-s) dB u_s over this chunk's s.
+            powers = self._powers(dtA_real, dtA_imag64, torch.arange(length - 1 - start, length - 1 - stop, -1,
+                                                                     device=device))
+            final = final + torch.einsum("bdl,dnl->bdn", u[..., start:stop].to(C.dtype), powers) * dB
+        y = y + torch.cat(contributions, dim=-1).to(y.dtype)
+        return self._output(rearrange(y, "b d l -> b l d")), S4DState(ssm=final.to(state.ssm.dtype))
+
+    def step(self, x_t: torch.Tensor, state: S4DState) -> tuple[torch.Tensor, S4DState]:
+        check_input(x_t, self.d_model, 2, "s4d.step")
+        dtA_real, dtA_imag64, C, dB = self._discrete()
+        dA = torch.polar(dtA_real.exp(), dtA_imag64.to(dtA_real.dtype))
+        h = dA * state.ssm.to(C.dtype) + dB * x_t[..., None].to(C.dtype)  # (B, D, N)
+        y = 2 * (h * C).sum(-1).real.to(x_t.dtype) + self.D * x_t
+        return self._output(y), S4DState(ssm=h.to(state.ssm.dtype))
+
+    def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        complex_bytes = 16 if dtype == torch.float64 else 8
+        return batch_size * self.d_model * self.config.n_modes * complex_bytes

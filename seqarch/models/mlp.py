@@ -1,0 +1,28 @@
+"""SwiGLU feed-forward (Shazeer, 2020, "GLU Variants Improve Transformer"), as in Llama."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def swiglu_hidden_size(d_model: int, ratio: float = 8 / 3, multiple_of: int = 8) -> int:
+    """Hidden width ~ ratio * d_model rounded up to a multiple (8/3 keeps the parameter count of a
+    4x GELU MLP)."""
+    hidden = int(ratio * d_model)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class SwiGLU(nn.Module):
+    """(..., D) -> (..., D): W_down(silu(W_gate x) * W_up x)."""
+
+    def __init__(self, d_model: int, ratio: float = 8 / 3, device=None, dtype=None):
+        super().__init__()
+        hidden = swiglu_hidden_size(d_model, ratio)
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False, device=device, dtype=dtype)
+        self.down = nn.Linear(hidden, d_model, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)

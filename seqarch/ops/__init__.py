@@ -1,0 +1,1 @@
+"""Functional kernels. Each op keeps a plain reference (`*_ref`) beside its fast path."""

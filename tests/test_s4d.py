@@ -1,0 +1,46 @@
+"""S4D specifics: the kernel is the ZOH-discretised impulse response; initialisations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from seqarch import build_mixer
+from tests.tolerance import assert_close
+
+
+def test_kernel_matches_zoh_definition_and_long_lengths():
+    mixer = build_mixer("s4d", d_model=4, d_state=8).double()
+    length = 3000
+    kernel = mixer.kernel(length)
+    dt = mixer.log_dt.exp()[:, None]
+    A = torch.complex(-mixer.log_A_real.exp(), mixer.A_imag)
+    C = torch.view_as_complex(mixer.C.contiguous())
+    dA, dB = torch.exp(dt * A), (torch.exp(dt * A) - 1) / A
+    h = torch.zeros(4, 4, dtype=torch.complex128)
+    expected = []
+    for t in range(length):
+        h = dA * h + dB * (1.0 if t == 0 else 0.0)  # impulse response by the recurrence
+        expected.append(2 * (C * h).sum(-1).real)
+    assert_close(kernel, torch.stack(expected, -1), "s4d kernel vs impulse response")
+
+
+def test_float32_kernel_keeps_phase_at_16k():
+    mixer = build_mixer("s4d", d_model=2, d_state=64, init="lin")
+    with torch.no_grad():
+        mixer.log_dt.fill_(math.log(1e-3))  # slow decay: the kernel is still large at l = 16k
+        k32 = mixer.kernel(16384)
+        k64 = mixer.double().kernel(16384)
+    assert_close(k32, k64.float(), "float32 kernel at 16k", dtype=torch.float32, tolerance=1e-4)
+
+
+def test_initialisations():
+    lin = build_mixer("s4d", d_model=2, d_state=8, init="lin")
+    inv = build_mixer("s4d", d_model=2, d_state=8, init="inv")
+    n = torch.arange(4, dtype=torch.float32)
+    assert_close(lin.A_imag[0], math.pi * n, "S4D-Lin imag(A)")
+    assert_close(inv.A_imag[0], 4 / math.pi * (4 / (2 * n + 1) - 1), "S4D-Inv imag(A)")
+    assert_close(-lin.log_A_real.exp(), torch.full((2, 4), -0.5), "real(A) = -1/2")
+    dt = lin.log_dt.exp()
+    assert (dt >= 1e-3).all() and (dt <= 1e-1).all()

@@ -1,0 +1,44 @@
+"""Which compute backends exist here, and one-time notices saying which one runs.
+
+Mixers choose an algorithm through a config field (`scan="auto|compiled|chunked|sequential"`);
+"auto" asks the functions below. Nothing here changes behaviour by environment variables, and
+nothing is imported or compiled at import time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from functools import cache
+
+import torch
+
+_NOTICES_SHOWN: set[str] = set()
+
+
+def module_available(name: str) -> bool:
+    """True when `name` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def cuda_kernels_usable(module_name: str, device: torch.device | str) -> bool:
+    """True when `device` is a CUDA device, CUDA works, and `module_name` (e.g. "mamba_ssm",
+    "causal_conv1d") is installed: the only case where the optional CUDA kernels are used."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available() and module_available(module_name)
+
+
+@cache
+def cpp_compiler_available() -> bool:
+    """True when a C++ compiler for `torch.utils.cpp_extension` is on PATH."""
+    return shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+def notify_once(key: str, message: str) -> None:
+    """Print `message` to stderr the first time `key` is seen in this process."""
+    if key not in _NOTICES_SHOWN:
+        _NOTICES_SHOWN.add(key)
+        print(f"seqarch: {message}", file=sys.stderr)

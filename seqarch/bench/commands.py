@@ -17,7 +17,7 @@ from typing import Any
 from seqarch.bench.accounting import PRESETS, ModelShape, account, shape_from
 from seqarch.bench.machine import machine_info
 from seqarch.bench.report import format_bytes, format_count, load_quality, write_report
-from seqarch.bench.runner import run_sweep
+from seqarch.bench.runner import Executor, run_case, run_sweep
 from seqarch.bench.settings import BenchSettings, parse_bench_settings, parse_overrides
 from seqarch.configs import make_config
 from seqarch.registry import list_mixers
@@ -28,12 +28,13 @@ def bench_shape(settings: BenchSettings, mixer: str, d_model: int) -> ModelShape
     return ModelShape(d_model, settings.n_layers, settings.vocab_size, settings.dtype, True, settings.mlp, overrides)
 
 
-def run_bench(settings: BenchSettings, progress=print) -> Path:
-    """Run the sweep of `settings` and write its files; returns the report's path."""
+def run_bench(settings: BenchSettings, progress=print, execute: Executor = run_case) -> Path:
+    """Run the sweep of `settings` and write its files; returns the report's path.
+    `execute(spec, budget_s)` runs one case (default: a fresh subprocess, see runner.run_case)."""
     quality = load_quality(settings.quality) if settings.quality else None
     large_shape = shape_from(settings.extrapolate, {})
     machine = machine_info()
-    rows = run_sweep(settings, progress)
+    rows = run_sweep(settings, progress, execute)
     widths = {row["mixer"]: row["d_model"] for row in rows}
     lengths = sorted(set(settings.seq_lens))
     analytic_bench = [entry for mixer in settings.mixer_names

@@ -4,7 +4,8 @@ The parent never measures anything itself: it starts `python -m seqarch.bench.ca
 waits at most `budget_s` (import, model build and all runs included), kills the child when the
 budget is spent and records the case as "over_budget". Once a mixer is over budget in a mode,
 its longer lengths in that mode are recorded as "skipped" instead of being run, so a slow
-mixer cannot stall the sweep.
+mixer cannot stall the sweep; with `sweep_budget_s` the cases left when it is spent are
+"skipped" too, so the whole sweep is bounded.
 
 Order: lengths ascending, then modes, then mixers, so the mixers compared at one length run next
 to each other (A B A B); with `rounds` > 1 the whole grid is repeated and the timed samples of
@@ -118,8 +119,13 @@ def summarize(spec: dict[str, Any], measured: list[dict[str, Any]]) -> dict[str,
     return row
 
 
-def run_sweep(settings: BenchSettings, progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Every mixer x mode x length of `settings`, one subprocess per case; returns the result rows."""
+Executor = Callable[[dict[str, Any], float], dict[str, Any]]
+
+
+def run_sweep(settings: BenchSettings, progress: Callable[[str], None] = print,
+              execute: Executor = run_case) -> list[dict[str, Any]]:
+    """Every mixer x mode x length of `settings`, one subprocess per case; returns the result rows.
+    `execute(spec, budget_s)` runs one case (the default starts the subprocess)."""
     widths = plan_widths(settings)
     grid = [(mixer, mode, seq_len) for seq_len in sorted(set(settings.seq_lens)) for mode in settings.modes
             for mixer in settings.mixer_names]
@@ -127,6 +133,7 @@ def run_sweep(settings: BenchSettings, progress: Callable[[str], None] = print) 
     over_budget_at: dict[tuple[str, str], int] = {}
     total = len(grid) * settings.rounds
     count = 0
+    start = time.perf_counter()
     for _ in range(settings.rounds):
         for mixer, mode, seq_len in grid:
             count += 1
@@ -136,7 +143,13 @@ def run_sweep(settings: BenchSettings, progress: Callable[[str], None] = print) 
                 if not measured[key]:
                     measured[key].append({"status": "skipped", "error": f"over budget at L={blocked}"})
                 continue
-            result = run_case(case_spec(settings, mixer, mode, seq_len, widths[mixer]), settings.budget_s)
+            remaining = settings.sweep_budget_s - (time.perf_counter() - start) if settings.sweep_budget_s else None
+            if remaining is not None and remaining <= 0:
+                if not measured[key]:
+                    measured[key].append({"status": "skipped", "error": "sweep budget spent"})
+                continue
+            budget = settings.budget_s if remaining is None else min(settings.budget_s, remaining)
+            result = execute(case_spec(settings, mixer, mode, seq_len, widths[mixer]), budget)
             measured[key].append(result)
             if result["status"] == "over_budget":
                 over_budget_at[(mixer, mode)] = seq_len

@@ -45,6 +45,7 @@ class BenchSettings:
     decode_tokens: int = 8  # tokens per timed decode run (latency = run time / decode_tokens)
     rounds: int = 1  # passes over the whole grid, interleaved (A B A B); samples are pooled
     budget_s: float = 120.0  # wall time per case subprocess; a slower case is recorded "over_budget"
+    sweep_budget_s: float = 0.0  # wall time for the whole sweep (0: none); later cases are recorded "skipped"
     seed: int = 0  # torch seed in every case
     out: str = "bench_results"  # directory for results.json, results.csv, report.md and plots
     note: str = ""  # free text printed at the top of the report (e.g. "machine shared with 7 jobs")
@@ -69,8 +70,9 @@ class BenchSettings:
                 raise ValueError(f"bench: {name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"bench: warmup must be >= 0, got {self.warmup}")
-        if self.budget_s <= 0:
-            raise ValueError(f"bench: budget_s must be > 0, got {self.budget_s}")
+        if self.budget_s <= 0 or self.sweep_budget_s < 0:
+            raise ValueError(f"bench: need budget_s > 0 and sweep_budget_s >= 0, got {self.budget_s}, "
+                             f"{self.sweep_budget_s}")
         if self.dtype not in DTYPES:
             raise ValueError(f"bench: dtype={self.dtype!r}; valid: {', '.join(DTYPES)}")
         if self.device not in DEVICES:

@@ -27,12 +27,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROBE_BYTES = 256 * 2**20
 
 
-def standard_settings(quick: bool, out: Path, note: str, sweep_minutes: float, match_params: bool) -> BenchSettings:
-    lengths = (256, 1024) if quick else (256, 512, 1024, 2048, 4096, 8192, 16384)
+def standard_settings(args: argparse.Namespace, out: Path) -> BenchSettings:
+    lengths = (256, 1024) if args.quick else (256, 512, 1024, 2048, 4096, 8192, 16384)
     return BenchSettings(
-        seq_lens=lengths, d_model=256, n_layers=2, batch_size=1, vocab_size=256, match_params=match_params,
-        warmup=1, repeats=2 if quick else 5, decode_tokens=8, rounds=1, budget_s=60.0 if quick else 120.0,
-        sweep_budget_s=60 * sweep_minutes, out=str(out), note=note,
+        seq_lens=lengths, d_model=256, n_layers=2, batch_size=1, vocab_size=256, match_params=args.match_params,
+        warmup=1, repeats=2 if args.quick else 5, decode_tokens=8, rounds=1, budget_s=args.case_budget,
+        sweep_budget_s=60 * args.sweep_minutes, out=str(out), note=args.note,
     )
 
 
@@ -52,13 +52,14 @@ def main() -> int:
     parser.add_argument("--name", default=None, help="folder under benchmarks/results (default: standard / quick)")
     parser.add_argument("--note", default="", help="printed at the top of the report, e.g. 'machine shared'")
     parser.add_argument("--sweep-minutes", type=float, default=15.0, help="wall-time bound for all cases")
+    parser.add_argument("--case-budget", type=float, default=120.0, help="wall seconds per case, start-up included")
     parser.add_argument("--match-params", action="store_true", help="match parameter counts instead of width")
     args = parser.parse_args()
     out = RESULTS / (args.name or ("quick" if args.quick else "standard"))
     out.mkdir(parents=True, exist_ok=True)
     machine = {**machine_info(), "memory_probe": calibrate_memory_probe()}
     (out / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")
-    report = run_bench(standard_settings(args.quick, out, args.note, args.sweep_minutes, args.match_params))
+    report = run_bench(standard_settings(args, out))
     print(f"wrote {report} and machine.json beside it")
     return 0
 

@@ -21,7 +21,7 @@ import torch
 from seqarch import list_mixers
 from seqarch.bench import bench_command, memory_command, parse_bench_settings, run_bench
 from seqarch.bench.accounting import PRESETS, account, count_parameters, match_width
-from seqarch.bench.analysis import crossover_length, fit_exponent
+from seqarch.bench.analysis import crossover, crossover_length, fit_exponent
 from seqarch.bench.case import current_rss_bytes
 from seqarch.bench.case import run_case as run_case_here
 from seqarch.bench.runner import COLUMNS, run_case
@@ -194,6 +194,17 @@ def test_crossover_is_interpolated_in_log_length():
     assert crossover_length(lengths, [2.0] * 5) == 256  # faster everywhere
     assert crossover_length(lengths, [0.5] * 5) is None  # never faster
     assert math.isclose(crossover_length(lengths, [2, 0.5, 0.5, 2, 2]), 1024 * 2**0.5)  # the last crossing
+    assert crossover_length(lengths, [0.5, 0.5, 0.5, math.inf, math.inf]) == 2048  # reference over budget from 2048
+
+
+def test_crossover_counts_an_over_budget_reference_as_slower():
+    def row(mixer, length, status, tokens_per_s=None):
+        return {"mixer": mixer, "mode": "train", "seq_len": length, "status": status, "tokens_per_s": tokens_per_s}
+
+    rows = [row("attention", 256, "ok", 100.0), row("s4d", 256, "ok", 50.0),
+            row("attention", 512, "over_budget"), row("s4d", 512, "ok", 40.0),
+            row("attention", 1024, "skipped"), row("s4d", 1024, "ok", 30.0)]
+    assert crossover(rows, "s4d", "attention", "train")[0] == 512
 
 
 # --- settings ------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ every curve, so the report also gives the slope over the largest few lengths.
 
 Crossover: the length from which a mixer's tokens/s exceeds the reference's (attention) at every
 larger measured length, interpolated linearly in log L between the two measured lengths where the
-ratio of throughputs crosses 1.
+ratio of throughputs crosses 1. A length where the mixer was measured but the reference ran over
+its budget (or was skipped after that) counts as the mixer being faster (ratio infinite); when the
+crossing falls on such a length, that length itself is reported, as nothing finer is known.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def crossover_length(lengths: list[int], ratios: list[float]) -> float | None:
         index -= 1
     if index == 0:
         return float(lengths[0])
+    if math.isinf(ratios[index]):
+        return float(lengths[index])
     low, high = math.log(lengths[index - 1]), math.log(lengths[index])
     r_low, r_high = math.log(ratios[index - 1]), math.log(ratios[index])
     fraction = -r_low / (r_high - r_low)  # where log ratio = 0 on the segment
@@ -75,10 +79,13 @@ def crossover(rows: list[dict[str, Any]], mixer: str, reference: str, mode: str)
     """(crossover length, explanation) of `mixer` against `reference` in `mode`."""
     mine = {row["seq_len"]: row["tokens_per_s"] for row in ok_rows(rows, mixer, mode)}
     theirs = {row["seq_len"]: row["tokens_per_s"] for row in ok_rows(rows, reference, mode)}
+    theirs.update({row["seq_len"]: 0.0 for row in rows if row["mixer"] == reference and row["mode"] == mode
+                   and row["status"] in ("over_budget", "skipped") and row["seq_len"] in mine})
     common = sorted(set(mine) & set(theirs))
     if not common:
         return None, "no common measured length"
-    value = crossover_length(common, [mine[length] / theirs[length] for length in common])
+    value = crossover_length(common, [mine[length] / theirs[length] if theirs[length] else math.inf
+                                      for length in common])
     if value is None:
         return None, f"slower at L={common[-1]} (largest common length)"
     if value == common[0]:

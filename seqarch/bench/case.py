@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from seqarch.bench.accounting import build_model, parameter_counts, torch_dtype
 
@@ -73,7 +74,7 @@ def _train(model, tokens, spec, device) -> dict[str, Any]:
 
     def run():
         logits = model(tokens)  # (B, L, V)
-        F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+        F.cross_entropy(rearrange(logits, "b l v -> (b l) v").float(), rearrange(targets, "b l -> (b l)")).backward()
         model.zero_grad(set_to_none=True)
 
     model.train()

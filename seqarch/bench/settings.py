@@ -82,7 +82,7 @@ class BenchSettings:
 
     @property
     def mixer_names(self) -> list[str]:
-        """The mixers to run, in registry order."""
+        """The mixers to run: as given, or every registered one in registry order."""
         return list(self.mixers) if self.mixers else list_mixers()
 
     def mixer_kwargs(self, name: str) -> dict[str, Any]:

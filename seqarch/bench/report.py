@@ -161,6 +161,20 @@ def _grid_table(rows, mixers, mode, key, fmt) -> str:
     return _table(["mixer"] + [f"L={length}" for length in lengths], body)
 
 
+def _ratio_table(rows, mixers, mode, reference) -> str:
+    """tokens/s of each mixer divided by the reference's at the same length (same sweep, interleaved)."""
+    lengths = sorted({row["seq_len"] for row in rows if row["mode"] == mode})
+    index = {(row["mixer"], row["seq_len"]): row for row in rows if row["mode"] == mode and row["status"] == "ok"}
+    body = []
+    for mixer in mixers:
+        line = [mixer]
+        for length in lengths:
+            mine, theirs = index.get((mixer, length)), index.get((reference, length))
+            line.append(f"{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x" if mine and theirs else "—")
+        body.append(line)
+    return _table(["mixer"] + [f"L={length}" for length in lengths], body)
+
+
 def _quality_section(quality, figures) -> list[str]:
     lines = ["## Quality: MQAR accuracy vs width and length", ""]
     if not quality:
@@ -244,6 +258,9 @@ def write_report(rows: list[dict[str, Any]], out: Path, context: dict[str, Any],
     for mode in modes:
         lines += [f"## {MODE_TITLES[mode]}", "", "Tokens per second (median):", "",
                   _grid_table(rows, mixers, mode, "tokens_per_s", lambda v: f"{v:,.0f}"), ""]
+        if settings["reference"] in mixers:
+            lines += [f"Tokens per second relative to {settings['reference']} at the same length:", "",
+                      _ratio_table(rows, mixers, mode, settings["reference"]), ""]
         if mode == "decode":
             lines += ["Latency per token (ms):", "",
                       _grid_table(rows, mixers, mode, "latency_ms", lambda v: f"{v:.3f}"), ""]

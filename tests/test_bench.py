@@ -24,7 +24,7 @@ from seqarch.bench.accounting import PRESETS, account, count_parameters, match_w
 from seqarch.bench.analysis import crossover, crossover_length, fit_exponent
 from seqarch.bench.case import current_rss_bytes
 from seqarch.bench.case import run_case as run_case_here
-from seqarch.bench.runner import COLUMNS, run_case
+from seqarch.bench.runner import COLUMNS, plan_widths, run_case
 from seqarch.bench.settings import BenchSettings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -167,6 +167,15 @@ def test_match_params_picks_the_closest_width():
         for neighbour in (width - 16, width + 16):
             if neighbour >= 16:
                 assert error <= abs(count_parameters(mixer, neighbour, 2, 256) - target)
+
+
+def test_match_params_plans_one_width_per_mixer(tmp_path):
+    settings = tiny_settings(tmp_path, match_params=True, d_model=128, n_layers=2, vocab_size=256)
+    widths = plan_widths(settings)
+    target = count_parameters("attention", 128, 2, 256)
+    assert widths["attention"] == 128 and set(widths) == set(list_mixers())
+    for mixer, width in widths.items():
+        assert abs(count_parameters(mixer, width, 2, 256) - target) < 0.1 * target, (mixer, width)
 
 
 def test_memory_command_prints_every_mixer_and_length(capsys):

@@ -117,7 +117,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         gated = rearrange(y * F.silu(z), "... (g c) -> ... g c", c=self.group_size)
-        normed = gated * torch.rsqrt(gated.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(gated, (self.group_size,), eps=self.eps)
         return rearrange(normed, "... g c -> ... (g c)") * self.weight
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from torch.autograd.function import once_differentiable
 
 # Chosen by measuring the mamba2 mixer forward + backward on CPU (benchmarks/bench_mamba2.py --chunks):
 # 64 is within noise of the best at d_model 768, L 1024-8192, and it keeps the (Q x Q) per-head
@@ -91,6 +92,44 @@ def segsum_stable(a: torch.Tensor) -> torch.Tensor:
     return terms.cumsum(dim=-2).masked_fill(~ones.tril(0), float("-inf"))
 
 
+def _intra_chunk_decay(cum: torch.Tensor) -> torch.Tensor:
+    """cum (..., Q) -> exp(cum_q - cum_s) for s <= q, 0 above the diagonal: (..., Q, Q)."""
+    chunk = cum.shape[-1]
+    above = torch.ones(chunk, chunk, dtype=torch.bool, device=cum.device).triu(1)
+    # Masked before exp, so exp only sees segment sums <= 0; in place, as these (Q x Q)-per-head
+    # tensors are the largest of the op.
+    return (cum[..., :, None] - cum[..., None, :]).masked_fill_(above, float("-inf")).exp_()
+
+
+class _DiagonalBlocks(torch.autograd.Function):
+    """y = (decay o C B^T) (dt x) in every chunk and head, decay = exp(segsum(dt A)).
+
+    cum (B, G, K, R, Q) chunk-local cumsum of dt A, scores (B, G, K, Q, Q) = C B^T,
+    X (B, G, K, R, Q, P) = dt x -> (B, G, K, R, Q, P). The backward is written out so that it
+    makes four passes over the (R, Q, Q) blocks instead of the eight of autograd's chain:
+    dW = dy X^T, dscores = sum_R dW o decay, dsegment = dW o decay o scores, dcum = row - column sums.
+    """
+
+    @staticmethod
+    def forward(ctx, cum, scores, X):
+        decay = _intra_chunk_decay(cum)
+        ctx.save_for_backward(decay, scores, X)
+        return torch.matmul(decay * scores[:, :, :, None], X)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        decay, scores, X = ctx.saved_tensors
+        scores = scores[:, :, :, None]
+        weights = decay * scores
+        dX = torch.matmul(weights.transpose(-1, -2), dy)
+        d_weights = torch.matmul(dy, X.transpose(-1, -2)).mul_(decay)
+        d_scores = d_weights.sum(dim=3)
+        d_segment = d_weights.mul_(scores)
+        d_cum = d_segment.sum(dim=-1) - d_segment.sum(dim=-2)
+        return d_cum, d_scores, dX
+
+
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         chunk_size: int = DEFAULT_CHUNK_SIZE, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
         dt_bias: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
@@ -109,22 +148,20 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     dt = _discretize(dt, dt_bias, dt_softplus)
     chunk = min(chunk_size, length)
     pad = (-length) % chunk
-    # dt = 0 on the padding: decay exp(0) = 1 and no input, so the final state is untouched.
-    x_dt = F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad))
-    dA = F.pad(dt * A, (0, 0, 0, pad))
-    B_pad, C_pad = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (B, C))
+    x_dt, dA = x * dt[..., None], dt * A
+    if pad:
+        # dt = 0 on the padding: decay exp(0) = 1 and no input, so the final state is untouched.
+        x_dt, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x_dt, B, C))
+        dA = F.pad(dA, (0, 0, 0, pad))
 
-    X = rearrange(x_dt, "b (k q) (g r) p -> b g k r q p", q=chunk, g=groups)
-    Bc = rearrange(B_pad, "b (k q) g n -> b g k q n", q=chunk)
-    Cc = rearrange(C_pad, "b (k q) g n -> b g k q n", q=chunk)
+    X = rearrange(x_dt, "b (k q) (g r) p -> b g k r q p", q=chunk, g=groups).contiguous()
+    Bc = rearrange(B, "b (k q) g n -> b g k q n", q=chunk)
+    Cc = rearrange(C, "b (k q) g n -> b g k q n", q=chunk)
     cum = rearrange(dA, "b (k q) (g r) -> b g k r q", q=chunk, g=groups).cumsum(dim=-1)  # (B, G, K, R, Q)
 
     # 1. Diagonal blocks: masked decay times C B^T, applied to dt x.
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
-    segment = cum[..., :, None] - cum[..., None, :]  # (B, G, K, R, Q, Q), <= 0 on and below the diagonal
-    decay = torch.exp(torch.where(causal, segment, float("-inf")))
     scores = torch.einsum("bgkqn,bgksn->bgkqs", Cc, Bc)  # (B, G, K, Q, Q)
-    y_diag = torch.matmul(decay * scores[:, :, :, None], X)  # (B, G, K, R, Q, P)
+    y_diag = _DiagonalBlocks.apply(cum, scores, X)  # (B, G, K, R, Q, P)
 
     # 2. Each chunk's final state from its own inputs.
     decay_to_end = torch.exp(cum[..., -1:] - cum)  # (B, G, K, R, Q)
@@ -142,9 +179,10 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     entering, final = states[:, :, :, :-1], states[:, :, :, -1]
 
     # 4. Off-diagonal blocks: the entering state read out by C, decayed to each position.
-    y_off = torch.einsum("bgkqn,bgrkpn->bgkrqp", Cc, entering) * torch.exp(cum)[..., None]
+    y_off = torch.einsum("bgkqn,bgrkpn->bgkrqp", Cc, entering)
+    y = torch.addcmul(y_diag, y_off, torch.exp(cum)[..., None])
 
-    y = rearrange(y_diag + y_off, "b g k r q p -> b (k q) (g r) p")[:, :length]
+    y = rearrange(y, "b g k r q p -> b (k q) (g r) p")[:, :length]
     y = _skip_and_gate(y, x, D, z)
     if return_final_states:
         return y, rearrange(final, "b g r p n -> b (g r) p n")

@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch.autograd.function import once_differentiable
 
-# Chosen by measuring the mamba2 mixer forward + backward on CPU (benchmarks/bench_mamba2.py --chunks):
-# 64 is within noise of the best at d_model 768, L 1024-8192, and it keeps the (Q x Q) per-head
-# decay blocks and the K^2 state-passing matmul both small.
+# Measured on CPU at L = 4096, 48 heads of 32 x 64 (docs/mixers/mamba2.md): 32 and 64 are within
+# noise for the op, 128 and 256 are slower; 64 keeps the (L / Q)^2 state passing 4x cheaper than 32.
 DEFAULT_CHUNK_SIZE = 64
 
 

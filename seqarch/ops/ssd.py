@@ -1,0 +1,229 @@
+"""Mamba-2's SSD scan (state-space duality): the chunked parallel algorithm and its sequential reference.
+
+Dao and Gu (2024), "Transformers are SSMs: Generalized Models and Efficient Algorithms Through
+Structured State Space Duality", Section 6 and Listing 1. The signature and semantics are those of
+mamba-ssm's `mamba_chunk_scan_combined`, so either can stand in for the other.
+
+Legend: B batch, L length, H heads, P head dim, G groups of B/C (head h reads group h // R),
+R heads per group (= H / G), N state size, Q chunk length, K chunks (= ceil(L / Q)).
+
+Per head, with a scalar decay A < 0 and a step dt_t >= 0 (eq. (2) of the paper, A_t = exp(dt_t A)):
+
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T          h_t: (P, N)
+    y_t = h_t C_t + D x_t,       then y_t *= silu(z_t) when z is given
+
+Unrolled, y = (M x) with the semiseparable matrix M[t, s] = C_t^T B_s dt_s exp(sum_{s < j <= t} dt_j A)
+for s <= t. The chunked algorithm splits M into Q x Q blocks:
+
+    1. diagonal blocks: the quadratic form (C B^T o exp(segsum(dt A))) (dt x) inside each chunk
+    2. each chunk's own final state  S_k = sum_s exp(sum_{s < j <= end} dt_j A) dt_s x_s B_s^T
+    3. state passing between chunks  S_k <- exp(sum_{j in chunk k} dt_j A) S_{k-1} + S_k
+    4. off-diagonal blocks: the state entering chunk k read out by C, decayed to each position.
+
+Numerics: every exponent is a segment sum of dt A <= 0 taken from cumulative sums, and the entries
+above the diagonal are masked to -inf before exp, so exp only ever sees non-positive numbers and
+neither it nor its gradient overflows. Within a chunk the segment sums are differences of the
+chunk-local cumulative sum (as mamba-ssm's kernels do; the rounding error is eps times one chunk's
+total decay). Across chunks, where totals of the whole sequence would be differenced, segment sums
+are accumulated directly from the masked chunk totals (the "stable segsum" of Listing 1).
+Lengths that are not a multiple of Q are padded with dt = 0 (decay 1, no input), which leaves the
+final state unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch.autograd.function import once_differentiable
+
+# Measured on CPU at L = 4096, 48 heads of 32 x 64 (docs/mixers/mamba2.md): 32 and 64 are within
+# noise for the op, 128 and 256 are slower; 64 keeps the (L / Q)^2 state passing 4x cheaper than 32.
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"ssd: x must be (B, L, H, P), got shape {tuple(x.shape)}")
+    batch, length, heads, headdim = x.shape
+    if B.ndim != 4 or B.shape[:2] != (batch, length) or C.shape != B.shape:
+        raise ValueError(f"ssd: B and C must both be (B, L, G, N) = ({batch}, {length}, G, N), "
+                         f"got {tuple(B.shape)} and {tuple(C.shape)}")
+    groups, dstate = B.shape[2:]
+    if heads % groups:
+        raise ValueError(f"ssd: the number of heads H={heads} must be a multiple of the groups G={groups}")
+    expected = {
+        "dt": (dt, [(batch, length, heads)]),
+        "A": (A, [(heads,)]),
+        "D": (D, [(heads,), (heads, headdim)]),
+        "z": (z, [(batch, length, heads, headdim)]),
+        "dt_bias": (dt_bias, [(heads,)]),
+        "initial_states": (initial_states, [(batch, heads, headdim, dstate)]),
+    }
+    for name, (tensor, shapes) in expected.items():
+        if tensor is not None and tuple(tensor.shape) not in shapes:
+            valid = " or ".join(str(shape) for shape in shapes)
+            raise ValueError(f"ssd: {name} must have shape {valid}, got {tuple(tensor.shape)}")
+
+
+def _discretize(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool) -> torch.Tensor:
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    return F.softplus(dt) if dt_softplus else dt
+
+
+def _skip_and_gate(y, x, D, z):
+    """y += D x (D per head or per head channel), then y *= silu(z)."""
+    if D is not None:
+        y = y + x * (D[:, None] if D.ndim == 1 else D)
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def segsum_stable(a: torch.Tensor) -> torch.Tensor:
+    """a (..., T) -> (..., T, T) with out[..., t, s] = sum_{s < j <= t} a_j for t >= s, -inf above
+    the diagonal. Each segment is accumulated from the masked inputs themselves, never as a
+    difference of two long cumulative sums (Listing 1's `segsum`)."""
+    size = a.shape[-1]
+    ones = torch.ones(size, size, dtype=torch.bool, device=a.device)
+    terms = repeat(a, "... t -> ... t s", s=size).masked_fill(~ones.tril(-1), 0)  # a_t where t > s
+    return terms.cumsum(dim=-2).masked_fill(~ones.tril(0), float("-inf"))
+
+
+def _intra_chunk_decay(cum: torch.Tensor) -> torch.Tensor:
+    """cum (..., Q) -> exp(cum_q - cum_s) for s <= q, 0 above the diagonal: (..., Q, Q)."""
+    chunk = cum.shape[-1]
+    above = torch.ones(chunk, chunk, dtype=torch.bool, device=cum.device).triu(1)
+    # Masked before exp, so exp only sees segment sums <= 0; in place, as these (Q x Q)-per-head
+    # tensors are the largest of the op.
+    return (cum[..., :, None] - cum[..., None, :]).masked_fill_(above, float("-inf")).exp_()
+
+
+class _DiagonalBlocks(torch.autograd.Function):
+    """y = (decay o C B^T) (dt x) in every chunk and head, decay = exp(segsum(dt A)).
+
+    cum (B, G, K, R, Q) chunk-local cumsum of dt A, scores (B, G, K, Q, Q) = C B^T,
+    X (B, G, K, R, Q, P) = dt x -> (B, G, K, R, Q, P). The backward is written out so that it
+    makes four passes over the (R, Q, Q) blocks instead of the eight of autograd's chain:
+    dW = dy X^T, dscores = sum_R dW o decay, dsegment = dW o decay o scores, dcum = row - column sums.
+    """
+
+    @staticmethod
+    def forward(ctx, cum, scores, X):
+        decay = _intra_chunk_decay(cum)
+        ctx.save_for_backward(decay, scores, X)
+        return torch.matmul(decay * scores[:, :, :, None], X)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        decay, scores, X = ctx.saved_tensors
+        scores = scores[:, :, :, None]
+        weights = decay * scores
+        dX = torch.matmul(weights.transpose(-1, -2), dy)
+        d_weights = torch.matmul(dy, X.transpose(-1, -2)).mul_(decay)
+        d_scores = d_weights.sum(dim=3)
+        d_segment = d_weights.mul_(scores)
+        d_cum = d_segment.sum(dim=-1) - d_segment.sum(dim=-2)
+        return d_cum, d_scores, dX
+
+
+def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+        chunk_size: int = DEFAULT_CHUNK_SIZE, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+        dt_bias: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
+        dt_softplus: bool = False, return_final_states: bool = False):
+    """The chunked SSD scan.
+
+    x (B, L, H, P), dt (B, L, H), A (H,), B and C (B, L, G, N), D (H,) or (H, P), z (B, L, H, P),
+    dt_bias (H,), initial_states (B, H, P, N). dt <- softplus(dt + dt_bias) when dt_softplus.
+    Returns y (B, L, H, P), and the final state (B, H, P, N) when return_final_states.
+    """
+    _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    if chunk_size < 1:
+        raise ValueError(f"ssd: chunk_size must be >= 1, got {chunk_size}")
+    batch, length, heads, headdim = x.shape
+    groups = B.shape[2]
+    dt = _discretize(dt, dt_bias, dt_softplus)
+    chunk = min(chunk_size, length)
+    pad = (-length) % chunk
+    x_dt, dA = x * dt[..., None], dt * A
+    if pad:
+        # dt = 0 on the padding: decay exp(0) = 1 and no input, so the final state is untouched.
+        x_dt, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x_dt, B, C))
+        dA = F.pad(dA, (0, 0, 0, pad))
+
+    X = rearrange(x_dt, "b (k q) (g r) p -> b g k r q p", q=chunk, g=groups).contiguous()
+    Bc = rearrange(B, "b (k q) g n -> b g k q n", q=chunk)
+    Cc = rearrange(C, "b (k q) g n -> b g k q n", q=chunk)
+    cum = rearrange(dA, "b (k q) (g r) -> b g k r q", q=chunk, g=groups).cumsum(dim=-1)  # (B, G, K, R, Q)
+
+    # 1. Diagonal blocks: masked decay times C B^T, applied to dt x.
+    scores = torch.einsum("bgkqn,bgksn->bgkqs", Cc, Bc)  # (B, G, K, Q, Q)
+    y_diag = _DiagonalBlocks.apply(cum, scores, X)  # (B, G, K, R, Q, P)
+
+    # 2. Each chunk's final state from its own inputs.
+    decay_to_end = torch.exp(cum[..., -1:] - cum)  # (B, G, K, R, Q)
+    chunk_states = torch.einsum("bgkrqp,bgkqn->bgrkpn", X * decay_to_end[..., None], Bc)
+
+    # 3. State passing: the state entering chunk k, for k = 0..K (K = the final state).
+    if initial_states is None:
+        initial = chunk_states.new_zeros(batch, groups, heads // groups, 1, headdim, chunk_states.shape[-1])
+    else:
+        initial = rearrange(initial_states.to(x.dtype), "b (g r) p n -> b g r 1 p n", g=groups)
+    states = rearrange(torch.cat([initial, chunk_states], dim=3), "b g r k p n -> b g r k (p n)")
+    totals = rearrange(cum[..., -1], "b g k r -> b g r k")
+    chunk_decay = torch.exp(segsum_stable(F.pad(totals, (1, 0))))  # (B, G, R, K + 1, K + 1)
+    states = rearrange(torch.matmul(chunk_decay, states), "b g r k (p n) -> b g r k p n", p=headdim)
+    entering, final = states[:, :, :, :-1], states[:, :, :, -1]
+
+    # 4. Off-diagonal blocks: the entering state read out by C, decayed to each position.
+    y_off = torch.einsum("bgkqn,bgrkpn->bgkrqp", Cc, entering)
+    y = torch.addcmul(y_diag, y_off, torch.exp(cum)[..., None])
+
+    y = rearrange(y, "b g k r q p -> b (k q) (g r) p")[:, :length]
+    y = _skip_and_gate(y, x, D, z)
+    if return_final_states:
+        return y, rearrange(final, "b g r p n -> b (g r) p n")
+    return y
+
+
+def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             state: torch.Tensor, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+             dt_bias: torch.Tensor | None = None, dt_softplus: bool = False):
+    """One step of the recurrence: x (B, H, P), dt (B, H), B and C (B, G, N), state (B, H, P, N)
+    -> (y (B, H, P), new state (B, H, P, N))."""
+    heads_per_group = x.shape[1] // B.shape[1]
+    dt = _discretize(dt, dt_bias, dt_softplus)
+    B_h = repeat(B, "b g n -> b (g r) n", r=heads_per_group)
+    C_h = repeat(C, "b g n -> b (g r) n", r=heads_per_group)
+    decay = torch.exp(dt * A)[..., None, None]  # (B, H, 1, 1)
+    state = decay * state + (dt[..., None] * x)[..., None] * B_h[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, C_h)
+    return _skip_and_gate(y, x, D, z), state
+
+
+def ssd_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: torch.Tensor | None = None, z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+            initial_states: torch.Tensor | None = None, dt_softplus: bool = False,
+            return_final_states: bool = False):
+    """The recurrence of the paper's eq. (2) one time step at a time (shapes as `ssd`):
+
+        h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,   y_t = h_t C_t + D x_t,   y_t *= silu(z_t)
+    """
+    _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    batch, length, heads, headdim = x.shape
+    groups, dstate = B.shape[2:]
+    dt = _discretize(dt, dt_bias, dt_softplus)
+    B_h = repeat(B, "b l g n -> b l (g r) n", r=heads // groups)
+    C_h = repeat(C, "b l g n -> b l (g r) n", r=heads // groups)
+    h = x.new_zeros(batch, heads, headdim, dstate) if initial_states is None else initial_states.to(x.dtype)
+    outputs = []
+    for t in range(length):
+        decay = torch.exp(dt[:, t] * A)  # (B, H)
+        h = decay[:, :, None, None] * h + torch.einsum("bh,bhp,bhn->bhpn", dt[:, t], x[:, t], B_h[:, t])
+        outputs.append(torch.einsum("bhpn,bhn->bhp", h, C_h[:, t]))
+    y = _skip_and_gate(torch.stack(outputs, dim=1), x, D, z)
+    if return_final_states:
+        return y, h
+    return y

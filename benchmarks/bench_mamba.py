@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--skip", nargs="+", default=[], choices=SCANS + MIXERS, help="implementations to leave out")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "NAME", "L", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -217,10 +218,12 @@ def main() -> None:
     if not module_available("mambapy"):
         print("mambapy is not installed (pip install mambapy): its parallel scan is left out")
     print("\n## selective_scan (ratios: the compiled default against each)\n")
-    print_table(sweep("scan", SCANS, lengths, ("fwd", "fwd+bwd"), repeats, args.threads, not args.no_memory),
+    scans = [name for name in SCANS if name not in args.skip]
+    mixers = [name for name in MIXERS if name not in args.skip]
+    print_table(sweep("scan", scans, lengths, ("fwd", "fwd+bwd"), repeats, args.threads, not args.no_memory),
                 "compiled")
     print("\n## mixers, d_model 768 (ratios: mamba against each)\n")
-    print_table(sweep("mixer", MIXERS, lengths, ("fwd", "fwd+bwd"), repeats, args.threads, not args.no_memory),
+    print_table(sweep("mixer", mixers, lengths, ("fwd", "fwd+bwd"), repeats, args.threads, not args.no_memory),
                 "mamba")
 
 

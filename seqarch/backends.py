@@ -42,3 +42,30 @@ def notify_once(key: str, message: str) -> None:
     if key not in _NOTICES_SHOWN:
         _NOTICES_SHOWN.add(key)
         print(f"seqarch: {message}", file=sys.stderr)
+
+
+_EXTENSIONS: dict[str, object] = {}
+_EXTENSION_ERRORS: dict[str, str] = {}
+
+
+def load_cpp_extension(name: str, source: str, extra_cflags: tuple[str, ...] = ()):
+    """Build (once per machine, cached by torch in its extension directory) and import the C++
+    extension `name` from the file `source`; returns the module, or raises RuntimeError naming
+    why it cannot be built here. Called on first use, never at import time."""
+    if name in _EXTENSIONS:
+        return _EXTENSIONS[name]
+    if name in _EXTENSION_ERRORS:
+        raise RuntimeError(_EXTENSION_ERRORS[name])
+    if not cpp_compiler_available():
+        _EXTENSION_ERRORS[name] = "no C++ compiler (c++ or g++) on PATH"
+        raise RuntimeError(_EXTENSION_ERRORS[name])
+    from torch.utils.cpp_extension import load
+
+    try:
+        module = load(name=name, sources=[source], extra_cflags=["-O3", "-fopenmp", *extra_cflags],
+                      extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # the build's own message says what failed (compiler, headers, ninja)
+        _EXTENSION_ERRORS[name] = f"building the C++ extension {name!r} failed: {str(error).strip()[-500:]}"
+        raise RuntimeError(_EXTENSION_ERRORS[name]) from error
+    _EXTENSIONS[name] = module
+    return module

@@ -1,0 +1,322 @@
+"""Selective scan: the input-dependent diagonal SSM of Mamba-1, with mamba-ssm's signature.
+
+Gu & Dao (2023), "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", Algorithm 2,
+eq. (2a)-(2b) with the discretisation of Section 3.5 (zero-order hold for A, Euler for B).
+
+Legend: B batch, D channels, L length, N state size, G groups of channels sharing B and C
+(channel d reads group d // (D / G)), K chunk length.
+
+    dt_t = softplus(delta_t + delta_bias)        (softplus and bias optional)
+    h_t  = exp(dt_t A) * h_{t-1} + dt_t u_t B_t   (B, D, N), h_{-1} = initial_state or 0
+    y_t  = sum_n C_t,n h_t,n + D u_t
+    out  = y * SiLU(z)                            (gate optional)
+
+Paths (`scan=`):
+- "compiled": a C++ kernel (seqarch/ops/csrc/selective_scan.cpp), state in a local array, one
+  task per (batch, channel) on ATen's thread pool, built on first use and cached by torch.
+  Backward walks time in reverse, recomputing states from checkpoints stored every K steps.
+- "chunked": eager PyTorch over chunks of K steps. Inside a chunk, a Hillis-Steele scan of
+  (decay, input) pairs (log2 K passes); across chunks, the state is carried. Decays are only
+  ever exp(dt A) and their products, so nothing exponentiates a positive cumulative sum. Backward
+  is the same scan run in reverse on the adjoint, from the stored chunk-boundary states.
+- "sequential": `selective_scan_ref`, the oracle: a loop over time steps.
+- "auto": mamba-ssm's CUDA kernel on a CUDA device where it imports (and no initial state is
+  given: it has no such argument); on CPU the compiled kernel where it builds, else "chunked".
+
+Both fast paths hold O(B D L + B D K N) memory, plus O(B D (L / K) N) of checkpoints kept for
+backward; neither forms a (B, D, L, N) tensor. Inputs in bfloat16 / float16 compute in float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+
+from seqarch.backends import cuda_kernels_usable, load_cpp_extension, notify_once
+
+SCANS = ("auto", "compiled", "chunked", "sequential")
+CHUNK_SIZE = 64  # steps between state checkpoints; the chunk of the eager path
+_KERNEL_NAME = "seqarch_selective_scan"
+_KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "selective_scan.cpp")
+# -ffast-math lets the compiler vectorise exp over the state dimension (glibc's libmvec).
+_KERNEL_FLAGS = ("-march=native", "-ffast-math")
+
+
+# --- checks -------------------------------------------------------------------------------------
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, scan) -> None:
+    if scan not in SCANS:
+        raise ValueError(f"selective_scan: scan={scan!r}; valid: {', '.join(map(repr, SCANS))}")
+    if u.ndim != 3:
+        raise ValueError(f"selective_scan: u must be (B, D, L), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"selective_scan: delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.is_complex():
+        raise ValueError("selective_scan: complex A is not supported; A must be real (D, N)")
+    if A.ndim != 2 or A.shape[0] != dim:
+        raise ValueError(f"selective_scan: A must be (D, N) with D={dim}, got {tuple(A.shape)}")
+    state = A.shape[1]
+    for name, mat in (("B", B), ("C", C)):
+        if mat.is_complex():
+            raise ValueError(f"selective_scan: complex {name} is not supported")
+        shape_ok = mat.ndim == 3 and mat.shape == (batch, state, length) or (
+            mat.ndim == 4 and mat.shape[0] == batch and mat.shape[2:] == (state, length)
+        )
+        if not shape_ok:
+            raise ValueError(
+                f"selective_scan: {name} must be (B, N, L) = {(batch, state, length)} or (B, G, N, L), "
+                f"got {tuple(mat.shape)}"
+            )
+        if mat.ndim == 4 and dim % mat.shape[1]:
+            raise ValueError(f"selective_scan: {name} has {mat.shape[1]} groups, which do not divide D={dim}")
+    groups = {mat.shape[1] if mat.ndim == 4 else 1 for mat in (B, C)}
+    if len(groups) > 1:
+        raise ValueError(f"selective_scan: B and C must have the same number of groups, got {sorted(groups)}")
+    for name, vec in (("D", D), ("delta_bias", delta_bias)):
+        if vec is not None and vec.shape != (dim,):
+            raise ValueError(f"selective_scan: {name} must be ({dim},), got {tuple(vec.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"selective_scan: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    if initial_state is not None and initial_state.shape != (batch, dim, state):
+        raise ValueError(
+            f"selective_scan: initial_state must be (B, D, N) = {(batch, dim, state)}, "
+            f"got {tuple(initial_state.shape)}"
+        )
+
+
+# --- the reference ------------------------------------------------------------------------------
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, *, initial_state=None):
+    """The oracle: Gu & Dao (2023) Algorithm 2 / eq. (2a)-(2b), one time step at a time.
+
+    u, delta, z (B, D, L); A (D, N); B, C (B, N, L) or (B, G, N, L); D, delta_bias (D,);
+    initial_state (B, D, N). Returns out (B, D, L) in u's dtype, and with `return_last_state`
+    also h_{L-1} (B, D, N) in the compute dtype (float32, or float64 for float64 inputs).
+    """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, "sequential")
+    compute = torch.promote_types(u.dtype, torch.float32)
+    batch, dim, length = u.shape
+    u_c, dt = u.to(compute), delta.to(compute)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    A = A.to(compute)
+    B, C = (mat.to(compute) if mat.ndim == 4 else mat.to(compute).unsqueeze(1) for mat in (B, C))
+    B = repeat(B, "b g n l -> b (g h) n l", h=dim // B.shape[1])
+    C = repeat(C, "b g n l -> b (g h) n l", h=dim // C.shape[1])
+    h = u_c.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(compute)
+    outputs = []
+    for t in range(length):
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u_c[:, :, t])[..., None] * B[..., t]
+        outputs.append((h * C[..., t]).sum(-1))
+    y = torch.stack(outputs, dim=-1) if outputs else u_c.new_zeros(batch, dim, 0)
+    if D is not None:
+        y = y + u_c * D.to(compute)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(compute))
+    out = y.to(u.dtype)
+    return (out, h) if return_last_state else out
+
+
+# --- the eager chunked path ---------------------------------------------------------------------
+def _inclusive_scan(decay: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hillis-Steele scan along dim -2 of h_k = decay_k h_{k-1} + x_k with h_{-1} = 0.
+    Returns (prod_{j<=k} decay_j, h_k), both (..., K, N). Consumes its inputs (in place)."""
+    length = decay.shape[-2]
+    offset = 1
+    while offset < length:
+        x[..., offset:, :] += decay[..., offset:, :] * x[..., :-offset, :]
+        decay[..., offset:, :] = decay[..., offset:, :] * decay[..., :-offset, :]
+        offset *= 2
+    return decay, x
+
+
+def _chunk_states(u, dt, A, B, C, h_prev):
+    """States of one chunk. u, dt (B, G, H, K); A (G, H, N); B, C (B, G, K, N); h_prev (B, G, H, N).
+    Returns (states (B, G, H, K, N), decays exp(dt A) (B, G, H, K, N))."""
+    decay = torch.exp(dt[..., None] * A[:, :, None])  # (B, G, H, K, N)
+    x = (dt * u)[..., None] * B[:, :, None]  # (B, G, H, K, N)
+    cumulative, local = _inclusive_scan(decay.clone(), x)
+    return cumulative * h_prev[..., None, :] + local, decay
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Core scan (no D, z, bias, softplus) on the eager chunked path."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, h0, chunk):
+        # u, dt (B, G, H, L); A (G, H, N); B, C (B, G, L, N); h0 (B, G, H, N)
+        length = u.shape[-1]
+        y = torch.empty_like(u)
+        checkpoints = []
+        h = h0
+        for start in range(0, length, chunk):
+            stop = min(length, start + chunk)
+            checkpoints.append(h)
+            states, _ = _chunk_states(u[..., start:stop], dt[..., start:stop], A, B[:, :, start:stop],
+                                      C[:, :, start:stop], h)
+            y[..., start:stop] = torch.einsum("bghkn,bgkn->bghk", states, C[:, :, start:stop])
+            h = states[..., -1, :].clone()  # a view would keep the whole chunk alive
+        ctx.save_for_backward(u, dt, A, B, C, *checkpoints)
+        ctx.chunk = chunk
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        u, dt, A, B, C, *checkpoints = ctx.saved_tensors
+        chunk, length = ctx.chunk, u.shape[-1]
+        du, ddt = torch.empty_like(u), torch.empty_like(dt)
+        dB, dC, dA = torch.empty_like(B), torch.empty_like(C), torch.zeros_like(A)
+        dy = dy.contiguous() if dy is not None else torch.zeros_like(u)
+        carry = dh_last if dh_last is not None else torch.zeros_like(checkpoints[0])  # dL/dh at chunk end
+        for index in reversed(range(len(checkpoints))):
+            start = index * chunk
+            stop = min(length, start + chunk)
+            u_k, dt_k, dy_k = u[..., start:stop], dt[..., start:stop], dy[..., start:stop]
+            B_k, C_k = B[:, :, start:stop], C[:, :, start:stop]
+            h_prev = checkpoints[index]
+            states, decay = _chunk_states(u_k, dt_k, A, B_k, C_k, h_prev)
+            previous = torch.cat([h_prev[..., None, :], states[..., :-1, :]], dim=-2)
+            # Adjoint g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}: the same scan, reversed in time.
+            next_decay = torch.cat([decay[..., 1:, :], torch.ones_like(decay[..., :1, :])], dim=-2)
+            source = dy_k[..., None] * C_k[:, :, None]  # (B, G, H, K, N)
+            cumulative, local = _inclusive_scan(next_decay.flip(-2), source.flip(-2))
+            adjoint = (cumulative * carry[..., None, :] + local).flip(-2)  # (B, G, H, K, N)
+            carry = decay[..., 0, :] * adjoint[..., 0, :]
+            decayed_previous = decay * previous
+            adjoint_B = torch.einsum("bghkn,bgkn->bghk", adjoint, B_k)
+            weighted = adjoint * decayed_previous
+            dB[:, :, start:stop] = torch.einsum("bghkn,bghk->bgkn", adjoint, dt_k * u_k)
+            dC[:, :, start:stop] = torch.einsum("bghk,bghkn->bgkn", dy_k, states)
+            du[..., start:stop] = dt_k * adjoint_B
+            ddt[..., start:stop] = u_k * adjoint_B + torch.einsum("bghkn,ghn->bghk", weighted, A)
+            dA += torch.einsum("bghkn,bghk->ghn", weighted, dt_k)
+        return du, ddt, dA, dB, dC, carry, None
+
+
+def _chunked_core(u, dt, A, B, C, h0, chunk):
+    """u, dt (B, D, L); A (D, N); B, C (B, G, L, N); h0 (B, D, N) -> y (B, D, L), h_last (B, D, N)."""
+    groups = B.shape[1]
+    y, h_last = _ChunkedScan.apply(
+        rearrange(u, "b (g h) l -> b g h l", g=groups), rearrange(dt, "b (g h) l -> b g h l", g=groups),
+        rearrange(A, "(g h) n -> g h n", g=groups), B, C, rearrange(h0, "b (g h) n -> b g h n", g=groups), chunk,
+    )
+    return rearrange(y, "b g h l -> b (g h) l"), rearrange(h_last, "b g h n -> b (g h) n")
+
+
+# --- the compiled path --------------------------------------------------------------------------
+def compiled_kernel():
+    """The C++ selective-scan extension, built on first call (about a minute) and cached by torch
+    in its extension directory; raises RuntimeError naming why it cannot be built."""
+    return load_cpp_extension(_KERNEL_NAME, _KERNEL_SOURCE, _KERNEL_FLAGS)
+
+
+def compiled_kernel_usable() -> tuple[bool, str]:
+    """(True, "") when the compiled kernel loads here, else (False, the reason). Builds it if needed."""
+    try:
+        compiled_kernel()
+    except RuntimeError as error:
+        return False, str(error)
+    return True, ""
+
+
+class _CompiledScan(torch.autograd.Function):
+    """Core scan (no D, z, bias, softplus) through the C++ kernel."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, h0, chunk):
+        kernel = compiled_kernel()
+        y, h_last, checkpoints = kernel.forward(u, dt, A, B, C, h0, chunk)
+        ctx.save_for_backward(u, dt, A, B, C, checkpoints)
+        ctx.chunk = chunk
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        u, dt, A, B, C, checkpoints = ctx.saved_tensors
+        dy = dy.contiguous() if dy is not None else torch.zeros_like(u)
+        dh_last = dh_last.contiguous() if dh_last is not None else None
+        du, ddt, dA, dB, dC, dh0 = compiled_kernel().backward(u, dt, A, B, C, checkpoints, dy, dh_last, ctx.chunk)
+        return du, ddt, dA, dB, dC, dh0, None
+
+
+def _compiled_core(u, dt, A, B, C, h0, chunk):
+    return _CompiledScan.apply(u.contiguous(), dt.contiguous(), A.contiguous(), B, C, h0.contiguous(), chunk)
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+def resolve_scan(scan: str, device: torch.device | str, has_initial_state: bool = False) -> str:
+    """The path `scan` runs on `device`: "cuda" (mamba-ssm's kernel), "compiled", "chunked" or
+    "sequential". "auto" on CPU builds the compiled kernel if needed and falls back to "chunked"
+    with a one-time notice saying why; an explicit "compiled" that cannot run raises."""
+    if scan not in SCANS:
+        raise ValueError(f"selective_scan: scan={scan!r}; valid: {', '.join(map(repr, SCANS))}")
+    device = torch.device(device)
+    if scan in ("chunked", "sequential"):
+        return scan
+    if scan == "auto" and cuda_kernels_usable("mamba_ssm", device) and not has_initial_state:
+        notify_once("selective_scan:cuda", "selective_scan runs mamba-ssm's CUDA kernel")
+        return "cuda"
+    if device.type != "cpu":
+        if scan == "compiled":
+            raise ValueError(f"selective_scan: scan='compiled' is a CPU kernel; inputs are on {device}")
+        notify_once(f"selective_scan:chunked:{device.type}",
+                    f"selective_scan on {device.type} runs the eager chunked PyTorch path")
+        return "chunked"
+    usable, reason = compiled_kernel_usable()
+    if usable:
+        notify_once("selective_scan:compiled", "selective_scan runs the compiled C++ CPU kernel")
+        return "compiled"
+    if scan == "compiled":
+        raise RuntimeError(f"selective_scan: scan='compiled' was requested but the kernel is unavailable: {reason}")
+    notify_once("selective_scan:chunked", f"selective_scan runs the eager chunked PyTorch path ({reason})")
+    return "chunked"
+
+
+def _cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, initial_state=None, scan="auto", chunk_size=CHUNK_SIZE):
+    """mamba-ssm's `selective_scan_fn`, plus `initial_state`, on the path `scan` picks.
+
+    u, delta, z (B, D, L); A (D, N) real; B, C (B, N, L) shared by all channels or (B, G, N, L) in
+    G groups; D, delta_bias (D,); initial_state (B, D, N). Returns out (B, D, L) in u's dtype, and
+    with `return_last_state` also the final state (B, D, N) in the compute dtype (float32, or
+    float64 for float64 inputs). `chunk_size` is K: the checkpoint interval of backward and the
+    chunk of the eager path (memory O(B D K N)).
+    """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, scan)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"selective_scan: chunk_size must be a positive int, got {chunk_size!r}")
+    path = resolve_scan(scan, u.device, initial_state is not None)
+    if path == "sequential":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  initial_state=initial_state)
+    if path == "cuda":
+        return _cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    compute = torch.promote_types(u.dtype, torch.float32)
+    u_c, dt = u.to(compute), delta.to(compute)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    B, C = (rearrange(mat if mat.ndim == 4 else mat.unsqueeze(1), "b g n l -> b g l n").to(compute).contiguous()
+            for mat in (B, C))
+    batch, dim, _ = u.shape
+    h0 = u_c.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(compute)
+    core = _compiled_core if path == "compiled" else _chunked_core
+    y, last_state = core(u_c, dt, A.to(compute), B, C, h0, chunk_size)
+    if D is not None:
+        y = y + u_c * D.to(compute)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(compute))
+    out = y.to(u.dtype)
+    return (out, last_state) if return_last_state else out

@@ -1,0 +1,213 @@
+"""selective_scan: the compiled and chunked paths against the sequential reference, forward and
+gradients of every input, on odd lengths, shared and grouped B/C, with and without D / z /
+delta_bias, from an initial state and returning the last one; plus numerics and dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqarch.ops.selective_scan as scan_module
+from seqarch.ops.selective_scan import resolve_scan, selective_scan, selective_scan_ref
+from tests.tolerance import assert_close
+
+FAST_SCANS = ["compiled", "chunked"]
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(batch=2, dim=6, length=67, state=5, groups=None, dtype=torch.float32, seed=0):
+    """Random inputs (never zeros); groups None means B, C shared as (B, N, L)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    bc_shape = (batch, state, length) if groups is None else (batch, groups, state, length)
+    return {
+        "u": randn(batch, dim, length),
+        "delta": randn(batch, dim, length) * 0.5,
+        "A": -torch.rand(dim, state, generator=gen, dtype=dtype) * 2 - 0.2,
+        "B": randn(*bc_shape),
+        "C": randn(*bc_shape),
+        "D": randn(dim),
+        "z": randn(batch, dim, length),
+        "delta_bias": randn(dim) * 0.3,
+        "initial_state": randn(batch, dim, state),
+    }
+
+
+def run(fn, inputs, used, softplus, **kwargs):
+    """out, last_state and the gradient of every used input under a random projection of both."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if k in used}
+    args = {k: leaves.get(k) for k in ("D", "z", "delta_bias")}
+    out, last = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], args["D"], args["z"],
+                   args["delta_bias"], softplus, True, initial_state=leaves.get("initial_state"), **kwargs)
+    gen = torch.Generator().manual_seed(7)
+    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
+    loss = loss + (last * torch.randn(last.shape, generator=gen, dtype=last.dtype)).sum()
+    loss.backward()
+    return out, last, {k: leaf.grad for k, leaf in leaves.items()}
+
+
+OPTIONS = {
+    "plain": ("u", "delta", "A", "B", "C"),
+    "D-z-bias-softplus": ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"),
+    "all+initial-state": NAMES,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("groups", [None, 1, 2], ids=["shared", "g1", "g2"])
+@pytest.mark.parametrize("options", list(OPTIONS))
+@pytest.mark.parametrize("scan", FAST_SCANS)
+def test_fast_paths_match_reference(scan, options, groups, dtype):
+    inputs = make_inputs(groups=groups, dtype=dtype)
+    used, softplus = OPTIONS[options], options != "plain"
+    out, last, grads = run(selective_scan, inputs, used, softplus, scan=scan, chunk_size=16)
+    out_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, used, softplus)
+    assert out.dtype == dtype and last.dtype == dtype
+    assert_close(out, out_ref, f"{scan} out")
+    assert_close(last, last_ref, f"{scan} last state")
+    assert set(grads) == set(used)
+    for name in used:
+        assert_close(grads[name], grads_ref[name], f"{scan} d{name}")
+
+
+@pytest.mark.parametrize("scan", FAST_SCANS)
+@pytest.mark.parametrize(("length", "chunk_size"), [(1, 16), (16, 16), (17, 16), (33, 1), (40, 64)])
+def test_lengths_around_the_chunk(scan, length, chunk_size):
+    inputs = make_inputs(length=length, dtype=torch.float64)
+    out, last, grads = run(selective_scan, inputs, NAMES, True, scan=scan, chunk_size=chunk_size)
+    out_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, NAMES, True)
+    assert_close(out, out_ref, f"{scan} out L={length} K={chunk_size}")
+    assert_close(last, last_ref, f"{scan} last state L={length} K={chunk_size}")
+    for name in NAMES:
+        assert_close(grads[name], grads_ref[name], f"{scan} d{name} L={length} K={chunk_size}")
+
+
+def test_reference_is_the_recurrence():
+    """The oracle itself against the equations written out for one channel and two steps."""
+    inputs = make_inputs(batch=1, dim=1, length=2, state=3, dtype=torch.float64)
+    u, delta, A, B, C = (inputs[k][0] if k != "A" else inputs[k] for k in ("u", "delta", "A", "B", "C"))
+    D, z, bias, h0 = inputs["D"], inputs["z"][0], inputs["delta_bias"], inputs["initial_state"][0]
+    dt = F.softplus(delta[0] + bias[0])  # (L,)
+    h1 = torch.exp(dt[0] * A[0]) * h0[0] + dt[0] * u[0, 0] * B[:, 0]
+    h2 = torch.exp(dt[1] * A[0]) * h1 + dt[1] * u[0, 1] * B[:, 1]
+    y = torch.stack([(C[:, 0] * h1).sum(), (C[:, 1] * h2).sum()]) + D[0] * u[0]
+    expected = y * F.silu(z[0])
+    out, last = selective_scan_ref(inputs["u"], inputs["delta"], A, inputs["B"], inputs["C"], D, inputs["z"], bias,
+                                   True, True, initial_state=inputs["initial_state"])
+    assert_close(out[0, 0], expected, "reference output")
+    assert_close(last[0, 0], h2, "reference last state")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan", FAST_SCANS)
+def test_large_dt_and_16k_steps_stay_exact(scan):
+    """dt up to 10 with |A| up to 16 (decays down to exp(-160)) over 16k steps: no overflow, no
+    underflow-to-NaN, and the fast paths match the reference in float64."""
+    length = 16384
+    inputs = make_inputs(batch=1, dim=2, length=length, state=4, dtype=torch.float64, seed=3)
+    delta = torch.rand(1, 2, length, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 10
+    A = -torch.tensor([[1.0, 4.0, 9.0, 16.0], [0.01, 0.1, 1.0, 16.0]], dtype=torch.float64)
+    args = (inputs["u"], delta, A, inputs["B"], inputs["C"])
+    out, last = selective_scan(*args, return_last_state=True, scan=scan)
+    out_ref, last_ref = selective_scan_ref(*args, return_last_state=True)
+    assert_close(out, out_ref, f"{scan} out at L=16k, dt<=10")
+    assert_close(last, last_ref, f"{scan} last state at L=16k, dt<=10")
+    out32 = selective_scan(*(t.float() for t in args), scan=scan)
+    assert_close(out32, out_ref.float(), f"{scan} float32 out at L=16k, dt<=10", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("scan", FAST_SCANS)
+def test_half_precision_inputs_compute_in_float32(scan):
+    inputs = make_inputs(dtype=torch.float32)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    low = [t.bfloat16() for t in args]
+    out, last = selective_scan(*low, delta_softplus=True, return_last_state=True, scan=scan)
+    expected, expected_last = selective_scan_ref(*(t.float() for t in low), delta_softplus=True,
+                                                 return_last_state=True)
+    assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
+    assert_close(last, expected_last, f"{scan} bf16 inputs, last state in float32", dtype=torch.float32)
+    assert_close(out.float(), expected.bfloat16().float(), f"{scan} bf16 output", dtype=torch.bfloat16)
+
+
+def test_sequential_scan_is_the_reference():
+    inputs = make_inputs(dtype=torch.float64)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    assert torch.equal(selective_scan(*args, True, scan="sequential"), selective_scan_ref(*args, True))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"u": torch.randn(2, 6)}, r"u must be \(B, D, L\)"),
+        ({"delta": torch.randn(2, 6, 66)}, "delta must have u's shape"),
+        ({"A": torch.randn(5, 5)}, r"A must be \(D, N\) with D=6"),
+        ({"A": torch.randn(6, 5, dtype=torch.complex64)}, "complex A is not supported"),
+        ({"B": torch.randn(2, 4, 5, 67)}, "4 groups, which do not divide D=6"),
+        ({"C": torch.randn(2, 5, 66)}, r"C must be \(B, N, L\)"),
+        ({"B": torch.randn(2, 2, 5, 67), "C": torch.randn(2, 3, 5, 67)}, "same number of groups"),
+        ({"D": torch.randn(5)}, r"D must be \(6,\)"),
+        ({"z": torch.randn(2, 6, 3)}, "z must have u's shape"),
+        ({"initial_state": torch.randn(2, 6, 4)}, r"initial_state must be \(B, D, N\)"),
+    ],
+)
+def test_bad_inputs_are_named(change, message):
+    inputs = make_inputs() | change
+    with pytest.raises(ValueError, match=message):
+        selective_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], inputs["z"],
+                       initial_state=inputs["initial_state"], scan="chunked")
+
+
+def test_bad_scan_and_chunk_are_named():
+    inputs = make_inputs()
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+    with pytest.raises(ValueError, match="scan='fast'; valid: 'auto', 'compiled', 'chunked', 'sequential'"):
+        selective_scan(*args, scan="fast")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        selective_scan(*args, scan="chunked", chunk_size=0)
+
+
+# --- dispatch ------------------------------------------------------------------------------------
+def test_auto_picks_cuda_kernel_only_when_usable_and_without_initial_state(monkeypatch):
+    monkeypatch.setattr(scan_module, "cuda_kernels_usable", lambda module, device: module == "mamba_ssm")
+    assert resolve_scan("auto", "cpu") == "cuda"
+    assert resolve_scan("auto", "cpu", has_initial_state=True) == "compiled"
+    assert resolve_scan("chunked", "cpu") == "chunked"
+    assert resolve_scan("sequential", "cpu") == "sequential"
+
+
+def test_auto_on_cpu_picks_compiled_kernel_when_it_builds():
+    assert resolve_scan("auto", "cpu") == "compiled"
+    assert resolve_scan("compiled", "cpu") == "compiled"
+
+
+def test_auto_falls_back_to_chunked_with_a_notice_when_no_compiler(monkeypatch, capsys):
+    monkeypatch.setattr(scan_module, "compiled_kernel_usable", lambda: (False, "no C++ compiler on PATH"))
+    monkeypatch.setattr(scan_module, "notify_once", lambda key, message: print(message))
+    assert resolve_scan("auto", "cpu") == "chunked"
+    assert "eager chunked PyTorch path (no C++ compiler on PATH)" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="scan='compiled' was requested but the kernel is unavailable: no C"):
+        resolve_scan("compiled", "cpu")
+
+
+def test_non_cpu_devices_without_kernels_run_chunked(monkeypatch):
+    monkeypatch.setattr(scan_module, "cuda_kernels_usable", lambda module, device: False)
+    assert resolve_scan("auto", "meta") == "chunked"
+    with pytest.raises(ValueError, match="scan='compiled' is a CPU kernel"):
+        resolve_scan("compiled", "meta")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernel_matches_reference():
+    pytest.importorskip("mamba_ssm")
+    inputs = {k: v.cuda() for k, v in make_inputs(groups=2).items()}
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    assert resolve_scan("auto", "cuda") == "cuda"
+    out, last = selective_scan(*args, True, True, scan="auto")
+    out_ref, last_ref = selective_scan_ref(*args, True, True)
+    assert_close(out, out_ref, "cuda out", tolerance=1e-4)
+    assert_close(last, last_ref, "cuda last state", tolerance=1e-4)

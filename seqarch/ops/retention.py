@@ -28,9 +28,10 @@ from einops import rearrange
 
 RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
 
-# Chunks whose states are combined in one matrix product before carrying to the next block:
-# bounds the O(G^2) weight matrix while keeping the Python loop to N / G iterations.
-_STATE_BLOCK = 16
+# Chunks whose states are combined in one matrix product before carrying to the next block. The
+# product costs G K V per chunk, no more than the chunk-local products (C K V) while G <= C, and the
+# Python loop runs N / G times (once for T <= 4096 at C = 64).
+_STATE_BLOCK = 64
 
 
 def default_log_decay(n_heads: int, device=None) -> torch.Tensor:
@@ -73,14 +74,14 @@ def _check(q, k, v, decay, initial_state, mode, chunk_size) -> None:
         raise ValueError(f"retention: chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def _parallel(q, k, v, log_gamma, initial_state, output_final_state):
-    """Paper eq. (5) plus the initial state's decay into every position; q already scaled."""
+def _parallel(q, k, v, log_gamma, scale, initial_state, output_final_state):
+    """Paper eq. (5) plus the initial state's decay into every position."""
     length = q.shape[2]
     t = torch.arange(length, device=q.device)
-    mask = _powers(t[:, None] - t[None, :], log_gamma)  # (H, T, T)
+    mask = _powers(t[:, None] - t[None, :], log_gamma) * scale  # (H, T, T)
     out = (q @ k.transpose(-1, -2) * mask) @ v  # (B, H, T, V)
     if initial_state is not None:
-        out = out + (q * _powers(t + 1, log_gamma)[..., None]) @ initial_state
+        out = out + (q * (_powers(t + 1, log_gamma) * scale)[..., None]) @ initial_state
     final = None
     if output_final_state:
         final = (k * _powers(length - 1 - t, log_gamma)[..., None]).transpose(-1, -2) @ v  # (B, H, K, V)
@@ -95,38 +96,45 @@ def _chunk_states(local: torch.Tensor, log_a: torch.Tensor, initial_state):
 
     Blocks of G chunks are solved by one matrix product each; only the carry crosses blocks."""
     batch, heads, n_chunks, key_dim, value_dim = local.shape
-    carry = initial_state
-    if carry is None:
-        carry = local.new_zeros(batch, heads, key_dim, value_dim)
+    flat = rearrange(local, "b h n k v -> b h n (k v)")
+    carry = None if initial_state is None else rearrange(initial_state, "b h k v -> b h 1 (k v)")
     entering = []
     for start in range(0, n_chunks, _STATE_BLOCK):
-        block = local[:, :, start:start + _STATE_BLOCK]  # (B, H, G, K, V)
+        block = flat[:, :, start:start + _STATE_BLOCK]  # (B, H, G, K V)
         size = block.shape[2]
         i = torch.arange(size + 1, device=local.device)
-        weights = _powers(i[:, None] - 1 - i[None, :size], log_a)  # (H, G + 1, G)
-        states = torch.einsum("hij,bhjkv->bhikv", weights, block)  # (B, H, G + 1, K, V)
-        states = states + _powers(i, log_a)[None, :, :, None, None] * carry[:, :, None]
-        entering.append(states[:, :, :size])
-        carry = states[:, :, size]
-    return torch.cat(entering, dim=2), carry
+        weights = _powers(i[:, None] - 1 - i[None, :size], log_a)  # (H, G + 1, G); row G makes the carry
+        states = weights[:, :size] @ block  # (B, H, G, K V)
+        new_carry = weights[:, size:] @ block  # (B, H, 1, K V)
+        if carry is not None:
+            powers = _powers(i, log_a)[..., None]  # (H, G + 1, 1)
+            states = states + powers[:, :size] * carry
+            new_carry = new_carry + powers[:, size:] * carry
+        entering.append(states)
+        carry = new_carry
+    entering = torch.cat(entering, dim=2) if len(entering) > 1 else entering[0]
+    unflatten = "b h n (k v) -> b h n k v"
+    return rearrange(entering, unflatten, k=key_dim), rearrange(carry, unflatten, k=key_dim)[:, :, 0]
 
 
-def _chunkwise(q, k, v, log_gamma, chunk_size, initial_state):
-    """Paper eq. (7) for T a multiple of C; q already scaled. Returns (out, final state)."""
+def _chunkwise(q, k, v, log_gamma, scale, chunk_size, initial_state):
+    """Paper eq. (7) for T a multiple of C. Returns (out, final state)."""
     qc, kc, vc = (rearrange(x, "b h (n c) d -> b h n c d", c=chunk_size) for x in (q, k, v))
     j = torch.arange(chunk_size, device=q.device)
-    inner_mask = _powers(j[:, None] - j[None, :], log_gamma)[:, None]  # (H, 1, C, C)
+    inner_mask = (_powers(j[:, None] - j[None, :], log_gamma) * scale)[:, None]  # (H, 1, C, C)
     inner = (qc @ kc.transpose(-1, -2) * inner_mask) @ vc  # (B, H, N, C, V)
     leaving = _powers(chunk_size - 1 - j, log_gamma)[:, None, :, None]  # (H, 1, C, 1)
     local = (kc * leaving).transpose(-1, -2) @ vc  # (B, H, N, K, V)
     entering, final = _chunk_states(local, chunk_size * log_gamma, initial_state)
-    arriving = _powers(j + 1, log_gamma)[:, None, :, None]  # (H, 1, C, 1)
-    out = inner + (qc * arriving) @ entering  # (B, H, N, C, V)
-    return rearrange(out, "b h n c d -> b h (n c) d"), final
+    arriving = (_powers(j + 1, log_gamma) * scale)[:, None, :, None]  # (H, 1, C, 1)
+    # out = inner + (q ⊙ arriving) @ entering, added in place (autograd keeps no copy of `inner`).
+    flat = "b h n c d -> (b h n) c d"
+    rearrange(inner, flat).baddbmm_(rearrange(qc * arriving, flat), rearrange(entering, flat))
+    return rearrange(inner, "b h n c d -> b h (n c) d"), final
 
 
-def _recurrent(q, k, v, log_gamma, initial_state):
-    """Paper eq. (6), one `retention_step` per token; q already scaled."""
+def _recurrent(q, k, v, log_gamma, scale, initial_state):
+    """Paper eq. (6), one `retention_step` per token."""
     batch, heads, length, key_dim = q.shape
     state = initial_state
     if state is None:
@@ -134,7 +142,7 @@ def _recurrent(q, k, v, log_gamma, initial_state):
     gamma = torch.exp(log_gamma)
     outputs = []
     for t in range(length):
-        out, state = _step(q[:, :, t], k[:, :, t], v[:, :, t], state, gamma)
+        out, state = _step(q[:, :, t] * scale, k[:, :, t], v[:, :, t], state, gamma)
         outputs.append(out)
     return torch.stack(outputs, dim=2), state
 
@@ -160,23 +168,23 @@ def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Te
     in_dtype = q.dtype
     dtype = torch.promote_types(in_dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = q.to(dtype) * scale, k.to(dtype), v.to(dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     log_gamma = _log_decay(decay, q.shape[1], dtype, q.device)
     state = None if initial_state is None else initial_state.to(dtype)
     if mode == "recurrent":
-        out, state = _recurrent(q, k, v, log_gamma, state)
+        out, state = _recurrent(q, k, v, log_gamma, scale, state)
     elif mode == "parallel":
-        out, state = _parallel(q, k, v, log_gamma, state, output_final_state)
+        out, state = _parallel(q, k, v, log_gamma, scale, state, output_final_state)
     else:
         length = q.shape[2]
         full = length - length % chunk_size
         pieces = []
         if full:
-            piece, state = _chunkwise(q[:, :, :full], k[:, :, :full], v[:, :, :full], log_gamma, chunk_size,
-                                      state)
+            piece, state = _chunkwise(q[:, :, :full], k[:, :, :full], v[:, :, :full], log_gamma, scale,
+                                      chunk_size, state)
             pieces.append(piece)
         if full < length or not pieces:
-            piece, state = _parallel(q[:, :, full:], k[:, :, full:], v[:, :, full:], log_gamma, state,
+            piece, state = _parallel(q[:, :, full:], k[:, :, full:], v[:, :, full:], log_gamma, scale, state,
                                      output_final_state)
             pieces.append(piece)
         out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]

@@ -74,7 +74,8 @@ def peak_memory_child(form: str, length: int, train: bool) -> None:
 
 
 def peak_memory(form: str, length: int, train: bool) -> int:
-    command = [sys.executable, __file__, "--child", form, str(length), str(int(train))]
+    command = [sys.executable, __file__, "--threads", str(torch.get_num_threads()),
+               "--child", form, str(length), str(int(train))]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
 
@@ -138,8 +139,11 @@ def main() -> None:
     parser.add_argument("--reference-train-max", type=int, default=4096,
                         help="longest T for the reference's backward (autograd keeps every step's state)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         form, length, train = args.child
         peak_memory_child(form, int(length), bool(int(train)))

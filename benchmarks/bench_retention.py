@@ -3,7 +3,7 @@
 Legend: B batch (1), H heads (12), T length, K = V head dim (64), C chunk length.
 
     PYTHONPATH=$PWD python benchmarks/bench_retention.py            # full sweep, T = 256 .. 8192
-    PYTHONPATH=$PWD python benchmarks/bench_retention.py --quick    # T = 256, 1024, 4096; < 1 min
+    PYTHONPATH=$PWD python benchmarks/bench_retention.py --quick    # T = 256, 1024, 4096; about 1 min quiet
 
 Forms: `chunkwise` (default path), `parallel` (O(T^2) memory; skipped above --parallel-max),
 `recurrent` (the op's loop of `retention_step`) and `reference` (`retention_ref`, the sequential
@@ -132,7 +132,8 @@ def chunk_sweep(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="T = 256, 1024, 4096, 3 rounds (< 1 min)")
+    parser.add_argument("--quick", action="store_true",
+                        help="T = 256, 1024, 4096, 3 rounds; parallel form and the reference's backward up to 1024")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5, quick 3)")
     parser.add_argument("--parallel-max", type=int, default=4096, help="longest T for the O(T^2) parallel form")
     parser.add_argument("--recurrent-max", type=int, default=8192, help="longest T for the op's recurrent loop")
@@ -152,6 +153,8 @@ def main() -> None:
         args.lengths = (256, 1024, 4096)
         args.repeats = args.repeats or 3
         args.recurrent_max = 1024
+        args.parallel_max = 1024
+        args.reference_train_max = 1024
         args.chunk_length = 1024
     else:
         args.lengths = (256, 512, 1024, 2048, 4096, 8192)

@@ -40,7 +40,7 @@ class RetNetConfig:
     decay: tuple[float, ...] | None = None  # per-head γ in (0, 1); None: 1 - 2^(-5-h)
     rope_base: float = 10000.0  # RoPE base θ of the q/k rotation; frequencies θ^(-2i/K)
     mode: Literal["parallel", "chunkwise"] = "chunkwise"  # training / prefill form; both exact
-    chunk_size: int = 64  # chunkwise form's chunk; 64 ~ 128 > 32 on CPU (benchmarks/bench_retention.py)
+    chunk_size: int = 64  # chunkwise form's chunk; fastest of 16..256 on CPU (benchmarks/bench_retention.py)
     norm_eps: float = 1e-5  # GroupNorm eps
     bias: bool = False  # biases in the q/k/v/gate/output projections
 

@@ -132,8 +132,8 @@ def wkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False
     r, k, w (B, H, T, K) with w the log-decay (w <= 0), v (B, H, T, V), u (H, K) the bonus of the
     current token, scale (default K^-0.5, as flash-linear-attention; RWKV-6 itself uses 1.0),
     initial_state (B, H, K, V). `chunk_size` must be a multiple of `subchunk_size`. Cost
-    O(T (C + E) K + T K V) time, O(T (S + E) K + T C) memory; exact for any w <= 0 (see the module
-    docstring).
+    O(T (C + E) K + T K V) time, O(T (C / 2 + E) K + T K V / C) memory; exact for any w <= 0 (see the
+    module docstring).
     """
     if chunk_size < 1 or subchunk_size < 1 or chunk_size % subchunk_size:
         raise ValueError(f"wkv6: chunk_size ({chunk_size}) must be a positive multiple of subchunk_size "
@@ -144,25 +144,36 @@ def wkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False
     if length == 0:
         return _finish(v.new_zeros(v.shape), state, dtype, output_final_state)
     pad = -length % chunk_size
-    # Padding at the end: k = v = 0 adds nothing to the state and w = 0 leaves it undecayed.
-    r, k, v, w = (F.pad(t, (0, 0, 0, pad)) for t in (r, k, v, w))
-    r, k, v, w = (rearrange(t, "b h (n c) d -> b h n c d", c=chunk_size) for t in (r, k, v, w))
-    cumulative = w.cumsum(dim=3)  # b_i inside each chunk, (B, H, N, C, K)
-    before = _shift_right(cumulative)  # b_{i-1}: bitwise the neighbour's b (cum - w would round)
-    chunk_decay = cumulative[:, :, :, -1]  # (B, H, N, K)
+    if pad:  # at the end: k = v = 0 adds nothing to the state and w = 0 leaves it undecayed
+        r, k, v, w = (F.pad(t, (0, 0, 0, pad)) for t in (r, k, v, w))
+    split = "b h (n s e) d -> b h n s e d"
+    r, k, v, w = (rearrange(t, split, e=subchunk_size, s=chunk_size // subchunk_size) for t in (r, k, v, w))
 
-    out = _intra_chunk(r, k, v, w, u, subchunk_size)
+    # Cumulative log-decays, each summed from the nearest start, so that the exponents of the largest
+    # weights (near 0) carry the rounding of one sub-chunk's decay, not a chunk's, and are exactly 0
+    # where nothing lies between.
+    local = w.cumsum(dim=4)  # from the sub-chunk start through token i, (B, H, N, S, E, K)
+    local_before = _shift_right(local)  # ... through token i - 1: bitwise the neighbour's (cum - w would round)
+    subchunk_decay = local[:, :, :, :, -1]  # (B, H, N, S, K)
+    through = subchunk_decay.cumsum(dim=3)  # from the chunk start through the end of sub-chunk J
+    before = _shift_right(through)  # ... before sub-chunk I
+    queries = r * local_before.exp()  # r_i exp(b_{i-1} - c_I), c_I the decay before sub-chunk I
+    keys_to_end = k * (subchunk_decay.unsqueeze(4) - local).exp()  # k_j exp(end of J - b_j)
 
-    # Each chunk's own contribution to the state at its end, then the states entering the chunks.
-    keys_to_end = k * (chunk_decay.unsqueeze(3) - cumulative).exp()
-    chunk_states = keys_to_end.transpose(-1, -2) @ v  # (B, H, N, K, V)
-    decay = chunk_decay.exp().unsqueeze(-1)  # (B, H, N, K, 1)
+    out = _intra_chunk(queries, keys_to_end, r, k, v, u, local, local_before, through, before)
+
+    # Each chunk's own contribution to the state at its end; the states entering the chunks; their readout.
+    to_chunk_end = (through[:, :, :, -1:] - through).exp()  # (B, H, N, S, K)
+    chunk_keys = rearrange(keys_to_end * to_chunk_end.unsqueeze(4), "b h n s e d -> b h n (s e) d")
+    chunk_states = chunk_keys.transpose(-1, -2) @ rearrange(v, "b h n s e d -> b h n (s e) d")  # (B, H, N, K, V)
+    decay = through[:, :, :, -1].exp().unsqueeze(-1)  # (B, H, N, K, 1)
     entering = []
     for n in range(chunk_states.shape[2]):
         entering.append(state)
-        state = decay[:, :, n] * state + chunk_states[:, :, n]
+        state = torch.addcmul(chunk_states[:, :, n], decay[:, :, n], state)
     entering = torch.stack(entering, dim=2)  # (B, H, N, K, V)
-    out = out + (r * before.exp()) @ entering
+    chunk_queries = rearrange(queries * before.exp().unsqueeze(4), "b h n s e d -> b h n (s e) d")
+    out = rearrange(out, "b h n s e d -> b h n (s e) d") + chunk_queries @ entering
     out = rearrange(out, "b h n c d -> b h (n c) d")[:, :, :length]
     return _finish(out, state, dtype, output_final_state)
 
@@ -172,39 +183,26 @@ def _shift_right(cumulative: torch.Tensor) -> torch.Tensor:
     return F.pad(cumulative[..., :-1, :], (0, 0, 1, 0))
 
 
-def _intra_chunk(r, k, v, w, u, subchunk_size):
-    """sum over keys j <= i of the same chunk: r, k, w (B, H, N, C, K), v (B, H, N, C, V) -> (B, H, N, C, V).
+def _intra_chunk(queries, keys_to_end, r, k, v, u, local, local_before, through, before):
+    """The sum over keys j <= i of the same chunk, all (B, H, N, S, E, *) -> (B, H, N, S, E, V).
 
-    Cumulative decays are summed from each sub-chunk's start, so the exponents that decide the
-    largest weights (near 0) carry rounding of the order of one sub-chunk's decay, not a chunk's.
+    Earlier sub-chunks J < I: exp(b_{i-1} - b_j) = exp(b_{i-1} - c_I) exp(c_I - end of J) exp(end of J - b_j),
+    three factors <= 1, so the sum is a matrix product. Same sub-chunk: exp(b_{i-1} - b_j) formed
+    pairwise, exactly, for each lag d = i - j in 1..E-1 (slices, so no work on the upper triangle),
+    and the bonus u on the diagonal d = 0.
     """
-    chunk_size = r.shape[3]
-    subchunks = chunk_size // subchunk_size
-    split = "b h n (s e) d -> b h n s e d"
-    r_sub, k_sub, w_sub = (rearrange(t, split, e=subchunk_size) for t in (r, k, w))
-    local = w_sub.cumsum(dim=4)  # decay from the sub-chunk start through token i, (B, H, N, S, E, K)
-    local_before = _shift_right(local)
-    through = local[:, :, :, :, -1].cumsum(dim=3)  # decay through the end of each sub-chunk, (B, H, N, S, K)
-
-    # Earlier sub-chunks: factor around c_I = the decay just before sub-chunk I; both factors <= 1.
-    # c_I - b_j = (decay of the sub-chunks strictly between J and I) + (decay after j to the end of J),
-    # each summed so that it is exactly 0 when there is nothing to sum, and exponentiated apart.
-    queries = r_sub * local_before.exp()  # (B, H, N, S, E, K)
-    between = _shift_right(through).unsqueeze(4) - through.unsqueeze(3)  # (B, H, N, S_I, S_J, K)
-    earlier = torch.ones(subchunks, subchunks, dtype=torch.bool, device=r.device).tril(-1)
-    between = between.masked_fill(~earlier[..., None], float("-inf")).exp()  # zero unless J < I
-    keys_to_end = k_sub * (local[:, :, :, :, -1:] - local).exp()  # (B, H, N, S, E, K)
-    keys = rearrange(between.unsqueeze(5) * keys_to_end.unsqueeze(3), "b h n i s e d -> b h n i (s e) d")
-    scores = rearrange(queries @ keys.transpose(-1, -2), "b h n s e c -> b h n (s e) c")  # (B, H, N, C, C)
-
-    # Same sub-chunk: pairwise decays exp(b_{i-1} - b_j), exact, for each lag d = i - j in 1..E-1 (slices
-    # of the sub-chunk, so no work on the upper triangle); the bonus u on the diagonal d = 0.
-    pairs = torch.diag_embed(torch.einsum("bhnsik,hk,bhnsik->bhnsi", r_sub, u, k_sub))  # (B, H, N, S, E, E)
+    subchunks, subchunk_size = r.shape[3], r.shape[4]
+    pairs = torch.diag_embed(torch.einsum("bhnsik,hk,bhnsik->bhnsi", r, u, k))  # (B, H, N, S, E, E)
     for lag in range(1, subchunk_size):
         decay = (local_before[:, :, :, :, lag:] - local[:, :, :, :, :-lag]).exp()  # (B, H, N, S, E - d, K)
-        lag_scores = (r_sub[:, :, :, :, lag:] * decay * k_sub[:, :, :, :, :-lag]).sum(-1)
+        lag_scores = (r[:, :, :, :, lag:] * decay * k[:, :, :, :, :-lag]).sum(-1)
         pairs = pairs + torch.diag_embed(lag_scores, offset=-lag)
-    same_subchunk = torch.eye(subchunks, dtype=r.dtype, device=r.device)
-    scores = scores + rearrange(torch.einsum("bhnsij,st->bhnsitj", pairs, same_subchunk),
-                                "b h n s i t j -> b h n (s i) (t j)")
-    return scores @ v
+    out = pairs @ v
+    outputs = [out[:, :, :, 0]]
+    for index in range(1, subchunks):
+        gap = (before[:, :, :, index : index + 1] - through[:, :, :, :index]).exp()  # c_I - end of J, (.., I, K)
+        keys = rearrange(keys_to_end[:, :, :, :index] * gap.unsqueeze(4), "b h n s e d -> b h n (s e) d")
+        values = rearrange(v[:, :, :, :index], "b h n s e d -> b h n (s e) d")
+        scores = queries[:, :, :, index] @ keys.transpose(-1, -2)  # (B, H, N, E, I E)
+        outputs.append(out[:, :, :, index] + scores @ values)
+    return torch.stack(outputs, dim=3)

@@ -168,9 +168,11 @@ def wkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False
     chunk_states = chunk_keys.transpose(-1, -2) @ rearrange(v, "b h n s e d -> b h n (s e) d")  # (B, H, N, K, V)
     decay = through[:, :, :, -1].exp().unsqueeze(-1)  # (B, H, N, K, 1)
     entering = []
-    for n in range(chunk_states.shape[2]):
+    # unbind, not indexing: the backward of one unbind is one stack, while the backward of each
+    # chunk_states[:, :, n] would scatter into a full-size zero tensor (quadratic in T).
+    for chunk_state, chunk_decay in zip(chunk_states.unbind(2), decay.unbind(2), strict=True):
         entering.append(state)
-        state = torch.addcmul(chunk_states[:, :, n], decay[:, :, n], state)
+        state = torch.addcmul(chunk_state, chunk_decay, state)
     entering = torch.stack(entering, dim=2)  # (B, H, N, K, V)
     chunk_queries = rearrange(queries * before.exp().unsqueeze(4), "b h n s e d -> b h n (s e) d")
     out = rearrange(out, "b h n s e d -> b h n (s e) d") + chunk_queries @ entering

@@ -1,0 +1,273 @@
+"""RWKV-6 ("Finch"): time-mix with data-dependent token shift and decay, and its channel-mix.
+
+Peng et al. (2024), "Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence",
+section 4. Parameter names follow RWKV-LM's `RWKV_Tmix_x060` / `RWKV_CMix_x060`.
+Legend: B batch, L length, D model width, H heads, K head size (key = value size), R LoRA rank,
+F channel-mix hidden width.
+
+Time-mix, for token x_t with the previous token x_{t-1} (zeros before the first):
+
+    xx = x_{t-1} - x_t
+    m_* = tanh((x_t + xx * mu_x) A) B_*                 for * in w, k, v, r, g (one low-rank MLP, 5 heads)
+    x_* = x_t + xx * (mu_* + m_*)                        data-dependent interpolation ("ddlerp", eq. 9-10)
+    r, k, v = W_r x_r, W_k x_k, W_v x_v;   g = SiLU(W_g x_g)
+    w_t = -exp(d + tanh(x_w A_d) B_d)                    log-decay <= 0, per channel (eq. 11-12)
+    o_t = wkv6(r, k, v, w, u)                            per head, matrix state (K, K) (eq. 13-17)
+    y_t = W_o (GroupNorm_H(o_t) * g)
+
+Channel-mix (RWKV's own MLP, returned by `own_mlp()` for the block):
+
+    xx = x_{t-1} - x_t;   k = ReLU(W_k (x_t + xx * mu_k))^2;   y_t = sigmoid(W_r (x_t + xx * mu_r)) * W_v k
+
+The family's state is (time-mix shift, wkv state) in the mixer and (channel-mix shift) in the
+block's MLP state: the block owns the channel-mix, so it carries its state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input
+from seqarch.ops.wkv import wkv6, wkv6_parallel, wkv6_ref, wkv6_step
+from seqarch.registry import register
+
+_MODES = ("chunked", "parallel", "sequential")
+_MIXED = ("w", "k", "v", "r", "g")  # the five interpolations of the time-mix, in RWKV-LM's order
+
+
+@dataclass(frozen=True)
+class RWKV6Config:
+    d_model: int = 256
+    head_size: int | None = None  # K per head; None: 64 (RWKV-6's size) if d_model >= 128, else d_model // 2
+    mix_lora_rank: int = 32  # rank R of the token-shift interpolation MLP (RWKV-LM's TIME_MIX_EXTRA_DIM)
+    decay_lora_rank: int = 64  # rank of the decay MLP (RWKV-LM's TIME_DECAY_EXTRA_DIM)
+    ffn_ratio: float = 3.5  # channel-mix hidden width F / D, rounded down to a multiple of 32 (as RWKV-6)
+    depth_ratio: float = 0.5  # layer position in the stack, 0 first .. 1 last; RWKV's init varies with it
+    mode: str = "chunked"  # wkv algorithm: "chunked" (fast), "parallel" (O(L^2 K) memory), "sequential" (loop)
+    chunk_size: int = 32  # tokens per chunk of the chunked wkv (state passed between chunks)
+    subchunk_size: int = 8  # tokens whose pairwise decays are formed exactly; divides chunk_size
+    norm_eps: float = 64e-5  # GroupNorm eps: RWKV's 1e-5 * head_size_divisor^2 with divisor 8
+
+    def __post_init__(self):
+        if self.d_model < 2:
+            raise ValueError(f"rwkv6: d_model must be >= 2, got {self.d_model}")
+        if self.d_model % self.head_dim:
+            raise ValueError(f"rwkv6: d_model={self.d_model} is not divisible by head_size={self.head_dim}")
+        if self.mode not in _MODES:
+            raise ValueError(f"rwkv6: mode={self.mode!r}; valid: {', '.join(repr(m) for m in _MODES)}")
+        if self.chunk_size < 1 or self.subchunk_size < 1 or self.chunk_size % self.subchunk_size:
+            raise ValueError(f"rwkv6: chunk_size={self.chunk_size} must be a positive multiple of "
+                             f"subchunk_size={self.subchunk_size}")
+        if self.mix_lora_rank < 1 or self.decay_lora_rank < 1:
+            raise ValueError(f"rwkv6: LoRA ranks must be >= 1, got mix_lora_rank={self.mix_lora_rank}, "
+                             f"decay_lora_rank={self.decay_lora_rank}")
+        if self.ffn_ratio <= 0:
+            raise ValueError(f"rwkv6: ffn_ratio must be > 0, got {self.ffn_ratio}")
+        if not 0.0 <= self.depth_ratio <= 1.0:
+            raise ValueError(f"rwkv6: depth_ratio must be in [0, 1], got {self.depth_ratio}")
+
+    @property
+    def head_dim(self) -> int:
+        if self.head_size is not None:
+            return self.head_size
+        return 64 if self.d_model >= 128 else max(1, self.d_model // 2)
+
+    @property
+    def heads(self) -> int:
+        return self.d_model // self.head_dim
+
+    @property
+    def ffn_hidden(self) -> int:
+        return max(32, int(self.d_model * self.ffn_ratio) // 32 * 32)
+
+
+@dataclass
+class RWKV6State(MixerState):
+    shift: torch.Tensor  # (B, D) the last input token, shifted into the next one
+    wkv: torch.Tensor  # (B, H, K, K) the wkv matrix state
+
+
+@dataclass
+class ChannelMixState(MixerState):
+    shift: torch.Tensor  # (B, D) the last input token of the channel-mix
+
+
+def _token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """x (B, L, D) -> the previous token of every position, `last` (B, D) (or zeros) before the first."""
+    first = x.new_zeros(x.shape[0], 1, x.shape[2]) if last is None else last.to(x.dtype).unsqueeze(1)
+    return torch.cat([first, x[:, :-1]], dim=1)
+
+
+def _depth_profile(width: int, exponent: float) -> torch.Tensor:
+    """1 - (i / D)^exponent over channels i: RWKV's initial interpolation weights mu."""
+    return 1.0 - (torch.arange(width) / width) ** exponent
+
+
+@register("rwkv6", RWKV6Config)
+class RWKV6(SequenceMixer):
+    """The Finch time-mix; `own_mlp()` gives the matching channel-mix."""
+
+    def __init__(self, config: RWKV6Config, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.d_model = width = config.d_model
+        heads = config.heads
+        factory = {"device": device, "dtype": dtype}
+        early, late = config.depth_ratio, 1.0 - config.depth_ratio  # RWKV-LM's ratio_0_to_1, ratio_1_to_almost0
+
+        with torch.no_grad():
+            self.time_maa_x = nn.Parameter(_depth_profile(width, late).to(**factory))
+            self.time_maa_w = nn.Parameter(_depth_profile(width, late).to(**factory))
+            self.time_maa_k = nn.Parameter(_depth_profile(width, late).to(**factory))
+            self.time_maa_v = nn.Parameter((_depth_profile(width, late) - 0.3 * early).to(**factory))
+            self.time_maa_r = nn.Parameter(_depth_profile(width, 0.5 * late).to(**factory))
+            self.time_maa_g = nn.Parameter(_depth_profile(width, 0.5 * late).to(**factory))
+            # RWKV-LM starts the first LoRA factors at zero; small random values here give the second
+            # factors a gradient from the first step (the contract checks every parameter learns).
+            rank = config.mix_lora_rank
+            self.time_maa_w1 = nn.Parameter(torch.empty(width, len(_MIXED) * rank, **factory).uniform_(-0.01, 0.01))
+            self.time_maa_w2 = nn.Parameter(torch.empty(len(_MIXED), rank, width, **factory).uniform_(-0.01, 0.01))
+            channel = torch.arange(width) / max(width - 1, 1)
+            # Decay speeds from -6 (slow, long memory) to -1 (fast), steeper in deeper layers.
+            self.time_decay = nn.Parameter((-6.0 + 5.0 * channel ** (0.7 + 1.3 * early)).to(**factory))
+            self.time_decay_w1 = nn.Parameter(
+                torch.empty(width, config.decay_lora_rank, **factory).uniform_(-0.01, 0.01))
+            self.time_decay_w2 = nn.Parameter(
+                torch.empty(config.decay_lora_rank, width, **factory).uniform_(-0.01, 0.01))
+            zigzag = ((torch.arange(width) + 1) % 3 - 1) * 0.1
+            self.time_faaaa = nn.Parameter(  # the bonus u of the current token, (H, K)
+                rearrange(early * (1.0 - channel) + zigzag, "(h k) -> h k", h=heads).to(**factory))
+        for param in (self.time_maa_x, self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r,
+                      self.time_maa_g, self.time_decay, self.time_faaaa):
+            param._no_weight_decay = True
+
+        self.receptance = nn.Linear(width, width, bias=False, **factory)
+        self.key = nn.Linear(width, width, bias=False, **factory)
+        self.value = nn.Linear(width, width, bias=False, **factory)
+        self.gate = nn.Linear(width, width, bias=False, **factory)
+        self.output = nn.Linear(width, width, bias=False, **factory)
+        self.ln_x = nn.GroupNorm(heads, width, eps=config.norm_eps, **factory)
+
+    # --- pieces ---------------------------------------------------------------------------
+    def _project(self, x: torch.Tensor, x_prev: torch.Tensor):
+        """x, x_prev (B, L, D) -> r, k, w (B, H, L, K), v (B, H, L, K), g (B, L, D)."""
+        xx = x_prev - x
+        lora = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1)  # (B, L, 5 R)
+        lora = rearrange(lora, "b l (f r) -> f b l r", f=len(_MIXED))
+        mw, mk, mv, mr, mg = torch.einsum("fblr,frd->fbld", lora, self.time_maa_w2)
+        xw = x + xx * (self.time_maa_w + mw)
+        xk = x + xx * (self.time_maa_k + mk)
+        xv = x + xx * (self.time_maa_v + mv)
+        xr = x + xx * (self.time_maa_r + mr)
+        xg = x + xx * (self.time_maa_g + mg)
+        log_decay = -torch.exp(self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2)
+        heads = self.config.heads
+        r, k, v, w = (rearrange(t, "b l (h k) -> b h l k", h=heads)
+                      for t in (self.receptance(xr), self.key(xk), self.value(xv), log_decay))
+        return r, k, v, w, F.silu(self.gate(xg))
+
+    def _wkv(self, r, k, v, w, initial_state):
+        cfg = self.config
+        u = self.time_faaaa
+        output_final_state = initial_state is not None
+        if cfg.mode == "chunked":
+            return wkv6(r, k, v, w, u, scale=1.0, initial_state=initial_state, output_final_state=output_final_state,
+                        chunk_size=cfg.chunk_size, subchunk_size=cfg.subchunk_size)
+        op = wkv6_parallel if cfg.mode == "parallel" else wkv6_ref
+        return op(r, k, v, w, u, scale=1.0, initial_state=initial_state, output_final_state=output_final_state)
+
+    def _output(self, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """out (B, H, L, K), gate (B, L, D) -> (B, L, D)."""
+        length = out.shape[2]
+        normed = self.ln_x(rearrange(out, "b h l k -> (b l) (h k)"))
+        return self.output(rearrange(normed, "(b l) d -> b l d", l=length) * gate)
+
+    # --- the contract -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.d_model, 3, "rwkv6.forward")
+        r, k, v, w, gate = self._project(x, _token_shift(x, None))
+        out, _ = self._wkv(r, k, v, w, None)
+        return self._output(out, gate)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> RWKV6State:
+        cfg = self.config
+        return RWKV6State(
+            shift=torch.zeros(batch_size, self.d_model, device=device, dtype=dtype),
+            wkv=torch.zeros(batch_size, cfg.heads, cfg.head_dim, cfg.head_dim, device=device, dtype=dtype),
+        )
+
+    def prefill(self, x: torch.Tensor, state: RWKV6State) -> tuple[torch.Tensor, RWKV6State]:
+        check_input(x, self.d_model, 3, "rwkv6.prefill")
+        if x.shape[1] == 0:
+            return x, state
+        r, k, v, w, gate = self._project(x, _token_shift(x, state.shift))
+        out, wkv_state = self._wkv(r, k, v, w, state.wkv)
+        new_state = RWKV6State(shift=x[:, -1].to(state.shift.dtype), wkv=wkv_state.to(state.wkv.dtype))
+        return self._output(out, gate), new_state
+
+    def step(self, x_t: torch.Tensor, state: RWKV6State) -> tuple[torch.Tensor, RWKV6State]:
+        check_input(x_t, self.d_model, 2, "rwkv6.step")
+        r, k, v, w, gate = self._project(x_t.unsqueeze(1), state.shift.to(x_t.dtype).unsqueeze(1))
+        out_t, wkv_state = wkv6_step(r[:, :, 0], k[:, :, 0], v[:, :, 0], w[:, :, 0], self.time_faaaa,
+                                     state.wkv.to(torch.promote_types(x_t.dtype, torch.float32)), scale=1.0)
+        y = self._output(out_t.to(x_t.dtype).unsqueeze(2), gate)
+        return y.squeeze(1), RWKV6State(shift=x_t.to(state.shift.dtype), wkv=wkv_state.to(state.wkv.dtype))
+
+    def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        cfg = self.config
+        element = torch.empty((), dtype=dtype).element_size()
+        return batch_size * (self.d_model + cfg.heads * cfg.head_dim * cfg.head_dim) * element
+
+    def own_mlp(self) -> RWKV6ChannelMix:
+        weight = self.output.weight
+        return RWKV6ChannelMix(self.config, device=weight.device, dtype=weight.dtype)
+
+
+class RWKV6ChannelMix(SequenceMixer):
+    """RWKV-6 channel-mix: token shift, squared ReLU, receptance gate. A SequenceMixer because its
+    token shift carries one token of state."""
+
+    def __init__(self, config: RWKV6Config, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.d_model = width = config.d_model
+        factory = {"device": device, "dtype": dtype}
+        late = 1.0 - config.depth_ratio
+        self.time_maa_k = nn.Parameter(_depth_profile(width, late).to(**factory))
+        self.time_maa_r = nn.Parameter(_depth_profile(width, late).to(**factory))
+        for param in (self.time_maa_k, self.time_maa_r):
+            param._no_weight_decay = True
+        self.key = nn.Linear(width, config.ffn_hidden, bias=False, **factory)
+        self.receptance = nn.Linear(width, width, bias=False, **factory)
+        self.value = nn.Linear(config.ffn_hidden, width, bias=False, **factory)
+
+    def _mix(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+        xx = x_prev - x
+        hidden = torch.relu(self.key(x + xx * self.time_maa_k)).square()  # (..., F)
+        return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.d_model, 3, "rwkv6 channel-mix forward")
+        return self._mix(x, _token_shift(x, None))
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> ChannelMixState:
+        return ChannelMixState(shift=torch.zeros(batch_size, self.d_model, device=device, dtype=dtype))
+
+    def prefill(self, x: torch.Tensor, state: ChannelMixState) -> tuple[torch.Tensor, ChannelMixState]:
+        check_input(x, self.d_model, 3, "rwkv6 channel-mix prefill")
+        if x.shape[1] == 0:
+            return x, state
+        y = self._mix(x, _token_shift(x, state.shift))
+        return y, ChannelMixState(shift=x[:, -1].to(state.shift.dtype))
+
+    def step(self, x_t: torch.Tensor, state: ChannelMixState) -> tuple[torch.Tensor, ChannelMixState]:
+        check_input(x_t, self.d_model, 2, "rwkv6 channel-mix step")
+        return self._mix(x_t, state.shift.to(x_t.dtype)), ChannelMixState(shift=x_t.to(state.shift.dtype))
+
+    def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        return batch_size * self.d_model * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,176 @@
+"""rwkv6 specifics: the time-mix against the paper's equations, the wkv modes against each other,
+the channel-mix under the mixer contract, and the block wiring of the family's state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqarch import SeqLM, build_block, build_mixer
+from seqarch.mixers.rwkv import RWKV6ChannelMix
+from tests.contract_checks import (
+    check_causal,
+    check_gradients,
+    check_paths_agree,
+    check_prefill_then_continue,
+    check_state_bytes,
+)
+from tests.tolerance import assert_close
+
+WIDTH = 64
+
+
+def finch_time_mix(mixer, x):
+    """Finch time-mix written token by token from the paper's equations (section 4), float64."""
+    p = {name: t.detach().double() for name, t in mixer.named_parameters()}
+    heads, size = mixer.config.heads, mixer.config.head_dim
+    batch, length, _ = x.shape
+    state = torch.zeros(batch, heads, size, size, dtype=torch.float64)
+    previous = torch.zeros(batch, WIDTH, dtype=torch.float64)
+    outputs = []
+    for t in range(length):
+        x_t = x[:, t]
+        delta = previous - x_t
+        hidden = torch.tanh((x_t + delta * p["time_maa_x"]) @ p["time_maa_w1"]).view(batch, 5, -1)
+        mixed = {}
+        for index, name in enumerate("wkvrg"):
+            lora = hidden[:, index] @ p["time_maa_w2"][index]
+            mixed[name] = x_t + delta * (p[f"time_maa_{name}"] + lora)
+        r = (mixed["r"] @ p["receptance.weight"].T).view(batch, heads, size)
+        k = (mixed["k"] @ p["key.weight"].T).view(batch, heads, size)
+        v = (mixed["v"] @ p["value.weight"].T).view(batch, heads, size)
+        g = F.silu(mixed["g"] @ p["gate.weight"].T)
+        d = p["time_decay"] + torch.tanh(mixed["w"] @ p["time_decay_w1"]) @ p["time_decay_w2"]
+        decay = torch.exp(-torch.exp(d)).view(batch, heads, size)
+        kv = k[..., :, None] * v[..., None, :]
+        out = torch.einsum("bhk,bhkv->bhv", r, state + p["time_faaaa"][..., None] * kv)
+        state = decay[..., None] * state + kv
+        normed = F.group_norm(out.reshape(batch, WIDTH), heads, p["ln_x.weight"], p["ln_x.bias"],
+                              mixer.config.norm_eps)
+        outputs.append((normed * g) @ p["output.weight"].T)
+        previous = x_t
+    return torch.stack(outputs, dim=1)
+
+
+def test_time_mix_matches_the_equations():
+    mixer = build_mixer("rwkv6", d_model=WIDTH).double()
+    x = torch.randn(2, 37, WIDTH, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(mixer(x), finch_time_mix(mixer, x), "rwkv6 forward vs the Finch equations")
+
+
+def test_channel_mix_matches_the_equations():
+    mix = build_mixer("rwkv6", d_model=WIDTH).own_mlp().double()
+    x = torch.randn(2, 11, WIDTH, dtype=torch.float64)
+    previous = torch.cat([torch.zeros(2, 1, WIDTH, dtype=torch.float64), x[:, :-1]], dim=1)
+    delta = previous - x
+    key = torch.relu((x + delta * mix.time_maa_k) @ mix.key.weight.T) ** 2
+    expected = torch.sigmoid((x + delta * mix.time_maa_r) @ mix.receptance.weight.T) * (key @ mix.value.weight.T)
+    with torch.no_grad():
+        assert_close(mix(x), expected, "channel-mix vs its equations")
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential", "chunked_odd"])
+def test_wkv_modes_agree_forward_and_backward(mode):
+    overrides = {"chunk_size": 12, "subchunk_size": 4} if mode == "chunked_odd" else {"mode": mode}
+    reference = build_mixer("rwkv6", d_model=WIDTH).double()
+    variant = build_mixer("rwkv6", d_model=WIDTH, **overrides).double()
+    variant.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 45, WIDTH, dtype=torch.float64)
+    grad_out = torch.randn(2, 45, WIDTH, dtype=torch.float64)
+    for module in (reference, variant):
+        (module(x) * grad_out).sum().backward()
+    assert_close(variant(x), reference(x), f"{mode} vs chunked output")
+    for (name, param), param_ref in zip(variant.named_parameters(), reference.parameters(), strict=True):
+        assert_close(param.grad, param_ref.grad, f"{mode} vs chunked d{name}")
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential", "chunked_odd"])
+def test_modes_keep_the_contract(mode):
+    overrides = {"chunk_size": 12, "subchunk_size": 4} if mode == "chunked_odd" else {"mode": mode}
+    mixer = build_mixer("rwkv6", d_model=WIDTH, **overrides)
+    check_paths_agree(mixer, 29, f"rwkv6 {mode}")
+    check_prefill_then_continue(mixer, 13, 9, f"rwkv6 {mode}")
+
+
+def test_strong_decays_stay_exact_in_the_mixer():
+    """Decays of about e^-20 per step (time_decay = 3) over 300 tokens: chunked equals sequential."""
+    mixer = build_mixer("rwkv6", d_model=WIDTH).double()
+    with torch.no_grad():
+        mixer.time_decay.fill_(3.0)
+    sequential = build_mixer("rwkv6", d_model=WIDTH, mode="sequential").double()
+    sequential.load_state_dict(mixer.state_dict())
+    x = torch.randn(1, 300, WIDTH, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(mixer(x), sequential(x), "strong decay: chunked vs sequential")
+
+
+def channel_mix():
+    return build_mixer("rwkv6", d_model=WIDTH).own_mlp()
+
+
+@pytest.mark.parametrize("length", [1, 7, 63])
+def test_channel_mix_paths_agree(length):
+    check_paths_agree(channel_mix(), length, "rwkv6 channel-mix")
+
+
+def test_channel_mix_keeps_the_contract():
+    mix = channel_mix()
+    check_prefill_then_continue(mix, 13, 9, "rwkv6 channel-mix")
+    check_paths_agree(mix.double(), 33, "rwkv6 channel-mix float64", dtype=torch.float64)
+    mix = channel_mix()
+    check_causal(mix, "rwkv6 channel-mix")
+    check_gradients(mix, "rwkv6 channel-mix")
+    check_state_bytes(mix, "rwkv6 channel-mix")
+    with pytest.raises(ValueError, match=f"D={WIDTH}"):
+        mix(torch.randn(2, 5, WIDTH + 1))
+
+
+def test_block_uses_channel_mix_and_carries_its_state():
+    block = build_block("rwkv6", d_model=WIDTH)
+    assert isinstance(block.mlp, RWKV6ChannelMix)
+    state = block.init_state(2)
+    assert state.mixer.shift.shape == (2, WIDTH)
+    assert state.mixer.wkv.shape == (2, 2, 32, 32)
+    assert state.mlp.shift.shape == (2, WIDTH)
+    assert block.state_nbytes(2, 100) == state.nbytes == 4 * 2 * (WIDTH + 2 * 32 * 32 + WIDTH)
+    assert not set(map(id, block.mixer.parameters())) & set(map(id, block.mlp.parameters()))
+
+
+def test_language_model_generates_through_the_recurrent_path():
+    """An rwkv6 SeqLM's greedy decode (prefill + step, channel-mix state included) equals the argmax of
+    full forwards."""
+    model = SeqLM(37, d_model=32, n_layers=2, mixer="rwkv6").eval()
+    tokens = torch.randint(0, 37, (2, 9))
+    expected = tokens
+    with torch.no_grad():
+        for _ in range(10):
+            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(model.generate(tokens, 10, temperature=0), expected)
+
+
+def test_default_heads_and_decay_sign():
+    assert build_mixer("rwkv6", d_model=64).config.heads == 2
+    assert build_mixer("rwkv6", d_model=768).config.head_dim == 64
+    mixer = build_mixer("rwkv6", d_model=WIDTH)
+    x = torch.randn(2, 9, WIDTH)
+    with torch.no_grad():
+        *_, w, _ = mixer._project(x, torch.zeros_like(x))
+    assert (w < 0).all(), "log-decay must be negative (decay exp(w) < 1)"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"head_size": 48}, "not divisible by head_size"),
+        ({"mode": "fast"}, "valid: 'chunked', 'parallel', 'sequential'"),
+        ({"chunk_size": 20, "subchunk_size": 8}, "multiple of subchunk_size"),
+        ({"depth_ratio": 1.5}, r"depth_ratio must be in \[0, 1\]"),
+        ({"ffn_ratio": 0}, "ffn_ratio must be > 0"),
+        ({"chunk_size": "32"}, "must be int"),
+    ],
+)
+def test_bad_config_is_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_mixer("rwkv6", d_model=WIDTH, **overrides)

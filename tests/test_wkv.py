@@ -1,0 +1,154 @@
+"""wkv6: the chunked and parallel forms against the sequential recurrence, forward and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqarch.ops.wkv import wkv6, wkv6_parallel, wkv6_ref, wkv6_step
+from tests.tolerance import assert_close
+
+HEADS, KEY, VALUE = 3, 8, 5
+
+
+def make_inputs(length, dtype, decay_range=(-1.0, 0.0), batch=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    low, high = decay_range
+    w = torch.rand(batch, HEADS, length, KEY, generator=generator, dtype=dtype) * (high - low) + low
+    return {
+        "r": randn(batch, HEADS, length, KEY),
+        "k": randn(batch, HEADS, length, KEY),
+        "v": randn(batch, HEADS, length, VALUE),
+        "w": w,
+        "u": randn(HEADS, KEY),
+        "initial_state": randn(batch, HEADS, KEY, VALUE),
+    }
+
+
+def run_with_grads(op, inputs, **kwargs):
+    """op's output and final state, and the gradients of a random projection of both."""
+    leaves = {name: t.clone().requires_grad_(True) for name, t in inputs.items()}
+    out, state = op(**leaves, output_final_state=True, **kwargs)
+    generator = torch.Generator().manual_seed(7)
+    # Drawn in float64 for every dtype, so float32 and float64 runs see the same projection.
+    loss = (out * torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.dtype)).sum()
+    loss = loss + (state * torch.randn(state.shape, generator=generator, dtype=torch.float64).to(state.dtype)).sum()
+    loss.backward()
+    return out, state, {name: t.grad for name, t in leaves.items()}
+
+
+def assert_same(actual, expected, label):
+    out, state, grads = actual
+    out_ref, state_ref, grads_ref = expected
+    assert_close(out, out_ref, f"{label} output")
+    assert_close(state, state_ref, f"{label} final state")
+    for name, grad in grads.items():
+        assert_close(grad, grads_ref[name], f"{label} d{name}")
+
+
+FORMS = {
+    "chunked": wkv6,
+    "chunked_c16_e4": lambda **kw: wkv6(**kw, chunk_size=16, subchunk_size=4),
+    "chunked_c8_e8": lambda **kw: wkv6(**kw, chunk_size=8, subchunk_size=8),
+    "parallel": wkv6_parallel,
+}
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("length", [1, 7, 63, 100])
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_forms_match_recurrence(form, length, dtype, with_state):
+    inputs = make_inputs(length, dtype)
+    if not with_state:
+        inputs.pop("initial_state")
+    assert_same(run_with_grads(FORMS[form], inputs), run_with_grads(wkv6_ref, inputs), f"{form} L={length}")
+
+
+def test_chunked_survives_strong_decay_over_long_sequences():
+    """Decays of e^-5 .. e^-20 per step: a reference point at the chunk start would need exp(+600)."""
+    inputs = make_inputs(2000, torch.float64, decay_range=(-20.0, -5.0), batch=1)
+    out, state = wkv6(**inputs, output_final_state=True)
+    out_ref, state_ref = wkv6_ref(**inputs, output_final_state=True)
+    assert_close(out, out_ref, "strong decay output")
+    assert_close(state, state_ref, "strong decay final state")
+
+
+def test_strong_decay_gradients_float32():
+    """float32 forward and gradients with mixed strong and weak decays, against the float64 recurrence."""
+    inputs = make_inputs(97, torch.float64, decay_range=(-20.0, 0.0), batch=1)
+    expected = run_with_grads(wkv6_ref, inputs)
+    actual = run_with_grads(wkv6, {name: t.float() for name, t in inputs.items()})
+    out, state, grads = actual
+    assert_close(out, expected[0].float(), "f32 output", tolerance=2e-5)
+    assert_close(state, expected[1].float(), "f32 final state", tolerance=2e-5)
+    for name, grad in grads.items():
+        assert_close(grad, expected[2][name].float(), f"f32 d{name}", tolerance=1e-4)
+
+
+def test_recurrence_matches_its_definition_by_hand():
+    """Two tokens written out: o_1 = r_1 (diag(u) k_1^T v_1 + S_0 e^0 ...) by the formula, not the code."""
+    inputs = make_inputs(2, torch.float64, batch=1)
+    r, k, v, w, u, s0 = (inputs[n][0, 0] if n != "u" else inputs[n][0] for n in ("r", "k", "v", "w", "u",
+                                                                                  "initial_state"))
+    s1 = torch.diag(w[0].exp()) @ s0 + torch.outer(k[0], v[0])
+    o0 = r[0] @ (s0 + torch.diag(u) @ torch.outer(k[0], v[0]))
+    o1 = r[1] @ (s1 + torch.diag(u) @ torch.outer(k[1], v[1]))
+    s2 = torch.diag(w[1].exp()) @ s1 + torch.outer(k[1], v[1])
+    out, state = wkv6_ref(**inputs, scale=1.0, output_final_state=True)
+    assert_close(out[0, 0], torch.stack([o0, o1]), "hand-written outputs")
+    assert_close(state[0, 0], s2, "hand-written state")
+
+
+def test_default_scale_is_inverse_sqrt_key_size():
+    inputs = make_inputs(9, torch.float64)
+    out_default, _ = wkv6(**inputs)
+    out_explicit, _ = wkv6(**inputs, scale=KEY**-0.5)
+    out_unscaled, _ = wkv6(**inputs, scale=1.0)
+    assert_close(out_default, out_explicit, "scale=None is K^-0.5")
+    assert_close(out_default, out_unscaled * KEY**-0.5, "scale multiplies the output linearly")
+
+
+def test_split_sequence_continues_from_state():
+    inputs = make_inputs(45, torch.float64)
+    out, state = wkv6(**inputs, output_final_state=True)
+    first = {n: t[:, :, :20] if t.ndim == 4 and n != "initial_state" else t for n, t in inputs.items()}
+    second = {n: t[:, :, 20:] if t.ndim == 4 and n != "initial_state" else t for n, t in inputs.items()}
+    out_a, state_a = wkv6(**first, output_final_state=True)
+    out_b, state_b = wkv6(**{**second, "initial_state": state_a}, output_final_state=True)
+    assert_close(torch.cat([out_a, out_b], dim=2), out, "two halves vs whole")
+    assert_close(state_b, state, "state after two halves")
+
+
+def test_step_matches_reference_and_keeps_dtype():
+    inputs = make_inputs(5, torch.float64)
+    out_ref, _ = wkv6_ref(**inputs, output_final_state=True)
+    state = inputs["initial_state"]
+    for t in range(5):
+        out_t, state = wkv6_step(*(inputs[n][:, :, t] for n in ("r", "k", "v", "w")), inputs["u"], state)
+        assert out_t.dtype == torch.float64
+        assert_close(out_t, out_ref[:, :, t], f"step {t}")
+
+
+def test_reduced_precision_inputs_compute_in_float32():
+    inputs = make_inputs(40, torch.float32)
+    out, state = wkv6(**{n: t.bfloat16() for n, t in inputs.items()}, output_final_state=True)
+    assert out.dtype == torch.bfloat16 and state.dtype == torch.bfloat16
+    out_ref, _ = wkv6_ref(**{n: t.bfloat16().float() for n, t in inputs.items()})
+    assert_close(out, out_ref.bfloat16(), "bf16 output", dtype=torch.bfloat16)
+
+
+def test_bad_shapes_and_chunk_sizes_are_named():
+    inputs = make_inputs(8, torch.float32)
+    with pytest.raises(ValueError, match=r"u must be \(H, K\)"):
+        wkv6(**{**inputs, "u": torch.randn(HEADS + 1, KEY)})
+    with pytest.raises(ValueError, match="v must be"):
+        wkv6(**{**inputs, "v": torch.randn(2, HEADS, 9, VALUE)})
+    with pytest.raises(ValueError, match="initial_state must be"):
+        wkv6(**{**inputs, "initial_state": torch.randn(2, HEADS, KEY, KEY + 1)})
+    with pytest.raises(ValueError, match="multiple of subchunk_size"):
+        wkv6(**inputs, chunk_size=12, subchunk_size=8)

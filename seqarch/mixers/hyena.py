@@ -130,7 +130,7 @@ class HyenaMixer(SequenceMixer):
     def state_grows_with_length(self) -> bool:  # a ClassVar on the base; here it depends on the mode
         return not self.distilled
 
-    def distill(self, d_state: int = 16, steps: int = 300, lr: float = 0.05) -> torch.Tensor:
+    def distill(self, d_state: int = 16) -> torch.Tensor:
         """Replace each implicit filter by a diagonal SSM of real state size d_state (d_state / 2
         complex modes) fitted over l < max_len, and switch step() to the O(D d_state) recurrence.
 
@@ -143,9 +143,8 @@ class HyenaMixer(SequenceMixer):
         implicit = self.filter
         with torch.no_grad():
             h = copy.deepcopy(implicit).double().kernel(self.config.max_len)  # (O, D, max_len)
-            decay = implicit.decay_per_step().double()
-        fit = fit_modal(rearrange(h, "o d l -> (o d) l"), d_state // 2, rearrange(decay, "o d -> (o d)"),
-                        steps=steps, lr=lr)
+            decay = rearrange(implicit.decay_per_step().double(), "o d -> (o d)")
+        fit = fit_modal(rearrange(h, "o d l -> (o d) l"), d_state // 2, decay)
         weight = self.in_proj.weight
         self.filter = ModalFilter(fit, self.config.n_filters, device=weight.device, dtype=weight.dtype)
         self._kernel_cache = None

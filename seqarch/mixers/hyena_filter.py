@@ -57,15 +57,18 @@ class ImplicitFilter(nn.Module):
         # Filter weights are not decayed, as in the reference implementation (HyenaFilter wd=0).
         for param in self.mlp.parameters():
             param._no_weight_decay = True
-        fastest = math.log(decay_target) / fast_decay_pct
-        slowest = math.log(decay_target) / slow_decay_pct
-        decay = torch.linspace(slowest, fastest, n_filters * channels).abs()
-        self.register_buffer("decay", decay.to(**factory), persistent=False)  # (O * D,) per unit t
+        self.slowest = abs(math.log(decay_target) / slow_decay_pct)
+        self.fastest = abs(math.log(decay_target) / fast_decay_pct)
+
+    def decay(self) -> torch.Tensor:
+        """Envelope rates |delta_c| per unit t, (O * D,) in float64, slowest first. Computed
+        rather than stored, so a module cast to float64 keeps them exact."""
+        return torch.linspace(self.slowest, self.fastest, self.n_filters * self.channels, dtype=torch.float64,
+                              device=self.mlp[0].weight.device)
 
     def decay_per_step(self) -> torch.Tensor:
-        """The envelope's decay rate per position, (O, D): exp(-rate * l)."""
-        rate = self.decay / (self.max_len - 1)
-        return rearrange(rate, "(o d) -> o d", o=self.n_filters)
+        """The envelope's decay rate per position, (O, D): envelope exp(-rate * l)."""
+        return rearrange(self.decay() / (self.max_len - 1), "(o d) -> o d", o=self.n_filters)
 
     def features(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Positional features z (L, F) and normalised positions t (L, 1) for l < length."""
@@ -81,7 +84,7 @@ class ImplicitFilter(nn.Module):
         """The filters h (O, D, length), length <= max_len."""
         weight = self.mlp[0].weight
         z, t = self.features(length, weight.device, weight.dtype)
-        h = self.mlp(z) * torch.exp(-t * self.decay)  # (L, O * D)
+        h = self.mlp(z) * torch.exp(-t * self.decay().to(t.dtype))  # (L, O * D)
         return rearrange(h, "l (o d) -> o d l", o=self.n_filters)
 
 

@@ -73,56 +73,23 @@ class ModalFit:
     relative_error: torch.Tensor  # (C,) ||h - h_fit||_2 / ||h||_2 over the fitted length
 
 
-def _solve_residues(h: torch.Tensor, log_rate: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Least-squares residues for fixed poles: h (C, L) real -> R (C, M) complex.
+def _solve_residues(h: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Least-squares residues for fixed poles: h (C, L) real, basis lambda^l (C, M, L) -> R (C, M).
 
     2 Re(R lambda^l) = 2 Re(R) Re(lambda^l) - 2 Im(R) Im(lambda^l) is linear in (Re R, Im R)."""
-    powers = modal_powers(log_rate, angle, torch.arange(h.shape[-1], device=h.device))  # (C, M, L)
-    design = torch.cat([2 * powers.real, -2 * powers.imag], dim=1).transpose(1, 2)  # (C, L, 2M)
+    design = torch.cat([2 * basis.real, -2 * basis.imag], dim=1).transpose(1, 2)  # (C, L, 2M)
     solution = torch.linalg.lstsq(design, h[..., None], driver="gelsd").solution[..., 0]  # (C, 2M)
     real, imag = solution.chunk(2, dim=-1)
     return torch.complex(real, imag)
 
 
-def _fit_block(h: torch.Tensor, n_modes: int, decay_rate: torch.Tensor, steps: int, lr: float):
-    """Fit one block of channels h (C, L) float64. Poles are optimised in window units
-    (rate and angle times L) so that one Adam learning rate suits both."""
-    channels, length = h.shape
-    # Start: a damped Fourier basis on the window, every mode decaying like the filter's envelope.
-    window_rate = (decay_rate * length).clamp(min=1e-2)[:, None].expand(channels, n_modes)
-    window_angle = (2 * math.pi * torch.arange(n_modes, dtype=h.dtype, device=h.device)).expand(channels, n_modes)
-    log_window_rate = window_rate.log().clone().requires_grad_(True)
-    window_angle = window_angle.clone().requires_grad_(True)
-
-    def poles():
-        return log_window_rate - math.log(length), window_angle / length
-
-    with torch.no_grad():
-        residue = _solve_residues(h, *poles())
-    residue = torch.view_as_real(residue).clone().requires_grad_(True)
-    energy = h.pow(2).sum(-1)
-    optimizer = torch.optim.Adam([log_window_rate, window_angle, residue], lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        fitted = modal_kernel(*poles(), torch.view_as_complex(residue), length)
-        loss = ((fitted - h).pow(2).sum(-1) / energy).sum()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        log_rate, angle = poles()
-        residue = _solve_residues(h, log_rate, angle)  # residues optimal for the final poles
-        error = (modal_kernel(log_rate, angle, residue, length) - h).norm(dim=-1) / energy.sqrt()
-    return log_rate.detach(), angle.detach(), residue, error
-
-
-def fit_modal(h: torch.Tensor, n_modes: int, decay_rate: torch.Tensor | None = None, steps: int = 300,
-              lr: float = 0.05) -> ModalFit:
+def fit_modal(h: torch.Tensor, n_modes: int, decay_rate: torch.Tensor | None = None) -> ModalFit:
     """Fit h (C, L) with n_modes complex modes per channel, in float64.
 
-    `decay_rate` (C,) is a per-step decay of each channel's envelope used to place the initial
-    poles (Hyena knows it from its modulation); None starts every mode at rate 3 / L. Residues
-    start from least squares on the initial poles, then poles and residues take `steps` Adam
-    steps on the relative squared error, and finally the residues are re-solved by least squares.
+    Poles: a damped Fourier basis on the window, lambda_m = exp(-decay_rate + 2 pi i m / L) for
+    m < n_modes, every mode decaying like the channel's envelope (`decay_rate` (C,) per step;
+    Hyena knows it from its modulation; None takes 3 / L). Residues: linear least squares. The
+    mode sets are nested, so the error cannot grow with n_modes.
     """
     if h.ndim != 2:
         raise ValueError(f"fit_modal expects h of shape (C, L), got {tuple(h.shape)}")
@@ -131,14 +98,14 @@ def fit_modal(h: torch.Tensor, n_modes: int, decay_rate: torch.Tensor | None = N
     h = h.detach().double()
     channels, length = h.shape
     if decay_rate is None:
-        decay_rate = torch.full((channels,), 3.0 / length, dtype=torch.float64, device=h.device)
-    decay_rate = decay_rate.detach().double()
-    # Autograd keeps a few (C, M, L) complex tensors per step: bound them by the block size.
-    block = max(1, _POWER_BLOCK_ELEMENTS // (n_modes * length))
-    results = []
-    with torch.enable_grad():
-        for start in range(0, channels, block):
-            rows = slice(start, start + block)
-            results.append(_fit_block(h[rows], n_modes, decay_rate[rows], steps, lr))
-    log_rate, angle, residue, error = (torch.cat(parts) for parts in zip(*results, strict=True))
-    return ModalFit(log_rate=log_rate, angle=angle, residue=residue, relative_error=error)
+        decay_rate = torch.full((channels,), 3.0 / length, device=h.device)
+    log_rate = decay_rate.detach().double().clamp(min=1e-3 / length).log()[:, None].expand(channels, n_modes)
+    angle = (2 * math.pi / length * torch.arange(n_modes, dtype=torch.float64, device=h.device)).expand_as(log_rate)
+    # The least-squares design is (C, L, 2M): bound it by solving blocks of channels.
+    block = max(1, _POWER_BLOCK_ELEMENTS // (2 * n_modes * length))
+    exponents = torch.arange(length, device=h.device)
+    residues = [_solve_residues(h[rows], modal_powers(log_rate[rows], angle[rows], exponents))
+                for rows in (slice(start, start + block) for start in range(0, channels, block))]
+    residue = torch.cat(residues)
+    error = (modal_kernel(log_rate, angle, residue, length) - h).norm(dim=-1) / h.norm(dim=-1).clamp(min=1e-300)
+    return ModalFit(log_rate=log_rate.contiguous(), angle=angle.contiguous(), residue=residue, relative_error=error)

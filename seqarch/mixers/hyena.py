@@ -118,7 +118,7 @@ class HyenaMixer(SequenceMixer):
             config.decay_target, **factory)
         self.skip = nn.Parameter(torch.randn(config.n_filters, width, **factory))  # D^n in h * w + D w
         self.out_proj = nn.Linear(width, width, **factory)
-        self._kernel_cache: tuple[tuple, torch.Tensor] | None = None
+        self._kernel_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     # --- mode ---------------------------------------------------------------------------------
     @property
@@ -157,17 +157,21 @@ class HyenaMixer(SequenceMixer):
                              f"sequence the implicit filters are defined for; build with a larger max_len "
                              f"(or distill(), whose modal filters extend to any length)")
 
-    def _kernels(self, length: int) -> torch.Tensor:
-        """Filters (O, D, length). Under no_grad they are memoised at max(length, max_len) and
-        reused until a parameter changes, so that step() does not rerun the filter MLP over every
-        position for each token."""
+    def _kernels(self, length: int, reversed_taps: bool = False) -> torch.Tensor:
+        """Filters (O, D, length); with reversed_taps, h[length - 1 - s] at s (what a new token's
+        output needs against the history). Under no_grad both are memoised at
+        max(length, max_len) and reused until a parameter changes, so that step() neither reruns
+        the filter MLP over every position nor flips the filter for each token."""
         if torch.is_grad_enabled():
-            return self.filter.kernel(length)
+            kernel = self.filter.kernel(length)
+            return kernel.flip(-1) if reversed_taps else kernel
         params = tuple(self.filter.parameters())
         key = (tuple((p.data_ptr(), p._version, p.dtype) for p in params), type(self.filter))
         if self._kernel_cache is None or self._kernel_cache[0] != key or self._kernel_cache[1].shape[-1] < length:
-            self._kernel_cache = (key, self.filter.kernel(max(length, self.config.max_len)))
-        return self._kernel_cache[1][..., :length]
+            kernel = self.filter.kernel(max(length, self.config.max_len))
+            self._kernel_cache = (key, kernel, kernel.flip(-1))
+        _, kernel, flipped = self._kernel_cache
+        return flipped[..., flipped.shape[-1] - length:] if reversed_taps else kernel[..., :length]
 
     # --- shared pieces ------------------------------------------------------------------------
     def _streams(self, x: torch.Tensor, conv_state: torch.Tensor | None):
@@ -274,7 +278,7 @@ class HyenaMixer(SequenceMixer):
                                         position=state.position + 1)
         else:
             seen = state.position + 1
-            kernels = self._kernels(seen)
+            taps = self._kernels(seen, reversed_taps=True)
             history = torch.empty(*state.history.shape[:-1], seen, dtype=state.history.dtype,
                                   device=state.history.device)  # (B, O, D, T + 1), one copy of the past
             history[..., :-1] = state.history
@@ -282,7 +286,7 @@ class HyenaMixer(SequenceMixer):
                 w = z * streams[cfg.n_filters - n]
                 history[:, n, :, -1] = w
                 # z_t = sum_s h[t - s] w_s: the history against the reversed filter taps.
-                z = torch.einsum("bdt,dt->bd", history[:, n].to(w.dtype), kernels[n].flip(-1)) + self.skip[n] * w
+                z = torch.einsum("bdt,dt->bd", history[:, n].to(w.dtype), taps[n]) + self.skip[n] * w
             new_state = HyenaState(conv=conv.to(state.conv.dtype), history=history, position=seen)
         return self.out_proj(streams[0] * z), new_state
 

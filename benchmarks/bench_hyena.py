@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -54,31 +53,43 @@ def interleaved(fns: dict, repeats: int) -> dict:
 
 
 def peak_rss_mib(name: str, d_model: int, length: int, max_len: int) -> float:
-    """Peak resident memory (MiB) of a fresh process that builds the mixer and runs one forward;
-    it includes the torch runtime (a few hundred MiB), so compare rows and columns."""
+    """Peak resident memory (MiB) one forward adds, measured in a fresh subprocess."""
     case = json.dumps({"name": name, "d_model": d_model, "length": length, "max_len": max_len})
     command = [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--memory-case", case]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def memory_case(case: dict) -> None:
+    """Print the growth of peak RSS over one forward: Linux resets the peak (VmHWM) on writing 5 to
+    /proc/self/clear_refs, so imports and set-up do not count."""
     overrides = {"max_len": case["max_len"]} if case["name"] == "hyena" else {}
     mixer = build_mixer(case["name"], d_model=case["d_model"], **overrides)
     x = torch.randn(1, case["length"], case["d_model"])
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    before = _status_kib("VmRSS")
     with torch.no_grad():
         mixer(x)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print((_status_kib("VmHWM") - before) / 1024)
 
 
 def table_fftconv(d_model: int, lengths, repeats: int) -> None:
     print(f"\n### fftconv forward, {d_model} channels, batch 1\n")
-    print("| L | median ms | Mtokens/s |")
+    print("| L | median ms | ktokens/s |")
     print("|---|---|---|")
     for length in lengths:
         u, k = torch.randn(1, d_model, length), torch.randn(d_model, length)
         seconds = median_time(lambda u=u, k=k: fftconv(u, k), repeats)
-        print(f"| {length} | {seconds * 1e3:.2f} | {length / seconds / 1e6:.2f} |")
+        print(f"| {length} | {seconds * 1e3:.2f} | {length / seconds / 1e3:.1f} |")
 
 
 def table_forward(d_model: int, lengths, repeats: int, memory: bool) -> None:
@@ -151,6 +162,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small width and lengths, < 1 min")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--tables", default="fftconv,forward,decode,distill",
+                        help="comma-separated subset of: fftconv, forward, decode, distill")
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -160,19 +173,22 @@ def main() -> None:
         return
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
+    tables = set(args.tables.split(","))
     if args.quick:
-        lengths, width, repeats = [256, 1024, 4096], 128, 3
-        table_fftconv(width, lengths, repeats)
-        table_forward(width, lengths, repeats, memory=not args.no_memory)
-        table_decode(width, [256, 1024, 4096], steps=16, d_state=16)
-        table_distill(64, 1024, [2, 8, 32])
+        width, lengths, contexts, steps, repeats = 128, [256, 1024, 4096], [256, 1024, 4096], 16, 3
+        distill_case = (64, 1024, [2, 8, 32])
     else:
-        lengths, width, repeats = [256, 512, 1024, 2048, 4096, 8192, 16384], 768, 5
+        width, lengths, contexts, steps, repeats = 768, [256, 512, 1024, 2048, 4096, 8192, 16384], \
+            [256, 1024, 4096, 16384], 32, 5
+        distill_case = (256, 2048, [2, 4, 8, 16, 32, 64])
+    if "fftconv" in tables:
         table_fftconv(width, lengths, repeats)
+    if "forward" in tables:
         table_forward(width, lengths, repeats, memory=not args.no_memory)
-        table_decode(width, [256, 1024, 4096, 16384], steps=32, d_state=16)
-        table_distill(256, 2048, [2, 4, 8, 16, 32, 64])
-
+    if "decode" in tables:
+        table_decode(width, contexts, steps=steps, d_state=16)
+    if "distill" in tables:
+        table_distill(*distill_case)
 
 if __name__ == "__main__":
     main()

@@ -286,7 +286,7 @@ class HyenaMixer(SequenceMixer):
                 w = z * streams[cfg.n_filters - n]
                 history[:, n, :, -1] = w
                 # z_t = sum_s h[t - s] w_s: the history against the reversed filter taps.
-                z = torch.einsum("bdt,dt->bd", history[:, n].to(w.dtype), taps[n]) + self.skip[n] * w
+                z = torch.linalg.vecdot(history[:, n].to(w.dtype), taps[n]) + self.skip[n] * w  # (B, D)
             new_state = HyenaState(conv=conv.to(state.conv.dtype), history=history, position=seen)
         return self.out_proj(streams[0] * z), new_state
 

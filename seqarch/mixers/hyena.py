@@ -118,7 +118,7 @@ class HyenaMixer(SequenceMixer):
             config.decay_target, **factory)
         self.skip = nn.Parameter(torch.randn(config.n_filters, width, **factory))  # D^n in h * w + D w
         self.out_proj = nn.Linear(width, width, **factory)
-        self._kernel_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._kernel_cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
     # --- mode ---------------------------------------------------------------------------------
     @property
@@ -159,19 +159,26 @@ class HyenaMixer(SequenceMixer):
 
     def _kernels(self, length: int, reversed_taps: bool = False) -> torch.Tensor:
         """Filters (O, D, length); with reversed_taps, h[length - 1 - s] at s (what a new token's
-        output needs against the history). Under no_grad both are memoised at
-        max(length, max_len) and reused until a parameter changes, so that step() neither reruns
-        the filter MLP over every position nor flips the filter for each token."""
+        output needs against the history). Under no_grad both are memoised and reused until a
+        parameter changes, so that step() neither reruns the filter MLP over every position nor
+        flips the filter for each token. The memo grows by doubling (up to max_len for implicit
+        filters), so token-by-token decoding recomputes it O(log T) times."""
         if torch.is_grad_enabled():
             kernel = self.filter.kernel(length)
             return kernel.flip(-1) if reversed_taps else kernel
-        params = tuple(self.filter.parameters())
-        key = (tuple((p.data_ptr(), p._version, p.dtype) for p in params), type(self.filter))
-        if self._kernel_cache is None or self._kernel_cache[0] != key or self._kernel_cache[1].shape[-1] < length:
-            kernel = self.filter.kernel(max(length, self.config.max_len))
-            self._kernel_cache = (key, kernel, kernel.flip(-1))
-        _, kernel, flipped = self._kernel_cache
-        return flipped[..., flipped.shape[-1] - length:] if reversed_taps else kernel[..., :length]
+        key = (tuple((p.data_ptr(), p._version, p.dtype) for p in self.filter.parameters()), type(self.filter))
+        cache = self._kernel_cache
+        if cache is None or cache[0] != key or cache[1].shape[-1] < length:
+            grown = 2 * cache[1].shape[-1] if cache is not None and cache[0] == key else length
+            if not self.distilled:
+                grown = min(grown, self.config.max_len)
+            cache = self._kernel_cache = (key, self.filter.kernel(max(length, grown)), None)
+        if not reversed_taps:
+            return cache[1][..., :length]
+        if cache[2] is None:
+            cache = self._kernel_cache = (key, cache[1], cache[1].flip(-1))
+        flipped = cache[2]
+        return flipped[..., flipped.shape[-1] - length:]
 
     # --- shared pieces ------------------------------------------------------------------------
     def _streams(self, x: torch.Tensor, conv_state: torch.Tensor | None):

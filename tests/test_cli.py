@@ -171,10 +171,10 @@ def test_bad_input_is_one_line_exit_code_2_and_nothing_is_lost(trained, tmp_path
     assert {p: p.stat().st_mtime_ns for p in trained.rglob("*")} == before
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "seqarch.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=timeout)
 
 
 def test_the_console_entry_point_reports_bad_input_without_a_traceback(tmp_path):
@@ -184,9 +184,10 @@ def test_the_console_entry_point_reports_bad_input_without_a_traceback(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two processes each import Lightning; on a loaded 2-core machine that alone takes minutes
 def test_ddp_trains_two_steps_over_two_cpu_processes(tmp_path):
     result = run_cli("fit", "recipe=transformer", *TINY, "trainer.strategy=ddp", "trainer.devices=2",
-                     f"out_dir={tmp_path}", cwd=tmp_path)
+                     f"out_dir={tmp_path}", cwd=tmp_path, timeout=840)
     assert result.returncode == 0, result.stderr[-2000:]
     run = only_run(tmp_path, "transformer")
     summary = json.loads((run / "summary.json").read_text())

@@ -52,3 +52,17 @@ def test_a_small_model_learns_mqar(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["metric"] == "accuracy" and summary["baseline"] == pytest.approx(1 / 32)
     assert summary["val_accuracy"] > 0.9, summary["val_accuracy"]
+
+
+@pytest.mark.parametrize("precision, dtype", [("64-true", torch.float64), ("bf16-mixed", torch.float32)])
+def test_precision_choice_reaches_the_model(precision, dtype, tmp_path):
+    args = ["fit", "recipe=s4d", "data=induction", "data.seq_len=16", "data.vocab_size=8", "data.batch_size=4",
+            "data.num_train=16", "data.num_val=8", "model.d_model=16", "model.n_layers=1", "trainer.max_steps=1",
+            "trainer.val_every=1", "trainer.val_batches=1", "trainer.num_threads=1", "trainer.progress=false",
+            f"trainer.precision={precision}", f"out_dir={tmp_path}"]
+    assert main(args) == 0
+    (run,) = (tmp_path / "s4d").iterdir()
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state["model.embedding.weight"].dtype == dtype
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["metric"] == "accuracy" and 0 <= summary["val_accuracy"] <= 1

@@ -67,7 +67,7 @@ def _quiet_lightning() -> None:
     for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*Checkpoint directory.*exists.*",
                     ".*dirpath has changed.*", ".*is an invalid key for.*", ".*srun.*", ".*tensorboardX.*",
                     ".*Experiment logs directory.*",
-                    ".*dataloader is not resumable.*"):
+                    ".*dataloader is not resumable.*", ".*smaller than the logging interval.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
@@ -78,6 +78,21 @@ def fit(args: list[str]) -> dict[str, Any] | None:
         print(config.to_yaml(), end="")
         return None
 
+    # Thread count, warning filters and log levels are process-wide: restore them for in-process callers.
+    threads_before = torch.get_num_threads()
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level_before = lightning_log.level
+    torch.set_num_threads(_threads(config.to_dict()["trainer"]))
+    try:
+        with warnings.catch_warnings():
+            _quiet_lightning()
+            return _train(config, resume_from)
+    finally:
+        torch.set_num_threads(threads_before)
+        lightning_log.setLevel(level_before)
+
+
+def _train(config: RunConfig, resume_from: Path | None) -> dict[str, Any] | None:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -88,8 +103,6 @@ def fit(args: list[str]) -> dict[str, Any] | None:
 
     settings = config.to_dict()
     trainer_cfg = settings["trainer"]
-    torch.set_num_threads(_threads(trainer_cfg))
-    _quiet_lightning()
     pl.seed_everything(config.seed, verbose=False)
 
     datamodule = SeqDataModule(config.data, seed=config.seed)

@@ -63,7 +63,8 @@ def _threads(trainer: dict) -> int:
 def _quiet_lightning() -> None:
     # Lightning's info lines (GPU/TPU availability, model summary hints) and advice that does not
     # apply to small CPU runs would bury the progress bar and the summary.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*Checkpoint directory.*exists.*",
                     ".*dirpath has changed.*", ".*is an invalid key for.*", ".*srun.*", ".*tensorboardX.*",
                     ".*Experiment logs directory.*",
@@ -79,17 +80,19 @@ def fit(args: list[str]) -> dict[str, Any] | None:
         return None
 
     # Thread count, warning filters and log levels are process-wide: restore them for in-process callers.
+    import lightning.pytorch  # noqa: F401  (sets its loggers' levels on import; those are what we restore)
+
     threads_before = torch.get_num_threads()
-    lightning_log = logging.getLogger("lightning.pytorch")
-    level_before = lightning_log.level
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels_before = [logger.level for logger in loggers]
     torch.set_num_threads(_threads(config.to_dict()["trainer"]))
     try:
         with warnings.catch_warnings():
-            _quiet_lightning()
             return _train(config, resume_from)
     finally:
         torch.set_num_threads(threads_before)
-        lightning_log.setLevel(level_before)
+        for logger, level in zip(loggers, levels_before, strict=True):
+            logger.setLevel(level)
 
 
 def _train(config: RunConfig, resume_from: Path | None) -> dict[str, Any] | None:
@@ -101,6 +104,7 @@ def _train(config: RunConfig, resume_from: Path | None) -> dict[str, Any] | None
     from seqarch.train.datamodule import SeqDataModule
     from seqarch.train.module import LMModule
 
+    _quiet_lightning()  # after importing Lightning, which sets its loggers' levels on import
     settings = config.to_dict()
     trainer_cfg = settings["trainer"]
     pl.seed_everything(config.seed, verbose=False)

@@ -68,7 +68,9 @@ def _quiet_lightning() -> None:
     for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*Checkpoint directory.*exists.*",
                     ".*dirpath has changed.*", ".*is an invalid key for.*", ".*srun.*", ".*tensorboardX.*",
                     ".*Experiment logs directory.*",
-                    ".*dataloader is not resumable.*", ".*smaller than the logging interval.*"):
+                    ".*dataloader is not resumable.*", ".*smaller than the logging interval.*",
+                    # validation metrics are torchmetrics objects, already reduced across processes
+                    ".*when logging on epoch level in distributed setting.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 

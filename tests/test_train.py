@@ -40,17 +40,20 @@ def test_warmup_then_cosine_to_the_floor():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~1 min on a quiet 2-core machine; many times that when it is shared
 def test_a_small_model_learns_mqar(tmp_path, capsys):
-    args = ["fit", "recipe=transformer", "data=mqar", "data.seq_len=32", "data.vocab_size=64",
-            "data.num_kv_pairs=4", "data.num_train=20000", "data.num_val=256", "data.batch_size=64",
-            "model.d_model=64", "model.n_layers=2", "model.attention.n_heads=2", "optim.lr=3e-3",
-            "optim.weight_decay=0.0", "optim.warmup_steps=20", "trainer.max_steps=600", "trainer.val_every=600",
+    # Three key-value pairs, 16 possible values: before the recall circuit forms the model can
+    # only guess among the values in context (accuracy ~1/3); a 2-layer attention model of width
+    # 96 gets past that within ~200 steps (0.92 at step 200 in a plain loop, seed 0).
+    args = ["fit", "recipe=transformer", "data=mqar", "data.seq_len=24", "data.vocab_size=32",
+            "data.num_kv_pairs=3", "data.num_train=20000", "data.num_val=256", "data.batch_size=64",
+            "model.d_model=96", "model.n_layers=2", "model.attention.n_heads=2", "optim.lr=2e-3",
+            "optim.weight_decay=0.0", "optim.warmup_steps=20", "trainer.max_steps=400", "trainer.val_every=400",
             "trainer.val_batches=4", "trainer.num_threads=1", "trainer.progress=false", f"out_dir={tmp_path}"]
-    torch.manual_seed(0)
     assert main(args) == 0, capsys.readouterr().err
     (run,) = (tmp_path / "transformer").iterdir()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["metric"] == "accuracy" and summary["baseline"] == pytest.approx(1 / 32)
+    assert summary["metric"] == "accuracy" and summary["baseline"] == pytest.approx(1 / 16)
     assert summary["val_accuracy"] > 0.9, summary["val_accuracy"]
 
 

@@ -194,3 +194,18 @@ def test_ddp_trains_two_steps_over_two_cpu_processes(tmp_path):
     assert summary["steps"] == 2
     assert summary["tokens_trained"] == 2 * 2 * 4 * 32  # two processes, each a batch of 4 x 32 per step
     assert result.stdout.count("seqarch fit: transformer done") == 1
+
+
+def test_generate_from_a_task_model_reads_and_prints_token_ids(tmp_path, capsys):
+    args = ["fit", "recipe=transformer", "data=induction", "data.seq_len=16", "data.vocab_size=8", "data.batch_size=4",
+            "data.num_train=16", "data.num_val=8", "model.d_model=16", "model.n_layers=1", "model.attention.n_heads=2",
+            "trainer.max_steps=1", "trainer.val_every=1", "trainer.val_batches=1", "trainer.num_threads=1",
+            "trainer.progress=false", f"out_dir={tmp_path}"]
+    assert main(args) == 0
+    run = only_run(tmp_path, "transformer")
+    capsys.readouterr()
+    assert main(["generate", f"ckpt={run}", "prompt=3 5 0", "max_new_tokens=4", "temperature=0"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[:3] == ["3", "5", "0"] and len(printed) == 7 and all(0 <= int(t) < 8 for t in printed)
+    assert main(["generate", f"ckpt={run}", "prompt=hello"]) == 2
+    assert "this model reads token ids" in capsys.readouterr().err

@@ -43,10 +43,8 @@ def test_warmup_then_cosine_to_the_floor():
 @pytest.mark.timeout(1800)  # ~1 min on a quiet 2-core machine; many times that when it is shared
 def test_a_small_model_learns_mqar(tmp_path, capsys):
     # Three key-value pairs, 16 possible values: before the recall circuit forms the model can
-    # only guess among the values in context (accuracy ~1/3); a 2-layer attention model of width
-    # 96 at a constant lr 2e-3 gets past that within ~200 steps (0.92 at step 200 in a plain loop).
-    # Clipping and cosine decay delay the transition (0.39 at step 400 with the recipe's), so the
-    # test holds the lr constant and does not clip.
+    # only guess among the values in context (accuracy ~1/3), so > 0.9 means it recalls. The same
+    # model, data and AdamW settings in a plain PyTorch loop reach 0.92 at step 200 (seed 0).
     args = ["fit", "recipe=transformer", "data=mqar", "data.seq_len=24", "data.vocab_size=32",
             "data.num_kv_pairs=3", "data.num_train=20000", "data.num_val=256", "data.batch_size=64",
             "model.d_model=96", "model.n_layers=2", "model.attention.n_heads=2", "optim.lr=2e-3",

@@ -1,23 +1,71 @@
-"""The `seqarch` command line: `seqarch list`."""
+"""The `seqarch` command line: `seqarch <command> key=value ...`.
+
+    seqarch fit recipe=mamba                        train; results in runs/mamba/<timestamp>/
+    seqarch fit recipe=s4d data=mqar trainer.max_steps=500 model.d_model=64
+    seqarch fit ckpt=runs/mamba/<timestamp> trainer.max_steps=600      resume
+    seqarch generate ckpt=runs/mamba/<timestamp> prompt="def " max_new_tokens=200
+    seqarch list                                    mixers, recipes and data sources
+
+Every command takes `key=value` arguments only. Bad input (unknown command, recipe, key, data
+source or mixer, a wrong type, a missing or corrupt checkpoint, an existing output folder) is
+reported as one line on stderr with exit code 2 and no traceback. Adding a command is one entry in
+COMMANDS: a function from the argument list to an exit code that raises ConfigError on bad input.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
-from seqarch.configs import config_fields
-from seqarch.registry import get_entry, list_mixers
+from seqarch.train.config import ConfigError
 
 
-def _list() -> int:
+def _fit(args: list[str]) -> int:
+    from seqarch.train.fit import fit
+
+    fit(args)
+    return 0
+
+
+def _generate(args: list[str]) -> int:
+    from seqarch.train.fit import generate
+
+    generate(args)
+    return 0
+
+
+def _list(args: list[str]) -> int:
+    from seqarch.configs import config_fields
+    from seqarch.data.sources import DATA_SOURCES
+    from seqarch.registry import get_entry, list_mixers
+    from seqarch.train.config import list_recipes, load_recipe
+
+    if args:
+        raise ConfigError(f"list takes no arguments, got {' '.join(args)}")
     print("mixers:")
     for name in list_mixers():
         entry = get_entry(name)
         fields = ", ".join(f"{key}: {kind}" for key, kind in config_fields(entry.config_cls).items())
-        print(f"  {name:<10} {entry.mixer_cls.__name__:<12} {fields}")
+        print(f"  {name:<14} {entry.mixer_cls.__name__:<12} {fields}")
+    registered = set(list_mixers())
+    print("recipes:")
+    for name in list_recipes():
+        mixer = load_recipe(name)["model"]["mixer"]
+        names = [mixer] if isinstance(mixer, str) else mixer
+        missing = sorted(set(names) - registered)
+        status = f"  (needs {', '.join(missing)}: not registered yet)" if missing else ""
+        print(f"  {name:<14} {mixer if isinstance(mixer, str) else ' '.join(mixer)}{status}")
+    print("data sources:")
+    for name, source in DATA_SOURCES.items():
+        print(f"  {name:<14} {source.summary}")
     return 0
 
 
-COMMANDS = {"list": _list}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "fit": _fit,
+    "generate": _generate,
+    "list": _list,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         given = argv[0] if argv else "nothing"
         print(f"seqarch: unknown command {given!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]]()
+    command, args = argv[0], argv[1:]
+    try:
+        return COMMANDS[command](args)
+    except ConfigError as error:
+        print(f"seqarch {command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

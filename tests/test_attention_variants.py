@@ -1,6 +1,6 @@
 """The attention mixer's long-context variants: each held to the mixer contract and to its definition.
 
-Variants use small trained lengths / windows / chunks so that the test lengths (up to 41) cross
+Variants use small trained lengths / windows / chunks so that the test lengths (20 to 45) cross
 them: scalings act beyond max_position=16, windows of 5-7 keys, kNN chunks of 8.
 """
 
@@ -63,23 +63,23 @@ def make_plain(source, dtype=torch.float64, **config):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_keeps_the_contract(name):
     mixer = make(name)
-    for length in (1, 7, 41):
+    for length in (1, 7, 29):
         check_paths_agree(mixer, length, name)
     check_prefill_then_continue(mixer, 13, 9, name)
-    check_prefill_then_continue(mixer, 1, 30, name)
+    check_prefill_then_continue(mixer, 1, 20, name)
     check_causal(mixer, name)
     check_gradients(mixer, name)
     # Lengths past the first fills of every bounded cache (window 7 + sinks, two kNN chunks + memory).
     check_state_bytes(mixer, name, lengths=(39, 63) if name in BOUNDED else (7, 63))
     assert mixer.state_grows_with_length == (name not in BOUNDED)
-    check_paths_agree(make(name, torch.float64), 33, f"{name} float64", dtype=torch.float64)
+    check_paths_agree(make(name, torch.float64), 21, f"{name} float64", dtype=torch.float64)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_matches_its_per_query_definition(name):
     """forward (blocked / fused paths) against forward_ref (one query at a time), values and gradients."""
     mixer = make(name, torch.float64)
-    x = torch.randn(BATCH, 37, WIDTH, dtype=torch.float64)
+    x = torch.randn(BATCH, 27, WIDTH, dtype=torch.float64)
     cotangent = torch.randn_like(x)
     grads = []
     for run in (mixer.forward, mixer.forward_ref):
@@ -168,13 +168,13 @@ def test_sinks_decode_indefinitely_in_bounded_memory():
     state = mixer.init_state(1)
     sizes = set()
     with torch.no_grad():
-        for t in range(300):
+        for t in range(60):
             y, state = mixer.step(torch.randn(1, WIDTH), state)
             if t >= 10:
                 sizes.add(state.nbytes)
-    assert torch.isfinite(y).all() and state.position == 300
-    assert sizes == {mixer.state_nbytes(1, 300)} == {2 * 1 * KV_HEADS * (2 + 5 - 1) * HEAD_DIM * 4}
-    assert mixer.state_nbytes(1, 10**6) == mixer.state_nbytes(1, 300)
+    assert torch.isfinite(y).all() and state.position == 60
+    assert sizes == {mixer.state_nbytes(1, 60)} == {2 * 1 * KV_HEADS * (2 + 5 - 1) * HEAD_DIM * 4}
+    assert mixer.state_nbytes(1, 10**6) == mixer.state_nbytes(1, 60)
 
 
 def test_window_and_rope_scaling_bytes_follow_the_policy():
@@ -318,9 +318,9 @@ def test_knn_retrieval_changes_the_output_when_memory_is_truncated():
     narrow = make("knn", torch.float64)
     narrow.load_state_dict(wide.state_dict())
     with torch.no_grad():
-        same, different = wide(x) - narrow(x), wide(x) - narrow(x)
-    assert same[:, :8].abs().max() < 1e-12  # the first chunk has no memory either way
-    assert different[:, 16:].abs().max() > 1e-6
+        difference = wide(x) - narrow(x)
+    assert difference[:, :8].abs().max() < 1e-12  # the first chunk has no memory either way
+    assert difference[:, 16:].abs().max() > 1e-6
 
 
 # --- configuration errors ---------------------------------------------------------------------------------------

@@ -132,10 +132,11 @@ def test_rerope_distances_clip_or_compress_beyond_the_window():
 def test_rerope_second_pass_rotation_gives_the_compressed_distance():
     inv_freq, _ = rope_frequencies(16)
     q, k = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
-    t, s, window, leak = torch.tensor(40.0, dtype=torch.float64), torch.tensor(7.0, dtype=torch.float64), 10, 0.1
+    t, s = torch.tensor(40.0, dtype=torch.float64), torch.tensor(7.0, dtype=torch.float64)
+    window, leak = 10, 0.1
     q_pos, k_pos = rerope_angles(t, s, window, leak)
     two_sided = (apply_rope(q, *rope_cos_sin(q_pos, inv_freq, torch.float64))
                  * apply_rope(k, *rope_cos_sin(k_pos, inv_freq, torch.float64))).sum()
-    relative = window + (40 - 7 - window) * leak
-    one_sided = (apply_rope(q, *rope_cos_sin(torch.tensor(relative, dtype=torch.float64), inv_freq, torch.float64)) * k).sum()
+    relative = torch.tensor(window + (40 - 7 - window) * leak, dtype=torch.float64)
+    one_sided = (apply_rope(q, *rope_cos_sin(relative, inv_freq, torch.float64)) * k).sum()
     assert math.isclose(two_sided.item(), one_sided.item(), rel_tol=1e-9)

@@ -71,10 +71,11 @@ def key_distance(query_positions: torch.Tensor, key_positions: torch.Tensor, win
 def retained_positions(position: int, window: int | None, sinks: int, device=None) -> torch.Tensor:
     """Positions a cache keeps after `position` tokens: all of them, or the s0 sinks and the w - 1
     most recent (all the next query needs)."""
-    positions = torch.arange(position, device=device)
     if window is None:
-        return positions
-    return positions[(positions < sinks) | (positions > position - window)]
+        return torch.arange(position, device=device)
+    recent_start = max(min(sinks, position), position - window + 1)
+    return torch.cat([torch.arange(min(sinks, position), device=device),
+                      torch.arange(recent_start, position, device=device)])
 
 
 def alibi_bias(slopes: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:

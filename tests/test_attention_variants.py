@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from seqarch import build_mixer
-from seqarch.ops.attention import knn_attention, knn_attention_ref, s2_attention, s2_attention_ref
+from seqarch.ops.attention import (
+    knn_attention,
+    knn_attention_ref,
+    retained_positions,
+    s2_attention,
+    s2_attention_ref,
+)
 from seqarch.positional import apply_rope, dynamic_ntk_inv_freq, rope_cos_sin, rope_frequencies
 from tests.contract_checks import (
     BATCH,
@@ -185,6 +191,14 @@ def test_window_and_rope_scaling_bytes_follow_the_policy():
     assert knn.state_nbytes(1, 1003) == 2 * KV_HEADS * (3 + 12) * HEAD_DIM * 4
 
 
+@pytest.mark.parametrize("sinks", [0, 2])
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_retained_positions_are_the_sinks_and_the_last_window_minus_one(window, sinks):
+    for position in range(12):
+        kept = [p for p in range(position) if p < sinks or p >= position - (window - 1)]
+        assert retained_positions(position, window, sinks).tolist() == kept
+
+
 # --- positions inside the mixer ---------------------------------------------------------------------------------
 def test_yarn_mixer_is_rope_with_yarn_frequencies_and_temperature():
     mixer = make("yarn", torch.float64)
@@ -335,6 +349,7 @@ def test_knn_retrieval_changes_the_output_when_memory_is_truncated():
     ({"window": 4, "knn_top_k": 2}, "cannot be combined"),
     ({"positional": "rerope", "window": 4, "sinks": 1}, "not with ReRoPE"),
     ({"knn_top_k": 2, "positional": "alibi"}, "ranks memory"),
+    ({"s2_group": 8, "n_heads": 2, "positional": "alibi"}, "without a bias"),
     ({"window": 0}, "window"),
     ({"rerope_leak": 1.0, "positional": "rerope"}, "rerope_leak"),
 ])

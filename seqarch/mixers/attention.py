@@ -129,6 +129,9 @@ class AttentionConfig:
                              "'alibi' or 'none', not with ReRoPE or dynamic NTK")
         if self.knn_top_k is not None and self.positional == "alibi":
             raise ValueError("attention: knn_top_k ranks memory by q . k; use positional 'rope' or 'none'")
+        if self.s2_group is not None and self.positional == "alibi":
+            raise ValueError("attention: s2_group runs the fused grouped kernel without a bias; use positional "
+                             "'rope' or 'none'")
 
     @property
     def heads(self) -> int:

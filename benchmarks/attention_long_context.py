@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--decode-steps", type=int, default=20)
+    parser.add_argument("--variants", nargs="+", help="a subset of the variants (full is always included)")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -121,6 +122,16 @@ def main() -> None:
         report_length(length, args, repeats)
 
 
+def chosen(length: int, args) -> list[str]:
+    names = list(variants(length))
+    if not args.variants:
+        return names
+    unknown = sorted(set(args.variants) - set(names))
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]!r}; valid: {', '.join(names)}")
+    return ["full"] + [name for name in names if name in args.variants and name != "full"]
+
+
 def decode(mixer, state, x_t: torch.Tensor, steps: int) -> None:
     with torch.no_grad():
         for _ in range(steps):
@@ -128,7 +139,7 @@ def decode(mixer, state, x_t: torch.Tensor, steps: int) -> None:
 
 
 def report_length(length: int, args, repeats: int) -> None:
-    names = list(variants(length))
+    names = chosen(length, args)
     mixers = {name: build(name, length, args.d_model, args.heads) for name in names}
     x = torch.randn(1, length, args.d_model)
     trainable = [name for name in names if name != "dynamic-ntk"]

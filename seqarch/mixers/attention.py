@@ -222,9 +222,9 @@ class Attention(SequenceMixer):
         k, v = rearrange(self.kv_proj(x), "b l (two g e) -> two b g l e", two=2, g=cfg.kv_heads)
         return q, k, v
 
-    def _rotate(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor | None = None):
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor):
         """RoPE of x (..., N, E) at `positions` (N,) (real allowed)."""
-        cos, sin = rope_cos_sin(positions, self.inv_freq if inv_freq is None else inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         return apply_rope(x, cos, sin)
 
     def _repeat_kv(self, t: torch.Tensor) -> torch.Tensor:

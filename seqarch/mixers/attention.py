@@ -15,9 +15,10 @@ holding only the G key/value heads). Variants, all in this one class, chosen by 
 - kNN memory (Memorizing / Focused Transformer): chunk-local attention plus the top-k of a memory
   of earlier chunks, in one softmax.
 
-Every variant other than the default runs `_attend_blocked` (explicit scores over blocks of queries,
-each block reading only the keys it may see, so a window costs O(L (w + s)) not O(L^2)) or
-`_attend_knn`; `forward_ref` is the per-query loop they are tested against.
+Every variant other than the default runs `_attend_blocked` (blocks of queries, each reading only the
+keys it may see, so a window costs O(L (w + s)) not O(L^2); the fused kernel with a mask or ALiBi bias
+where one logit formula serves the block, explicit two-pass scores for RoPE with sinks, ReRoPE and
+dynamic NTK) or `_run_knn`; `forward_ref` is the per-query loop they are tested against.
 """
 
 from __future__ import annotations
@@ -251,8 +252,8 @@ class Attention(SequenceMixer):
         return torch.einsum("bhle,bhlte->bhlt", q_rot, k_rot)
 
     def _scores(self, q, k, q_pos, k_pos):
-        """Unscaled logits (B, H, Lb, Tb) of raw queries q against keys k as cached, before the logit
-        scale; ALiBi's bias is added after scaling."""
+        """Logits before the scale (B, H, Lb, Tb) of the two-pass RoPE variants (dynamic NTK, ReRoPE,
+        RoPE with sinks): raw queries q against keys k as cached."""
         cfg = self.config
         if cfg.rope_scaling == "dynamic":
             return self._dynamic_scores(q, k, q_pos, k_pos)
@@ -261,17 +262,13 @@ class Attention(SequenceMixer):
             q_far, k_far = rerope_angles(q_pos, k_pos, cfg.rerope_window, cfg.rerope_leak)
             far = self._rotate(q, q_far) @ self._rotate(k, k_far).transpose(-1, -2)
             return torch.where(key_distance(q_pos, k_pos) < cfg.rerope_window, near, far)
-        if cfg.positional != "rope":
-            return q @ k.transpose(-1, -2)
         scores = self._rotate(q, q_pos) @ k.transpose(-1, -2)
-        if cfg.sinks:
-            # Sinks outside the window: second pass with the query at its slot in the cache.
-            n_sinks = int((k_pos < cfg.sinks).sum())
-            q_slot = self._rotate(q, sink_query_positions(q_pos, cfg.window, cfg.sinks))
-            sink_scores = q_slot @ k[:, :, :n_sinks].transpose(-1, -2)
-            outside = sink_only(q_pos, k_pos[:n_sinks], cfg.window, cfg.sinks)
-            scores = torch.cat([torch.where(outside, sink_scores, scores[..., :n_sinks]), scores[..., n_sinks:]], -1)
-        return scores
+        # Sinks outside the window: second pass with the query at its slot in the cache.
+        n_sinks = int((k_pos < cfg.sinks).sum())
+        q_slot = self._rotate(q, sink_query_positions(q_pos, cfg.window, cfg.sinks))
+        sink_scores = q_slot @ k[:, :, :n_sinks].transpose(-1, -2)
+        outside = sink_only(q_pos, k_pos[:n_sinks], cfg.window, cfg.sinks)
+        return torch.cat([torch.where(outside, sink_scores, scores[..., :n_sinks]), scores[..., n_sinks:]], -1)
 
     def _block_keys(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Indices of the keys a block of queries may see (sorted k_pos): sinks and the window."""
@@ -292,7 +289,17 @@ class Attention(SequenceMixer):
         if cfg.window is None:
             return max(1, min(queries, budget // max(keys, 1)))
         seen = cfg.window + cfg.sinks
-        return max(1, min(queries, int((math.sqrt(seen * seen + 4 * budget) - seen) / 2)))
+        # Blocks of about w queries read about 2w keys: close to the L * w floor, few Python iterations.
+        fits = int((math.sqrt(seen * seen + 4 * budget) - seen) / 2)
+        return max(1, min(queries, fits, max(64, cfg.window)))
+
+    @property
+    def _fused_blocks(self) -> bool:
+        """One logit formula per block (no second RoPE pass): the fused kernel with a mask or bias."""
+        cfg = self.config
+        two_pass = cfg.positional == "rerope" or cfg.rope_scaling == "dynamic" or (
+            cfg.positional == "rope" and cfg.sinks)
+        return not two_pass
 
     def _attend_blocked(self, q, k, v, q_pos, k_pos) -> torch.Tensor:
         """Explicit softmax over blocks of queries; q (B, H, L, E) raw, k, v (B, G, T, E) as cached."""
@@ -304,11 +311,18 @@ class Attention(SequenceMixer):
             rows = slice(start, start + block)
             index = self._block_keys(q_pos[rows], k_pos)
             kb_pos = k_pos[index]
-            scores = self._scores(q[:, :, rows], k[:, :, index], q_pos[rows], kb_pos) * self._scale
+            allowed = attention_mask(q_pos[rows], kb_pos, cfg.window, cfg.sinks)  # (Lb, Tb)
+            bias = None
             if cfg.positional == "alibi":
                 distance = key_distance(q_pos[rows], kb_pos, cfg.window, cfg.sinks)
-                scores = scores + alibi_bias(self.slopes, distance).to(scores.dtype)
-            allowed = attention_mask(q_pos[rows], kb_pos, cfg.window, cfg.sinks)
+                bias = alibi_bias(self.slopes, distance).to(q.dtype)  # (H, Lb, Tb)
+            if self._fused_blocks:
+                q_block = self._rotate(q[:, :, rows], q_pos[rows]) if cfg.positional == "rope" else q[:, :, rows]
+                mask = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
+                outputs.append(F.scaled_dot_product_attention(q_block, k[:, :, index], v[:, :, index],
+                                                              attn_mask=mask, scale=self._scale))
+                continue
+            scores = self._scores(q[:, :, rows], k[:, :, index], q_pos[rows], kb_pos) * self._scale
             weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
             outputs.append(weights @ v[:, :, index])
         return torch.cat(outputs, dim=2)

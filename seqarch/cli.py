@@ -4,7 +4,9 @@
     seqarch fit recipe=s4d data=mqar trainer.max_steps=500 model.d_model=64
     seqarch fit ckpt=runs/mamba/<timestamp> trainer.max_steps=600      resume
     seqarch generate ckpt=runs/mamba/<timestamp> prompt="def " max_new_tokens=200
-    seqarch list                                    mixers, recipes and data sources
+    seqarch list                                    mixers (and the path each runs here), recipes, data
+    seqarch bench mixers=all seq_lens=256..4096     throughput / memory vs length, report with plots
+    seqarch memory model=llama-2-13b seq_lens=[4096,131072]   analytic state / KV bytes and FLOPs
 
 Every command takes `key=value` arguments only. Bad input (unknown command, recipe, key, data
 source or mixer, a wrong type, a missing or corrupt checkpoint, an existing output folder) is
@@ -34,10 +36,28 @@ def _generate(args: list[str]) -> int:
     return 0
 
 
+def _bench(args: list[str]) -> int:
+    from seqarch.bench import bench_command
+
+    try:
+        return bench_command(args)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _memory(args: list[str]) -> int:
+    from seqarch.bench import memory_command
+
+    try:
+        return memory_command(args)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def _list(args: list[str]) -> int:
     from seqarch.configs import config_fields
     from seqarch.data.sources import DATA_SOURCES
-    from seqarch.registry import get_entry, list_mixers
+    from seqarch.registry import build_mixer, get_entry, list_mixers
     from seqarch.train.config import list_recipes, load_recipe
 
     if args:
@@ -47,6 +67,7 @@ def _list(args: list[str]) -> int:
         entry = get_entry(name)
         fields = ", ".join(f"{key}: {kind}" for key, kind in config_fields(entry.config_cls).items())
         print(f"  {name:<14} {entry.mixer_cls.__name__:<12} {fields}")
+        print(f"  {'':<14} runs here: {build_mixer(name, device='meta').describe_paths('cpu')}")
     registered = set(list_mixers())
     print("recipes:")
     for name in list_recipes():
@@ -65,6 +86,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "fit": _fit,
     "generate": _generate,
     "list": _list,
+    "bench": _bench,
+    "memory": _memory,
 }
 
 

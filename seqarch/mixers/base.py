@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,8 +102,10 @@ class SequenceMixer(nn.Module, ABC):
     """
 
     #: True when the state grows with the number of tokens seen (a full KV cache, Hyena's
-    #: exact decoding); False for mixers whose state is constant in L.
-    state_grows_with_length: ClassVar[bool] = False
+    #: exact decoding); False for mixers whose state is constant in L. A mixer whose answer
+    #: depends on its config or mode (attention windows, a distilled Hyena) overrides it with a
+    #: property.
+    state_grows_with_length: bool = False
 
     config: Any
     d_model: int
@@ -127,6 +129,12 @@ class SequenceMixer(nn.Module, ABC):
     @abstractmethod
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of the state after `seq_len` tokens, computed without allocating."""
+
+    def describe_paths(self, device: torch.device | str = "cpu") -> str:
+        """Which algorithm runs on `device` with this config, for `seqarch list` and notices.
+        Mixers with a backend choice (`scan=`, `mode=`) override it; it never compiles anything."""
+        mode = getattr(self.config, "mode", None)
+        return f"mode={mode} (PyTorch); recurrent step" if mode else "PyTorch parallel path; recurrent step"
 
     def own_mlp(self) -> nn.Module | None:
         """The channel mixer this family brings in place of the default MLP (RWKV's

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from seqarch.backends import cuda_kernels_usable, notify_once
+from seqarch.backends import cpp_compiler_available, cuda_kernels_usable, notify_once
 from seqarch.mixers.base import MixerState, SequenceMixer, check_input
 from seqarch.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqarch.ops.selective_scan import CHUNK_SIZE, SCANS, selective_scan
@@ -161,6 +161,16 @@ class Mamba(SequenceMixer):
         return self.out_proj(rearrange(y, "b e l -> b l e")), new_state
 
     # --- the contract -------------------------------------------------------------------------
+    def describe_paths(self, device: torch.device | str = "cpu") -> str:
+        scan = self.config.scan
+        if scan != "auto":
+            return f"scan={scan}"
+        if cuda_kernels_usable("mamba_ssm", device):
+            return "scan=auto: mamba-ssm CUDA kernel"
+        if torch.device(device).type == "cpu" and cpp_compiler_available():
+            return "scan=auto: compiled C++ CPU kernel (built on first use, cached); chunked if the build fails"
+        return "scan=auto: eager chunked PyTorch scan"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.d_model, 3, "mamba.forward")
         return self._mix(x, None)[0]

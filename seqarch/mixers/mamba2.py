@@ -208,6 +208,11 @@ class Mamba2(SequenceMixer):
         return out, Mamba2State(conv=conv_state.to(state.conv.dtype), ssm=final.to(state.ssm.dtype))
 
     # --- the contract -----------------------------------------------------------------------
+    def describe_paths(self, device: torch.device | str = "cpu") -> str:
+        chosen = choose_scan(self.config.scan, device, mamba2_cuda_kernels_usable(device))
+        return f"scan={self.config.scan}: " + {"cuda": "mamba-ssm CUDA kernels", "chunked": "chunked SSD (PyTorch)",
+                                              "sequential": "sequential reference"}[chosen]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.d_model, 3, "mamba2.forward")
         return self._mix(x, None)[0]

@@ -7,6 +7,7 @@ nothing is imported or compiled at import time.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import shutil
 import sys
@@ -61,8 +62,13 @@ def load_cpp_extension(name: str, source: str, extra_cflags: tuple[str, ...] = (
         raise RuntimeError(_EXTENSION_ERRORS[name])
     from torch.utils.cpp_extension import load
 
+    cflags = ["-O3", "-fopenmp", *extra_cflags]
+    # The build folder is named after the source and flags, so two versions of the kernel (an
+    # upgrade, two checkouts) never load each other's binary from torch's shared cache.
+    with open(source, "rb") as handle:
+        digest = hashlib.sha256(handle.read() + " ".join(cflags).encode()).hexdigest()[:12]
     try:
-        module = load(name=name, sources=[source], extra_cflags=["-O3", "-fopenmp", *extra_cflags],
+        module = load(name=f"{name}_{digest}", sources=[source], extra_cflags=cflags,
                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # the build's own message says what failed (compiler, headers, ninja)
         _EXTENSION_ERRORS[name] = f"building the C++ extension {name!r} failed: {str(error).strip()[-500:]}"

@@ -18,6 +18,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, dtype:
     """Assert max|actual - expected| <= tol * max(max|expected|, 1e-6), naming the tensor and
     printing the max absolute and relative error on failure."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.is_complex():  # compare (real, imag) pairs; the tolerance follows the real precision
+        actual, expected = torch.view_as_real(actual.resolve_conj()), torch.view_as_real(expected.resolve_conj())
     dtype = dtype or expected.dtype
     tol = tolerance if tolerance is not None else RELATIVE_TOLERANCE[dtype]
     actual64, expected64 = actual.detach().double(), expected.detach().double()

@@ -13,7 +13,9 @@ from tests.tolerance import assert_close
 def grads(fn, *inputs):
     inputs = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
     out = fn(*inputs)
-    out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(5)))
+    # randn(shape), not randn_like: the latter fills in memory order, so it would hand a channel-last
+    # result a different cotangent than a contiguous one.
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype))
     return out, [t.grad for t in inputs if t is not None]
 
 
@@ -44,6 +46,32 @@ def test_causal_conv1d_matches_reference(length, activation, dtype, with_history
     assert_close(out, out_ref, "causal_conv1d output")
     for name, a, b in zip(("dx", "dweight", "dbias", "dinitial_states"), g, g_ref, strict=False):
         assert_close(a, b, f"causal_conv1d {name}")
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_causal_conv1d_channel_last_input_without_bias(width):
+    """The mixers pass a (B, D, L) view of a (B, L, D) projection; no bias; other widths."""
+    x = torch.randn(2, 37, 10, dtype=torch.float64)[..., :6].transpose(1, 2)  # (B, D, L) view, L = 37
+    weight = torch.randn(6, width, dtype=torch.float64)
+    history = torch.randn(2, 6, width - 1, dtype=torch.float64)
+    out, g = grads(lambda a, w, h: causal_conv1d(a, w, None, "silu", h), x, weight, history)
+    out_ref, g_ref = grads(lambda a, w, h: causal_conv1d_ref(a, w, None, "silu", h), x, weight, history)
+    assert_close(out, out_ref, "causal_conv1d output")
+    for name, a, b in zip(("dx", "dweight", "dinitial_states"), g, g_ref, strict=True):
+        assert_close(a, b, f"causal_conv1d {name}")
+    with torch.no_grad():  # the inference path (shifted multiply-adds)
+        assert_close(causal_conv1d(x, weight, None, "silu", history), out_ref, "causal_conv1d no-grad output")
+
+
+@pytest.mark.parametrize("with_history", [False, True])
+@pytest.mark.parametrize("length", [1, 7, 63])
+def test_causal_conv1d_inference_path_matches_reference(length, with_history):
+    x = torch.randn(2, 6, length, dtype=torch.float64)
+    weight, bias = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    history = torch.randn(2, 6, 3, dtype=torch.float64) if with_history else None
+    with torch.no_grad():
+        out = causal_conv1d(x, weight, bias, "silu", history)
+    assert_close(out, causal_conv1d_ref(x, weight, bias, "silu", history), "causal_conv1d no-grad output")
 
 
 def test_causal_conv1d_update_steps_the_convolution():

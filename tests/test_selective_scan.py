@@ -50,10 +50,12 @@ def run(fn, inputs, used, softplus, **kwargs):
     return out, last, {k: leaf.grad for k, leaf in leaves.items()}
 
 
-OPTIONS = {
-    "plain": ("u", "delta", "A", "B", "C"),
-    "D-z-bias-softplus": ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"),
-    "all+initial-state": NAMES,
+OPTIONS = {  # name: (inputs used, delta_softplus)
+    "plain": (("u", "delta", "A", "B", "C"), False),
+    "D-z-no-softplus": (("u", "delta", "A", "B", "C", "D", "z"), False),
+    "bias-no-softplus": (("u", "delta", "A", "B", "C", "delta_bias"), False),
+    "D-z-bias-softplus": (("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), True),
+    "all+initial-state": (NAMES, True),
 }
 
 
@@ -63,7 +65,7 @@ OPTIONS = {
 @pytest.mark.parametrize("scan", FAST_SCANS)
 def test_fast_paths_match_reference(scan, options, groups, dtype):
     inputs = make_inputs(groups=groups, dtype=dtype)
-    used, softplus = OPTIONS[options], options != "plain"
+    used, softplus = OPTIONS[options]
     out, last, grads = run(selective_scan, inputs, used, softplus, scan=scan, chunk_size=16)
     out_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, used, softplus)
     assert out.dtype == dtype and last.dtype == dtype

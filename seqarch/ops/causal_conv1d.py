@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -22,11 +23,39 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return F.silu(y) if activation is not None else y
 
 
+def _shifted_multiply_adds(x_padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x_padded (B, L + W - 1, D) channel-last -> (B, L, D): W multiply-adds of shifted rows."""
+    width = weight.shape[-1]
+    length = x_padded.shape[1] - width + 1
+    y = x_padded[:, :length] * weight[:, 0]  # (B, L, D)
+    for tap in range(1, width):
+        y.addcmul_(x_padded[:, tap : tap + length], weight[:, tap])
+    if bias is not None:
+        y += bias
+    return y
+
+
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   activation: str | None = None, initial_states: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, D, L), weight (D, W), bias (D,) -> (B, D, L). `initial_states` (B, D, W - 1) are the
-    inputs before t = 0 (zeros when None). One grouped conv1d call."""
+    inputs before t = 0 (zeros when None).
+
+    Without autograd: W shifted multiply-adds in the channel-last layout (B, L, D) (1.4-1.9x faster
+    than F.conv1d on CPU); the result is then a (B, D, L) view of a contiguous (B, L, D) tensor.
+    With autograd: one grouped F.conv1d, whose CPU backward beat every shifted multiply-add
+    backward we measured (docs/mixers/mamba.md)."""
     width = weight.shape[-1]
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, initial_states)
+    )
+    if not needs_grad:
+        x_last = rearrange(x, "b d l -> b l d")
+        if initial_states is None:
+            x_padded = F.pad(x_last, (0, 0, width - 1, 0))
+        else:
+            x_padded = torch.cat([rearrange(initial_states.to(x.dtype), "b d w -> b w d"), x_last], dim=1)
+        y = rearrange(_shifted_multiply_adds(x_padded, weight, bias), "b l d -> b d l")
+        return _activate(y, activation)
     if initial_states is None:
         x_padded = F.pad(x, (width - 1, 0))
     else:

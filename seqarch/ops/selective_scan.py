@@ -14,7 +14,8 @@ Legend: B batch, D channels, L length, N state size, G groups of channels sharin
 Paths (`scan=`):
 - "compiled": a C++ kernel (seqarch/ops/csrc/selective_scan.cpp), state in a local array, one
   task per (batch, channel) on ATen's thread pool, built on first use and cached by torch.
-  Backward walks time in reverse, recomputing states from checkpoints stored every K steps.
+  delta_bias, softplus, the D skip and the SiLU(z) gate are fused into the kernel, forward and
+  backward. Backward walks time in reverse, recomputing states from checkpoints every K steps.
 - "chunked": eager PyTorch over chunks of K steps. Inside a chunk, a Hillis-Steele scan of
   (decay, input) pairs (log2 K passes); across chunks, the state is carried. Decays are only
   ever exp(dt A) and their products, so nothing exponentiates a positive cumulative sum. Backward
@@ -225,27 +226,35 @@ def compiled_kernel_usable() -> tuple[bool, str]:
 
 
 class _CompiledScan(torch.autograd.Function):
-    """Core scan (no D, z, bias, softplus) through the C++ kernel."""
+    """The whole selective scan (delta_bias, softplus, D skip and SiLU(z) gate fused) through the
+    C++ kernel; D, z, delta_bias and h0 may be None."""
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, h0, chunk):
-        kernel = compiled_kernel()
-        y, h_last, checkpoints = kernel.forward(u, dt, A, B, C, h0, chunk)
-        ctx.save_for_backward(u, dt, A, B, C, checkpoints)
-        ctx.chunk = chunk
-        return y, h_last
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk):
+        out, h_last, checkpoints = compiled_kernel().forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, chunk)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
+        ctx.softplus, ctx.chunk, ctx.has_initial_state = softplus, chunk, h0 is not None
+        return out, h_last
 
     @staticmethod
-    def backward(ctx, dy, dh_last):
-        u, dt, A, B, C, checkpoints = ctx.saved_tensors
-        dy = dy.contiguous() if dy is not None else torch.zeros_like(u)
+    def backward(ctx, dout, dh_last):
+        u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+        dout = dout.contiguous() if dout is not None else torch.zeros_like(u)
         dh_last = dh_last.contiguous() if dh_last is not None else None
-        du, ddt, dA, dB, dC, dh0 = compiled_kernel().backward(u, dt, A, B, C, checkpoints, dy, dh_last, ctx.chunk)
-        return du, ddt, dA, dB, dC, dh0, None
+        du, ddelta, dA, dB, dC, dh0, dD, dbias, dz = compiled_kernel().backward(
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, checkpoints, dout, dh_last, ctx.chunk
+        )
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+                dbias if delta_bias is not None else None, dh0 if ctx.has_initial_state else None, None, None)
 
 
-def _compiled_core(u, dt, A, B, C, h0, chunk):
-    return _CompiledScan.apply(u.contiguous(), dt.contiguous(), A.contiguous(), B, C, h0.contiguous(), chunk)
+def _compiled_scan(u, delta, A, B, C, D, z, delta_bias, softplus, h0, chunk):
+    """All inputs in the compute dtype; B, C (B, G, L, N); optional ones None -> out, h_last."""
+    def dense(t):
+        return t.contiguous() if t is not None else None
+
+    return _CompiledScan.apply(dense(u), dense(delta), dense(A), B, C, dense(D), dense(z), dense(delta_bias),
+                               dense(h0), softplus, chunk)
 
 
 # --- dispatch -----------------------------------------------------------------------------------
@@ -303,17 +312,24 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if path == "cuda":
         return _cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     compute = torch.promote_types(u.dtype, torch.float32)
+    B, C = (rearrange(mat if mat.ndim == 4 else mat.unsqueeze(1), "b g n l -> b g l n").to(compute).contiguous()
+            for mat in (B, C))
+    if path == "compiled":
+        def cast(t):
+            return t.to(compute) if t is not None else None
+
+        out, last_state = _compiled_scan(cast(u), cast(delta), cast(A), B, C, cast(D), cast(z), cast(delta_bias),
+                                         bool(delta_softplus), cast(initial_state), chunk_size)
+        out = out.to(u.dtype)
+        return (out, last_state) if return_last_state else out
     u_c, dt = u.to(compute), delta.to(compute)
     if delta_bias is not None:
         dt = dt + delta_bias.to(compute)[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    B, C = (rearrange(mat if mat.ndim == 4 else mat.unsqueeze(1), "b g n l -> b g l n").to(compute).contiguous()
-            for mat in (B, C))
     batch, dim, _ = u.shape
     h0 = u_c.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(compute)
-    core = _compiled_core if path == "compiled" else _chunked_core
-    y, last_state = core(u_c, dt, A.to(compute), B, C, h0, chunk_size)
+    y, last_state = _chunked_core(u_c, dt, A.to(compute), B, C, h0, chunk_size)
     if D is not None:
         y = y + u_c * D.to(compute)[:, None]
     if z is not None:

@@ -1,24 +1,30 @@
-// Selective scan (Mamba-1, Gu & Dao 2023, Algorithm 2) on the CPU: the core recurrence only.
+// Selective scan (Mamba-1, Gu & Dao 2023, Algorithm 2) on the CPU, with its elementwise work fused.
 //
 // Legend: B batch, D channels, L length, N state size, G groups of channels sharing B and C,
 // K chunk length (states are checkpointed every K steps for the backward pass).
 //
-//   h_t = exp(dt_t A) * h_{t-1} + dt_t u_t B_t        (B, D, N)
-//   y_t = sum_n C_t,n h_t,n                           (B, D)
+//   dt_t = softplus(delta_t + delta_bias)              (bias and softplus optional)
+//   h_t  = exp(dt_t A) * h_{t-1} + dt_t u_t B_t        (B, D, N)
+//   y_t  = sum_n C_t,n h_t,n + D u_t                   (B, D), D optional
+//   out  = y_t * SiLU(z_t)                             (gate optional)
 //
 // Channel d reads group g = d / (D / G) of B and C. B and C come as (B, G, L, N) so the state
 // loop over n reads contiguous memory. One task per (batch, channel), the state in a local array,
-// parallel over tasks with ATen's thread pool. D skip, SiLU(z) gate, delta_bias and softplus stay
-// in PyTorch around this op (seqarch/ops/selective_scan.py).
+// parallel over tasks with ATen's thread pool. The per-(d, t) scalars (softplus, skip, gate) are
+// computed in the same pass, so no (B, D, L) intermediate is written.
 //
 // Backward: a reverse pass over time per (batch, channel). Forward stores the state entering
-// each chunk (B, D, L/K, N); backward recomputes the K states of a chunk from it into a local
-// buffer, then walks the chunk backwards with the adjoint g_t = dL/dh_t:
+// each chunk (B, D, L/K, N); backward recomputes the K states of a chunk, their dt and the
+// pre-gate outputs y_t from it into local buffers, then walks the chunk backwards with the
+// adjoint g_t = dL/dh_t and dy_t = dout_t SiLU(z_t) (dout_t without the gate):
 //   g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}
-//   dB_t += g_t dt_t u_t,  dC_t += dy_t h_t,  du_t = dt_t sum_n g_t B_t,
+//   dB_t += g_t dt_t u_t,  dC_t += dy_t h_t,  du_t = dt_t sum_n g_t B_t + D dy_t,
 //   ddt_t = sum_n g_t (B_t u_t + A exp(dt_t A) h_{t-1}),  dA += g_t dt_t exp(dt_t A) h_{t-1}
+//   ddelta_t = ddt_t sigmoid(delta_t + delta_bias) (softplus' ), ddelta_bias = sum_t ddelta_t,
+//   dD = sum_t dy_t u_t,  dz_t = dout_t y_t sigmoid(z_t) (1 + z_t (1 - sigmoid(z_t)))
 // dB and dC are sums over the channels of a group; each thread accumulates into its own
 // (B, G, L, N) buffer and the buffers are summed at the end (memory O(threads B G L N)).
+// dA, dD and ddelta_bias are written per (batch, channel) and summed over the batch at the end.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -54,39 +60,85 @@ inline float decay_exp(float x) {
 
 inline double decay_exp(double x) { return std::exp(x); }
 
+// sigmoid and softplus use the inlined exp and std::log so that the per-chunk loops over time
+// that evaluate them vectorise (scalar libm calls per step cost twice the whole scan).
 template <typename scalar_t>
-void forward_kernel(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& Bm,
-                    const at::Tensor& Cm, const at::Tensor& h0, at::Tensor& y, at::Tensor& h_last,
-                    at::Tensor& checkpoints, int64_t chunk) {
+inline scalar_t sigmoid(scalar_t x) {
+  return scalar_t(1) / (scalar_t(1) + decay_exp(-x));
+}
+
+// torch.nn.functional.softplus with its default threshold: x itself above 20.
+template <typename scalar_t>
+inline scalar_t softplus(scalar_t x) {
+  return x > scalar_t(20) ? x : std::log(scalar_t(1) + decay_exp(x));
+}
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+// The optional elementwise parts, shared by forward and backward.
+template <typename scalar_t>
+struct Elementwise {
+  const scalar_t* D;           // (D,) or null
+  const scalar_t* z;           // (B, D, L) or null
+  const scalar_t* delta_bias;  // (D,) or null
+  bool use_softplus;
+
+  // dt_t for t in [start, stop) of one row into dts[0, stop - start), as one vectorisable loop.
+  void dt_rows(const scalar_t* delta_row, int64_t d, int64_t start, int64_t stop, scalar_t* dts) const {
+    const scalar_t bias = delta_bias ? delta_bias[d] : scalar_t(0);
+    if (use_softplus) {
+#pragma omp simd
+      for (int64_t t = start; t < stop; ++t) dts[t - start] = softplus(delta_row[t] + bias);
+    } else {
+#pragma omp simd
+      for (int64_t t = start; t < stop; ++t) dts[t - start] = delta_row[t] + bias;
+    }
+  }
+};
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& Bm,
+                    const at::Tensor& Cm, const Elementwise<scalar_t>& ew, const at::Tensor& h0, at::Tensor& out,
+                    at::Tensor& h_last, at::Tensor& checkpoints, int64_t chunk) {
   const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), nstate = A.size(1), groups = Bm.size(1);
   const int64_t per_group = dim / groups, nchunks = checkpoints.size(2);
   const scalar_t* u_p = u.data_ptr<scalar_t>();
-  const scalar_t* dt_p = dt.data_ptr<scalar_t>();
+  const scalar_t* delta_p = delta.data_ptr<scalar_t>();
   const scalar_t* A_p = A.data_ptr<scalar_t>();
   const scalar_t* B_p = Bm.data_ptr<scalar_t>();
   const scalar_t* C_p = Cm.data_ptr<scalar_t>();
-  const scalar_t* h0_p = h0.defined() ? h0.data_ptr<scalar_t>() : nullptr;
-  scalar_t* y_p = y.data_ptr<scalar_t>();
+  const scalar_t* h0_p = data_or_null<scalar_t>(h0);
+  scalar_t* out_p = out.data_ptr<scalar_t>();
   scalar_t* hl_p = h_last.data_ptr<scalar_t>();
   scalar_t* ck_p = checkpoints.data_ptr<scalar_t>();
 
   at::parallel_for(0, batch * dim, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> h(nstate);
+    std::vector<scalar_t> h(nstate), dts(chunk), gates(chunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / dim, d = task % dim, g = d / per_group;
       const scalar_t* u_row = u_p + task * len;
-      const scalar_t* dt_row = dt_p + task * len;
+      const scalar_t* delta_row = delta_p + task * len;
+      const scalar_t* z_row = ew.z ? ew.z + task * len : nullptr;
+      const scalar_t skip = ew.D ? ew.D[d] : scalar_t(0);
       const scalar_t* A_row = A_p + d * nstate;
       const scalar_t* B_rows = B_p + (b * groups + g) * len * nstate;
       const scalar_t* C_rows = C_p + (b * groups + g) * len * nstate;
-      scalar_t* y_row = y_p + task * len;
+      scalar_t* out_row = out_p + task * len;
       for (int64_t n = 0; n < nstate; ++n) h[n] = h0_p ? h0_p[task * nstate + n] : scalar_t(0);
       for (int64_t c = 0; c < nchunks; ++c) {
         scalar_t* ck = ck_p + (task * nchunks + c) * nstate;
         for (int64_t n = 0; n < nstate; ++n) ck[n] = h[n];
-        const int64_t stop = std::min(len, (c + 1) * chunk);
-        for (int64_t t = c * chunk; t < stop; ++t) {
-          const scalar_t dtv = dt_row[t], du = dtv * u_row[t];
+        const int64_t start = c * chunk, stop = std::min(len, start + chunk);
+        ew.dt_rows(delta_row, d, start, stop, dts.data());
+        if (z_row) {
+#pragma omp simd
+          for (int64_t t = start; t < stop; ++t) gates[t - start] = z_row[t] * sigmoid(z_row[t]);
+        }
+        for (int64_t t = start; t < stop; ++t) {
+          const scalar_t uv = u_row[t], dtv = dts[t - start], du = dtv * uv;
           const scalar_t* Bt = B_rows + t * nstate;
           const scalar_t* Ct = C_rows + t * nstate;
           scalar_t* hp = h.data();
@@ -96,7 +148,8 @@ void forward_kernel(const at::Tensor& u, const at::Tensor& dt, const at::Tensor&
             hp[n] = decay_exp(dtv * A_row[n]) * hp[n] + du * Bt[n];
             acc += Ct[n] * hp[n];
           }
-          y_row[t] = acc;
+          const scalar_t y = acc + skip * uv;
+          out_row[t] = z_row ? y * gates[t - start] : y;
         }
       }
       for (int64_t n = 0; n < nstate; ++n) hl_p[task * nstate + n] = h[n];
@@ -105,37 +158,46 @@ void forward_kernel(const at::Tensor& u, const at::Tensor& dt, const at::Tensor&
 }
 
 template <typename scalar_t>
-void backward_kernel(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& Bm,
-                     const at::Tensor& Cm, const at::Tensor& checkpoints, const at::Tensor& dy,
-                     const at::Tensor& dh_last, at::Tensor& du, at::Tensor& ddt, at::Tensor& dA_per_batch,
-                     at::Tensor& dB_per_thread, at::Tensor& dC_per_thread, at::Tensor& dh0, int64_t chunk) {
+void backward_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& Bm,
+                     const at::Tensor& Cm, const Elementwise<scalar_t>& ew, const at::Tensor& checkpoints,
+                     const at::Tensor& dout, const at::Tensor& dh_last, at::Tensor& du, at::Tensor& ddelta,
+                     at::Tensor& dA_per_batch, at::Tensor& dB_per_thread, at::Tensor& dC_per_thread,
+                     at::Tensor& dh0, at::Tensor& dD_per_batch, at::Tensor& dbias_per_batch, at::Tensor& dz,
+                     int64_t chunk) {
   const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), nstate = A.size(1), groups = Bm.size(1);
   const int64_t per_group = dim / groups, nchunks = checkpoints.size(2);
   const int64_t thread_stride = batch * groups * len * nstate;
   const scalar_t* u_p = u.data_ptr<scalar_t>();
-  const scalar_t* dt_p = dt.data_ptr<scalar_t>();
+  const scalar_t* delta_p = delta.data_ptr<scalar_t>();
   const scalar_t* A_p = A.data_ptr<scalar_t>();
   const scalar_t* B_p = Bm.data_ptr<scalar_t>();
   const scalar_t* C_p = Cm.data_ptr<scalar_t>();
   const scalar_t* ck_p = checkpoints.data_ptr<scalar_t>();
-  const scalar_t* dy_p = dy.data_ptr<scalar_t>();
-  const scalar_t* dhl_p = dh_last.defined() ? dh_last.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* dout_p = dout.data_ptr<scalar_t>();
+  const scalar_t* dhl_p = data_or_null<scalar_t>(dh_last);
   scalar_t* du_p = du.data_ptr<scalar_t>();
-  scalar_t* ddt_p = ddt.data_ptr<scalar_t>();
+  scalar_t* ddelta_p = ddelta.data_ptr<scalar_t>();
   scalar_t* dA_p = dA_per_batch.data_ptr<scalar_t>();
   scalar_t* dBt_p = dB_per_thread.data_ptr<scalar_t>();
   scalar_t* dCt_p = dC_per_thread.data_ptr<scalar_t>();
   scalar_t* dh0_p = dh0.data_ptr<scalar_t>();
+  scalar_t* dD_p = dD_per_batch.data_ptr<scalar_t>();
+  scalar_t* dbias_p = dbias_per_batch.data_ptr<scalar_t>();
+  scalar_t* dz_p = ew.z ? dz.data_ptr<scalar_t>() : nullptr;
   const int64_t max_threads = dB_per_thread.size(0);
 
   at::parallel_for(0, batch * dim, 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = std::min<int64_t>(at::get_thread_num(), max_threads - 1);
     std::vector<scalar_t> g(nstate), dA_acc(nstate), states(chunk * nstate), decays(chunk * nstate);
+    std::vector<scalar_t> dts(chunk), outputs(chunk), z_sigmoids(chunk), dt_slopes(chunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / dim, d = task % dim, grp = d / per_group;
       const scalar_t* u_row = u_p + task * len;
-      const scalar_t* dt_row = dt_p + task * len;
-      const scalar_t* dy_row = dy_p + task * len;
+      const scalar_t* delta_row = delta_p + task * len;
+      const scalar_t* z_row = ew.z ? ew.z + task * len : nullptr;
+      const scalar_t* dout_row = dout_p + task * len;
+      const scalar_t skip = ew.D ? ew.D[d] : scalar_t(0);
+      const scalar_t bias = ew.delta_bias ? ew.delta_bias[d] : scalar_t(0);
       const scalar_t* A_row = A_p + d * nstate;
       const int64_t rows = (b * groups + grp) * len * nstate;
       const scalar_t* B_rows = B_p + rows;
@@ -143,9 +205,11 @@ void backward_kernel(const at::Tensor& u, const at::Tensor& dt, const at::Tensor
       scalar_t* dB_rows = dBt_p + thread * thread_stride + rows;
       scalar_t* dC_rows = dCt_p + thread * thread_stride + rows;
       scalar_t* du_row = du_p + task * len;
-      scalar_t* ddt_row = ddt_p + task * len;
+      scalar_t* ddelta_row = ddelta_p + task * len;
+      scalar_t* dz_row = dz_p ? dz_p + task * len : nullptr;
       scalar_t* gp = g.data();
       scalar_t* dAp = dA_acc.data();
+      scalar_t dD_acc = 0, dbias_acc = 0;
       for (int64_t n = 0; n < nstate; ++n) {
         gp[n] = dhl_p ? dhl_p[task * nstate + n] : scalar_t(0);
         dAp[n] = 0;
@@ -153,24 +217,44 @@ void backward_kernel(const at::Tensor& u, const at::Tensor& dt, const at::Tensor
       for (int64_t c = nchunks - 1; c >= 0; --c) {
         const scalar_t* ck = ck_p + (task * nchunks + c) * nstate;
         const int64_t start = c * chunk, stop = std::min(len, start + chunk);
-        // Recompute the chunk's states and decays from the checkpoint.
+        // Recompute the chunk's dt, states, decays and pre-gate outputs from the checkpoint; the
+        // per-step scalars sigmoid(z) and softplus'(delta + bias) in vectorisable loops first.
+        ew.dt_rows(delta_row, d, start, stop, dts.data());
+        if (z_row) {
+#pragma omp simd
+          for (int64_t t = start; t < stop; ++t) z_sigmoids[t - start] = sigmoid(z_row[t]);
+        }
+        if (ew.use_softplus) {
+#pragma omp simd
+          for (int64_t t = start; t < stop; ++t) dt_slopes[t - start] = sigmoid(delta_row[t] + bias);
+        }
         for (int64_t t = start; t < stop; ++t) {
           const int64_t k = t - start;
-          const scalar_t dtv = dt_row[t], duv = dtv * u_row[t];
+          const scalar_t dtv = dts[k], duv = dtv * u_row[t];
           const scalar_t* Bt = B_rows + t * nstate;
+          const scalar_t* Ct = C_rows + t * nstate;
           const scalar_t* prev = k ? states.data() + (k - 1) * nstate : ck;
           scalar_t* cur = states.data() + k * nstate;
           scalar_t* dec = decays.data() + k * nstate;
-#pragma omp simd
+          scalar_t acc = 0;
+#pragma omp simd reduction(+ : acc)
           for (int64_t n = 0; n < nstate; ++n) {
             dec[n] = decay_exp(dtv * A_row[n]);
             cur[n] = dec[n] * prev[n] + duv * Bt[n];
+            acc += Ct[n] * cur[n];
           }
+          outputs[k] = acc + skip * u_row[t];
         }
         // Walk the chunk backwards; g holds exp(dt_{t+1} A) g_{t+1} on entry.
         for (int64_t t = stop - 1; t >= start; --t) {
           const int64_t k = t - start;
-          const scalar_t dtv = dt_row[t], uv = u_row[t], dyv = dy_row[t];
+          const scalar_t dtv = dts[k], uv = u_row[t];
+          scalar_t dyv = dout_row[t];
+          if (z_row) {
+            const scalar_t zv = z_row[t], sig = z_sigmoids[k];
+            dz_row[t] = dyv * outputs[k] * sig * (scalar_t(1) + zv * (scalar_t(1) - sig));
+            dyv *= zv * sig;
+          }
           const scalar_t* Bt = B_rows + t * nstate;
           const scalar_t* Ct = C_rows + t * nstate;
           const scalar_t* prev = k ? states.data() + (k - 1) * nstate : ck;
@@ -190,57 +274,82 @@ void backward_kernel(const at::Tensor& u, const at::Tensor& dt, const at::Tensor
             dAp[n] += gn * dtv * decayed_prev;
             gp[n] = dec[n] * gn;
           }
-          du_row[t] = du_acc * dtv;
-          ddt_row[t] = ddt_acc;
+          du_row[t] = du_acc * dtv + skip * dyv;
+          dD_acc += dyv * uv;
+          const scalar_t ddelta_v = ew.use_softplus ? ddt_acc * dt_slopes[k] : ddt_acc;
+          ddelta_row[t] = ddelta_v;
+          dbias_acc += ddelta_v;
         }
       }
       for (int64_t n = 0; n < nstate; ++n) {
         dh0_p[task * nstate + n] = gp[n];
         dA_p[task * nstate + n] = dAp[n];
       }
+      dD_p[task] = dD_acc;
+      dbias_p[task] = dbias_acc;
     }
   });
 }
 
 int64_t num_chunks(int64_t len, int64_t chunk) { return (len + chunk - 1) / chunk; }
 
-std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& Bm,
-                                const at::Tensor& Cm, const c10::optional<at::Tensor>& h0, int64_t chunk) {
-  const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), nstate = A.size(1);
-  auto y = at::empty_like(u);
-  auto h_last = at::empty({batch, dim, nstate}, u.options());
-  auto checkpoints = at::empty({batch, dim, num_chunks(len, chunk), nstate}, u.options());
-  const at::Tensor h0_t = h0.has_value() ? h0.value() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_forward", [&] {
-    forward_kernel<scalar_t>(u, dt, A, Bm, Cm, h0_t, y, h_last, checkpoints, chunk);
-  });
-  return {y, h_last, checkpoints};
+at::Tensor value_or_undefined(const c10::optional<at::Tensor>& t) { return t.has_value() ? t.value() : at::Tensor(); }
+
+template <typename scalar_t>
+Elementwise<scalar_t> elementwise(const at::Tensor& D, const at::Tensor& z, const at::Tensor& delta_bias,
+                                  bool use_softplus) {
+  return {data_or_null<scalar_t>(D), data_or_null<scalar_t>(z), data_or_null<scalar_t>(delta_bias), use_softplus};
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& Bm,
-                                 const at::Tensor& Cm, const at::Tensor& checkpoints, const at::Tensor& dy,
+std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                const at::Tensor& Bm, const at::Tensor& Cm, const c10::optional<at::Tensor>& D,
+                                const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
+                                bool use_softplus, const c10::optional<at::Tensor>& h0, int64_t chunk) {
+  const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), nstate = A.size(1);
+  auto out = at::empty_like(u);
+  auto h_last = at::empty({batch, dim, nstate}, u.options());
+  auto checkpoints = at::empty({batch, dim, num_chunks(len, chunk), nstate}, u.options());
+  const at::Tensor D_t = value_or_undefined(D), z_t = value_or_undefined(z), bias_t = value_or_undefined(delta_bias);
+  const at::Tensor h0_t = value_or_undefined(h0);
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_forward", [&] {
+    const auto ew = elementwise<scalar_t>(D_t, z_t, bias_t, use_softplus);
+    forward_kernel<scalar_t>(u, delta, A, Bm, Cm, ew, h0_t, out, h_last, checkpoints, chunk);
+  });
+  return {out, h_last, checkpoints};
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                 const at::Tensor& Bm, const at::Tensor& Cm, const c10::optional<at::Tensor>& D,
+                                 const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
+                                 bool use_softplus, const at::Tensor& checkpoints, const at::Tensor& dout,
                                  const c10::optional<at::Tensor>& dh_last, int64_t chunk) {
   const int64_t batch = u.size(0), dim = u.size(1), nstate = A.size(1);
   const int64_t threads = at::get_num_threads();
   auto du = at::empty_like(u);
-  auto ddt = at::empty_like(u);
+  auto ddelta = at::empty_like(u);
   auto dA_per_batch = at::empty({batch, dim, nstate}, u.options());
   auto dh0 = at::empty({batch, dim, nstate}, u.options());
+  auto dD_per_batch = at::empty({batch, dim}, u.options());
+  auto dbias_per_batch = at::empty({batch, dim}, u.options());
+  const at::Tensor D_t = value_or_undefined(D), z_t = value_or_undefined(z), bias_t = value_or_undefined(delta_bias);
+  auto dz = z_t.defined() ? at::empty_like(u) : at::Tensor();
   std::vector<int64_t> per_thread_shape{threads};
   for (auto size : Bm.sizes()) per_thread_shape.push_back(size);
   auto dB_per_thread = at::zeros(per_thread_shape, u.options());
   auto dC_per_thread = at::zeros(per_thread_shape, u.options());
-  const at::Tensor dhl = dh_last.has_value() ? dh_last.value() : at::Tensor();
+  const at::Tensor dhl = value_or_undefined(dh_last);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_backward", [&] {
-    backward_kernel<scalar_t>(u, dt, A, Bm, Cm, checkpoints, dy, dhl, du, ddt, dA_per_batch, dB_per_thread,
-                              dC_per_thread, dh0, chunk);
+    const auto ew = elementwise<scalar_t>(D_t, z_t, bias_t, use_softplus);
+    backward_kernel<scalar_t>(u, delta, A, Bm, Cm, ew, checkpoints, dout, dhl, du, ddelta, dA_per_batch,
+                              dB_per_thread, dC_per_thread, dh0, dD_per_batch, dbias_per_batch, dz, chunk);
   });
-  return {du, ddt, dA_per_batch.sum(0), dB_per_thread.sum(0), dC_per_thread.sum(0), dh0};
+  return {du, ddelta, dA_per_batch.sum(0), dB_per_thread.sum(0), dC_per_thread.sum(0), dh0,
+          dD_per_batch.sum(0), dbias_per_batch.sum(0), dz};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "selective scan core forward: y, h_last, chunk checkpoints");
-  m.def("backward", &backward, "selective scan core backward: du, ddt, dA, dB, dC, dh0");
+  m.def("forward", &forward, "fused selective scan forward: out, h_last, chunk checkpoints");
+  m.def("backward", &backward, "fused selective scan backward: du, ddelta, dA, dB, dC, dh0, dD, ddelta_bias, dz");
 }

@@ -72,11 +72,12 @@ def load_base_weights(model: SeqLM, ckpt: str) -> None:
     """Copy the weights of checkpoint `ckpt` into `model` (same architecture); ConfigError if they do not fit."""
     path, contents = read_checkpoint(ckpt)
     source = model_from_checkpoint(contents)
-    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"checkpoint {str(path)!r} does not fit the configured model (missing {len(missing)}, "
-                          f"unexpected {len(unexpected)} tensors); recipe=extend may change the length, the "
-                          "RoPE scaling, S2-Attn and LoRA, not the architecture")
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as error:  # missing, unexpected or differently shaped tensors
+        raise ConfigError(f"checkpoint {str(path)!r} does not fit the configured model ({str(error).splitlines()[0]} "
+                          "...); recipe=extend may change the length, the RoPE scaling, S2-Attn and LoRA, "
+                          "not the architecture") from error
 
 
 __all__ = ["extend_config", "load_base_weights", "model_from_checkpoint"]

@@ -162,6 +162,9 @@ def eval_command(args: list[str]) -> tuple[Path, dict, list[dict]]:
     from seqarch.evals.results import passkey_table, ppl_table
 
     options = parse_eval_options(args)
+    if options["out"] is not None and Path(str(options["out"])).exists():
+        raise ConfigError(f"out={options['out']} already exists; results never overwrite others: choose a new "
+                          "folder, or leave out unset for <run>/evals/<task>-<scaling>/<timestamp>/")
     path, contents = read_checkpoint(str(options["ckpt"]))
     threads_before = torch.get_num_threads()
     if options["num_threads"]:

@@ -1,6 +1,6 @@
 """Train at T, evaluate up to 8T under each RoPE scaling, extend with a short fine-tune, evaluate again.
 
-    PYTHONPATH=$PWD python benchmarks/long_context_experiment.py            # ~10 min on 2 shared cores
+    PYTHONPATH=$PWD python benchmarks/long_context_experiment.py            # ~12 min on 2 shared cores
     PYTHONPATH=$PWD python benchmarks/long_context_experiment.py --quick    # smoke run, < 1 min
 
 1. Passkey: a 2-layer attention model (d_model 64) trained on `data=passkey` at T = 128 bytes.

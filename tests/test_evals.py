@@ -109,12 +109,26 @@ def test_teacher_forced_exact_match_equals_greedy_decoding():
 def test_perplexity_rows_and_the_uniform_model():
     stream = torch.randint(0, 256, (3000,), dtype=torch.uint8)
     rows = perplexity_vs_length(Uniform(), stream, [16, 100, 1000], num_windows=5)
-    assert [r["length"] for r in rows] == [16, 100, 1000] and [r["windows"] for r in rows] == [5, 5, 2]
+    assert [r["length"] for r in rows] == [16, 100, 1000] and [r["windows"] for r in rows] == [2, 2, 2]
     for row in rows:
         assert math.isclose(row["perplexity"], 256.0, rel_tol=1e-6)
         assert math.isclose(row["bits_per_token"], 8.0, rel_tol=1e-6)
     with pytest.raises(ValueError, match="shorter than length"):
-        perplexity_vs_length(Uniform(), stream, [5000])
+        perplexity_vs_length(Uniform(), stream, [16, 5000])
+
+
+def test_every_length_scores_the_text_before_the_same_end_points():
+    seen = []
+
+    class Recorder(Uniform):
+        def forward(self, tokens):
+            seen.append(tokens[:, -1].clone())
+            return super().forward(tokens)
+
+    stream = torch.randint(0, 256, (2000,), dtype=torch.uint8)
+    perplexity_vs_length(Recorder(), stream, [10, 64, 400], num_windows=3, batch_size=8)
+    assert len(seen) == 3 and all(torch.equal(last, seen[0]) for last in seen)
+    assert torch.equal(seen[0], stream[torch.tensor([399, 799, 1199])].long())
 
 
 def test_last_half_scoring_skips_the_first_half():

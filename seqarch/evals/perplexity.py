@@ -2,8 +2,10 @@
 
 Legend: N windows, L window length, V vocabulary.
 
-For each length L, the first `num_windows` non-overlapping windows of L + 1 bytes of a validation
-stream are read (inputs the first L, targets the last L). The score is the mean next-byte negative
+The stream is cut into `num_windows` consecutive spans of the largest length; for each length L
+the window is the L + 1 bytes that end where a span ends (inputs the first L, targets the last L),
+so every length scores the text just before the same end points and the scored bytes of a shorter
+window are a subset of those of a longer one. The score is the mean next-byte negative
 log-likelihood over the last half of each window (`scored="last_half"`, the default): every scored
 byte then has at least L/2 bytes of context, so a longer window can only help a model that uses its
 context, and the first bytes of a window (with almost no context, the same at every length) do
@@ -37,14 +39,15 @@ def perplexity_vs_length(model: nn.Module, stream: torch.Tensor, lengths: list[i
                          scored: str = "last_half", batch_size: int = 4) -> list[dict]:
     """One row per length: {"length", "windows", "nll", "perplexity", "bits_per_token"} over a uint8 or
     int64 token stream (S,). ValueError when the stream is too short for a window of some length."""
+    span = max(lengths)
+    available = (stream.numel() - 1) // span
+    if available < 1:
+        raise ValueError(f"ppl: the validation stream ({stream.numel()} tokens) is shorter than length {span}")
+    count = min(num_windows, available)
+    ends = [(index + 1) * span + 1 for index in range(count)]  # exclusive end of each window
     rows = []
     for length in lengths:
-        available = (stream.numel() - 1) // length
-        if available < 1:
-            raise ValueError(f"ppl: the validation stream ({stream.numel()} tokens) is shorter than length {length}")
-        count = min(num_windows, available)
-        starts = torch.arange(count) * length
-        windows = torch.stack([stream[s:s + length + 1].long() for s in starts.tolist()])  # (N, L + 1)
+        windows = torch.stack([stream[end - length - 1:end].long() for end in ends])  # (N, L + 1)
         nll = torch.cat([window_nll(model, batch, scored) for batch in windows.split(batch_size)]).mean().item()
         rows.append({"length": length, "windows": count, "nll": nll, "perplexity": math.exp(nll),
                      "bits_per_token": nll / math.log(2)})

@@ -258,7 +258,7 @@ def format_summary(summary: dict) -> str:
 def generate(args: list[str]) -> str:
     """Sample as `seqarch generate ckpt=... prompt=... max_new_tokens=... temperature=... top_k=... seed=...`;
     prints and returns the text (bytes decoded as UTF-8, or token ids for synthetic-task models)."""
-    from seqarch.models.lm import SeqLM
+    from seqarch.train.extend import model_from_checkpoint
 
     options = {"ckpt": None, "prompt": "\n", "max_new_tokens": 200, "temperature": 0.8, "top_k": None, "seed": 0}
     given = parse_overrides(args, raw_keys=("prompt",))
@@ -277,9 +277,7 @@ def generate(args: list[str]) -> str:
         raise ConfigError(f"top_k must be an int >= 1, got {options['top_k']!r}")
     path, contents = read_checkpoint(str(options["ckpt"]))
     hparams = contents["hyper_parameters"]
-    model = SeqLM.from_config(hparams["model_kwargs"])
-    model.load_state_dict({key.removeprefix("model."): value for key, value in contents["state_dict"].items()})
-    model.eval()
+    model = model_from_checkpoint(contents)  # LoRA adapters of an extended run merged
     as_bytes = hparams["metric"] == "bits_per_byte"
     prompt = str(options["prompt"])
     if as_bytes:

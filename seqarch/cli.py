@@ -7,6 +7,7 @@
     seqarch list                                    mixers (and the path each runs here), recipes, data
     seqarch bench mixers=all seq_lens=256..4096     throughput / memory vs length, report with plots
     seqarch memory model=llama-2-13b seq_lens=[4096,131072]   analytic state / KV bytes and FLOPs
+    seqarch eval ckpt=runs/mamba/<timestamp> task=ppl|passkey     long-context evals (seqarch/evals)
 
 Every command takes `key=value` arguments only. Bad input (unknown command, recipe, key, data
 source or mixer, a wrong type, a missing or corrupt checkpoint, an existing output folder) is
@@ -54,6 +55,13 @@ def _memory(args: list[str]) -> int:
         raise ConfigError(str(error)) from None
 
 
+def _eval(args: list[str]) -> int:
+    from seqarch.evals import eval_command
+
+    eval_command(args)
+    return 0
+
+
 def _list(args: list[str]) -> int:
     from seqarch.configs import config_fields
     from seqarch.data.sources import DATA_SOURCES
@@ -88,6 +96,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "list": _list,
     "bench": _bench,
     "memory": _memory,
+    "eval": _eval,
 }
 
 

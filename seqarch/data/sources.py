@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from seqarch.configs import make_config
+from seqarch.data.passkey import passkey_batch, passkey_overhead
 from seqarch.data.synthetic import induction_heads, multiquery_associative_recall, selective_copying
 from seqarch.data.text import (
     BYTE_VOCAB,
@@ -140,6 +141,30 @@ class SelectiveCopyConfig:
             raise ValueError("data 'selective_copy': need 1 <= num_tokens <= seq_len / 2 and vocab_size >= 3")
 
 
+@dataclass(frozen=True)
+class PasskeyConfig:
+    seq_len: int = 128  # bytes per example (haystack plus question plus answer)
+    num_digits: int = 5  # digits of the key; only these are scored
+    min_len: int | None = None  # shortest haystack drawn (uniform up to seq_len); None: the shortest possible
+    batch_size: int = 32
+    num_train: int = 20000  # fixed training set, seeded
+    num_val: int = 1000
+
+    def __post_init__(self):
+        _check_common("data 'passkey'", self.seq_len, self.batch_size)
+        if self.num_digits < 1:
+            raise ValueError(f"data 'passkey': num_digits must be >= 1, got {self.num_digits}")
+        shortest = passkey_overhead(self.num_digits)
+        if self.seq_len < shortest:
+            raise ValueError(f"data 'passkey': seq_len {self.seq_len} is too short for a {self.num_digits}-digit "
+                             f"key; need seq_len >= {shortest}")
+        if self.min_len is not None and not shortest <= self.min_len <= self.seq_len:
+            raise ValueError(f"data 'passkey': min_len must be in [{shortest}, seq_len={self.seq_len}], "
+                             f"got {self.min_len}")
+        if self.num_train < 1 or self.num_val < 1:
+            raise ValueError("data 'passkey': num_train and num_val must be >= 1")
+
+
 def _byte_bundle(train: torch.Tensor, val: torch.Tensor, seq_len: int, what: str) -> DataBundle:
     if val.numel() <= seq_len or train.numel() <= seq_len:
         raise ValueError(f"{what}: too little text for seq_len {seq_len} "
@@ -191,6 +216,16 @@ def _selective_copy(c: SelectiveCopyConfig, seed: int) -> DataBundle:
                         c, seed, c.vocab_size, c.vocab_size - 2, f"selective copying, {c.num_tokens} tokens")
 
 
+def _passkey(c: PasskeyConfig, seed: int) -> DataBundle:
+    min_len = c.min_len if c.min_len is not None else passkey_overhead(c.num_digits)
+
+    def make(n, generator):
+        return passkey_batch(n, c.seq_len, c.num_digits, min_len, generator)
+    bundle = _task_bundle(make, c, seed, BYTE_VOCAB, 10, f"passkey retrieval, {c.num_digits} digits")
+    bundle.tokenizer = "bytes"
+    return bundle
+
+
 @dataclass(frozen=True)
 class DataSource:
     config_cls: type
@@ -205,6 +240,7 @@ DATA_SOURCES: dict[str, DataSource] = {
     "mqar": DataSource(MQARConfig, _mqar, "multi-query associative recall (Zoology)"),
     "induction": DataSource(InductionConfig, _induction, "induction heads: recall the token after a trigger"),
     "selective_copy": DataSource(SelectiveCopyConfig, _selective_copy, "selective copying (Mamba, section 3.1)"),
+    "passkey": DataSource(PasskeyConfig, _passkey, "passkey retrieval in byte filler at random depth and length"),
 }
 
 

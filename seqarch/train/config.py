@@ -30,8 +30,8 @@ from seqarch.configs import make_config
 from seqarch.data.sources import DATA_SOURCES, data_config
 from seqarch.registry import list_mixers
 
-RUN_KEYS = ("recipe", "ckpt", "seed", "out_dir", "run_dir", "print_config")
-SECTIONS = ("model", "data", "optim", "trainer")
+RUN_KEYS = ("recipe", "ckpt", "init_from", "seed", "out_dir", "run_dir", "print_config")
+SECTIONS = ("model", "data", "optim", "trainer", "lora")
 MODEL_KEYS = ("mixer", "d_model", "n_layers", "mlp", "tie_embeddings", "norm_eps")
 
 
@@ -78,6 +78,17 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 0  # LoRA rank on the attention projections (seqarch/train/lora.py); 0: no adapters
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    train_embeddings_and_norms: bool = True  # LongLoRA: embeddings and norms stay trainable beside the adapters
+
+    def __post_init__(self):
+        if self.rank < 0 or self.alpha <= 0:
+            raise ValueError(f"lora: need rank >= 0 and alpha > 0, got rank={self.rank}, alpha={self.alpha}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The resolved, validated configuration of one run."""
 
@@ -91,12 +102,15 @@ class RunConfig:
     data: dict  # {"source": name, **that source's config}
     optim: OptimConfig
     trainer: TrainerConfig
+    lora: LoRAConfig = LoRAConfig()
+    init_from: str | None = None  # start from these weights (a new run, step 0), as recipe=extend does
 
     def to_dict(self) -> dict:
         return {"recipe": self.recipe, "seed": self.seed, "out_dir": self.out_dir, "run_dir": self.run_dir,
                 "ckpt": self.ckpt, "print_config": self.print_config, "model": dict(self.model),
                 "data": dict(self.data), "optim": dataclasses.asdict(self.optim),
-                "trainer": dataclasses.asdict(self.trainer)}
+                "trainer": dataclasses.asdict(self.trainer), "lora": dataclasses.asdict(self.lora),
+                "init_from": self.init_from}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -106,9 +120,14 @@ def recipes_dir() -> Path:
     return Path(str(resources.files("seqarch") / "recipes"))
 
 
+# Built-in recipes that are not an architecture: the base they share, and `extend`, which fine-tunes a
+# checkpoint at a longer length (it needs ckpt=, see seqarch/train/extend.py).
+_NOT_ARCHITECTURES = ("base", "extend")
+
+
 def list_recipes() -> list[str]:
-    """Built-in recipe names (the base they share excluded)."""
-    return sorted(path.stem for path in recipes_dir().glob("*.yaml") if path.stem != "base")
+    """Built-in architecture recipe names (the base and `extend` excluded)."""
+    return sorted(path.stem for path in recipes_dir().glob("*.yaml") if path.stem not in _NOT_ARCHITECTURES)
 
 
 def _recipe_path(recipe: str) -> Path:
@@ -210,6 +229,7 @@ def resolve(tree: dict, overrides: dict[str, Any]) -> RunConfig:
         data_values = dataclasses.asdict(data_config(source, **data))
         optim = make_config(OptimConfig, owner="optim", **(tree.get("optim") or {}))
         trainer = make_config(TrainerConfig, owner="trainer", **(tree.get("trainer") or {}))
+        lora = make_config(LoRAConfig, owner="lora", **(tree.get("lora") or {}))
     except ConfigError:
         raise
     except ValueError as error:
@@ -218,7 +238,7 @@ def resolve(tree: dict, overrides: dict[str, Any]) -> RunConfig:
     check_mixers(model)
     return RunConfig(recipe=run.recipe, seed=run.seed, out_dir=run.out_dir, run_dir=run.run_dir, ckpt=run.ckpt,
                      print_config=run.print_config, model=model, data={"source": source, **data_values},
-                     optim=optim, trainer=trainer)
+                     optim=optim, trainer=trainer, lora=lora, init_from=run.init_from)
 
 
 @dataclass(frozen=True)
@@ -228,6 +248,7 @@ class _RunKeys:
     out_dir: str = "runs"
     run_dir: str | None = None
     ckpt: str | None = None
+    init_from: str | None = None
     print_config: bool = False
 
 
@@ -239,5 +260,5 @@ def load_recipe(recipe: str) -> dict:
     return tree
 
 
-__all__ = ["ConfigError", "OptimConfig", "RunConfig", "TrainerConfig", "check_mixers", "list_recipes",
+__all__ = ["ConfigError", "LoRAConfig", "OptimConfig", "RunConfig", "TrainerConfig", "check_mixers", "list_recipes",
            "load_recipe", "parse_overrides", "recipes_dir", "resolve"]

@@ -35,6 +35,10 @@ def resolve_fit_config(args: list[str]) -> tuple[RunConfig, Path | None]:
     overrides = parse_overrides(args)
     recipe = overrides.pop("recipe", None)
     ckpt = overrides.pop("ckpt", None)
+    if recipe == "extend":
+        from seqarch.train.extend import extend_config
+
+        return extend_config(ckpt, overrides), None
     if ckpt is not None:
         if recipe is not None:
             raise ConfigError("give recipe= or ckpt=, not both: a checkpoint carries its own configuration "
@@ -122,6 +126,7 @@ def _train(config: RunConfig, resume_from: Path | None) -> dict[str, Any] | None
         module = LMModule(settings, model_kwargs, bundle.metric)
     except ValueError as error:
         raise ConfigError(f"model: {error}") from error
+    _prepare_weights(config, module)
     if resume_from is not None:
         _check_resumable(resume_from, module, trainer_cfg["max_steps"])
 
@@ -159,6 +164,21 @@ def _train(config: RunConfig, resume_from: Path | None) -> dict[str, Any] | None
     write_json(run_dir / "summary.json", summary)
     print(format_summary(summary))
     return summary
+
+
+def _prepare_weights(config: RunConfig, module) -> None:
+    """Load `init_from` weights (recipe=extend) and wrap the attention projections in LoRA adapters."""
+    if config.init_from is not None:
+        from seqarch.train.extend import load_base_weights
+
+        load_base_weights(module.model, config.init_from)
+    if config.lora.rank:
+        from seqarch.train.lora import apply_lora
+
+        try:
+            apply_lora(module.model, config.lora.rank, config.lora.alpha, config.lora.train_embeddings_and_norms)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
 
 def _check_resumable(path: Path, module, max_steps: int) -> None:
@@ -238,7 +258,7 @@ def format_summary(summary: dict) -> str:
 def generate(args: list[str]) -> str:
     """Sample as `seqarch generate ckpt=... prompt=... max_new_tokens=... temperature=... top_k=... seed=...`;
     prints and returns the text (bytes decoded as UTF-8, or token ids for synthetic-task models)."""
-    from seqarch.models.lm import SeqLM
+    from seqarch.train.extend import model_from_checkpoint
 
     options = {"ckpt": None, "prompt": "\n", "max_new_tokens": 200, "temperature": 0.8, "top_k": None, "seed": 0}
     given = parse_overrides(args, raw_keys=("prompt",))
@@ -257,9 +277,7 @@ def generate(args: list[str]) -> str:
         raise ConfigError(f"top_k must be an int >= 1, got {options['top_k']!r}")
     path, contents = read_checkpoint(str(options["ckpt"]))
     hparams = contents["hyper_parameters"]
-    model = SeqLM.from_config(hparams["model_kwargs"])
-    model.load_state_dict({key.removeprefix("model."): value for key, value in contents["state_dict"].items()})
-    model.eval()
+    model = model_from_checkpoint(contents)  # LoRA adapters of an extended run merged
     as_bytes = hparams["metric"] == "bits_per_byte"
     prompt = str(options["prompt"])
     if as_bytes:

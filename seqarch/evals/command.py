@@ -1,0 +1,190 @@
+"""`seqarch eval`: perplexity vs context length, or passkey retrieval, for any checkpoint and mixer.
+
+    seqarch eval ckpt=runs/transformer/<timestamp> task=ppl lengths=[64,128,256,512,1024]
+    seqarch eval ckpt=<run> task=passkey lengths=[128,256,512,1024] depths=[0,0.5,1] rope_scaling=yarn
+
+Keys (defaults): task (ppl | passkey), lengths (0.5, 1, 2, 4 and 8 x the trained length; for
+passkey those long enough for the needle and the question),
+depths ([0, 0.25, 0.5, 0.75, 1], passkey), trials (20 per passkey cell), num_digits (5),
+windows (16 per ppl length), scored (last_half | all, ppl), rope_scaling (keep: the model's own;
+none | linear | ntk | dynamic | yarn), rope_factor (max length / trained length),
+max_position (the trained length, the one a scaling extends from), seed (0), batch_size (4),
+num_threads (0: torch's default), out (a new folder; default <run>/evals/<task>-<scaling>/<timestamp>/).
+
+The RoPE keys rebuild the model with that attention config and load the same weights. Mixers
+without RoPE (every mixer but attention) have no position encoding to rescale: for them the keys
+are ignored, and the command says so. Perplexity reads the validation split of the run's byte
+text (stdlib, text or hf); runs trained on another source (e.g. passkey) are read on the stdlib
+validation split; models whose vocabulary is not bytes have no text to score.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seqarch.data.passkey import passkey_overhead
+from seqarch.evals.passkey import passkey_accuracy
+from seqarch.evals.perplexity import SCORED, perplexity_vs_length
+from seqarch.evals.results import write_results
+from seqarch.positional import ROPE_SCALING_TYPES
+from seqarch.train.config import ConfigError, parse_overrides
+from seqarch.train.extend import model_from_checkpoint
+from seqarch.train.runs import claim_run_dir, read_checkpoint
+
+TASKS = ("ppl", "passkey")
+DEFAULT_MULTIPLES = (0.5, 1, 2, 4, 8)
+_TEXT_SOURCES = ("stdlib", "text", "hf")
+OPTIONS = {"ckpt": None, "task": None, "lengths": None, "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "trials": 20,
+           "num_digits": 5, "windows": 16, "scored": "last_half", "rope_scaling": "keep", "rope_factor": None,
+           "max_position": None, "seed": 0, "batch_size": 4, "num_threads": 0, "out": None}
+
+
+def _positive_int(options: dict, key: str) -> int:
+    value = options[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key} must be an int >= 1, got {value!r}")
+    return value
+
+
+def parse_eval_options(args: list[str]) -> dict[str, Any]:
+    """The validated options of `seqarch eval <args>` (lengths still None when not given)."""
+    given = parse_overrides(args)
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} for eval; valid keys: {', '.join(OPTIONS)}")
+    options = {**OPTIONS, **given}
+    if options["ckpt"] is None:
+        raise ConfigError("eval needs ckpt=<checkpoint file or run folder>")
+    if options["task"] not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {options['task']!r}")
+    for key in ("trials", "num_digits", "windows", "batch_size"):
+        _positive_int(options, key)
+    threads = options["num_threads"]
+    if not isinstance(options["seed"], int) or not isinstance(threads, int) or threads < 0:
+        raise ConfigError("seed must be an int and num_threads an int >= 0")
+    if options["scored"] not in SCORED:
+        raise ConfigError(f"scored must be one of {', '.join(SCORED)}, got {options['scored']!r}")
+    scalings = ("keep", "none", *ROPE_SCALING_TYPES)
+    if options["rope_scaling"] not in scalings:
+        raise ConfigError(f"rope_scaling must be one of {', '.join(map(str, scalings))}, "
+                          f"got {options['rope_scaling']!r}")
+    lengths = options["lengths"]
+    if lengths is not None and (not isinstance(lengths, list) or not lengths or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in lengths)):
+        raise ConfigError(f"lengths must be a non-empty list of ints >= 2, e.g. [128,256,512], got {lengths!r}")
+    depths = options["depths"]
+    if not isinstance(depths, list) or not depths or not all(
+            isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 1 for d in depths):
+        raise ConfigError(f"depths must be a non-empty list of numbers in [0, 1], e.g. [0,0.5,1], got {depths!r}")
+    options["depths"] = [float(d) for d in depths]
+    factor = options["rope_factor"]
+    if factor is not None and (not isinstance(factor, (int, float)) or factor < 1):
+        raise ConfigError(f"rope_factor must be a number >= 1, got {factor!r}")
+    if options["max_position"] is not None:
+        _positive_int(options, "max_position")
+    return options
+
+
+def attention_overrides(options: dict, trained_length: int, lengths: list[int]) -> dict[str, Any]:
+    """The attention config keys that `rope_scaling` / `rope_factor` / `max_position` ask for."""
+    scaling = options["rope_scaling"]
+    if scaling == "keep":
+        return {}
+    if scaling == "none":
+        return {"rope_scaling": None, "rope_factor": 1.0}
+    factor = options["rope_factor"] if options["rope_factor"] is not None else max(1.0, max(lengths) / trained_length)
+    position = options["max_position"] if options["max_position"] is not None else trained_length
+    return {"rope_scaling": scaling, "rope_factor": float(factor), "max_position": position}
+
+
+def default_lengths(options: dict, trained_length: int) -> list[int]:
+    """0.5 to 8 x the trained length; for passkey without those too short for the needle and question."""
+    lengths = [max(2, round(m * trained_length)) for m in DEFAULT_MULTIPLES]
+    if options["task"] == "passkey":
+        lengths = [n for n in lengths if n >= passkey_overhead(options["num_digits"])]
+    return lengths
+
+
+def validation_stream(config: dict) -> tuple[torch.Tensor, str]:
+    """(uint8 validation stream, its name) for perplexity: the run's byte text, else the stdlib's."""
+    from seqarch.data.sources import build_data
+
+    data = dict(config["data"])
+    source = data.pop("source")
+    if source not in _TEXT_SOURCES:
+        source, data = "stdlib", {}
+    try:
+        bundle = build_data(source, **data)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    return bundle.val.stream, f"{source} validation split"
+
+
+def evaluate(contents: dict, options: dict) -> tuple[dict, list[dict]]:
+    """(meta, rows) of one eval of checkpoint `contents` with validated `options`."""
+    config = contents["hyper_parameters"]["config"]
+    trained_length = config["data"]["seq_len"]
+    lengths = options["lengths"] or default_lengths(options, trained_length)
+    layers = contents["hyper_parameters"]["model_kwargs"]["mixer"]
+    has_attention = "attention" in ([layers] if isinstance(layers, str) else layers)
+    overrides = attention_overrides(options, trained_length, lengths) if has_attention else {}
+    notes = []
+    if options["rope_scaling"] != "keep" and not has_attention:
+        notes.append(f"rope_scaling={options['rope_scaling']} ignored: mixer {layers} has no RoPE to rescale")
+    model = model_from_checkpoint(contents, overrides)
+    if model.vocab_size != 256:
+        raise ConfigError(f"task={options['task']} reads bytes; this model's vocabulary has {model.vocab_size} "
+                          "tokens (a synthetic-task model)")
+    settings = {"rope_scaling": options["rope_scaling"], **{k: v for k, v in overrides.items() if k != "rope_scaling"}}
+    try:
+        if options["task"] == "ppl":
+            stream, name = validation_stream(config)
+            settings.update(scored=options["scored"], windows=options["windows"], text=name)
+            rows = perplexity_vs_length(model, stream, lengths, options["windows"], options["scored"],
+                                        options["batch_size"])
+        else:
+            settings.update(trials=options["trials"], num_digits=options["num_digits"], seed=options["seed"])
+            rows = passkey_accuracy(model, lengths, options["depths"], options["trials"], options["num_digits"],
+                                    options["seed"], options["batch_size"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    meta = {"task": options["task"], "ckpt": str(options["ckpt"]), "trained_length": trained_length,
+            "mixers": sorted(set(model.layer_names)), "settings": settings, "notes": notes}
+    return meta, rows
+
+
+def eval_command(args: list[str]) -> tuple[Path, dict, list[dict]]:
+    """Run `seqarch eval <args>`: evaluate, write a fresh results folder, print the table."""
+    from seqarch.evals.results import passkey_table, ppl_table
+
+    options = parse_eval_options(args)
+    if options["out"] is not None and Path(str(options["out"])).exists():
+        raise ConfigError(f"out={options['out']} already exists; results never overwrite others: choose a new "
+                          "folder, or leave out unset for <run>/evals/<task>-<scaling>/<timestamp>/")
+    path, contents = read_checkpoint(str(options["ckpt"]))
+    threads_before = torch.get_num_threads()
+    if options["num_threads"]:
+        torch.set_num_threads(options["num_threads"])
+    try:
+        meta, rows = evaluate(contents, options)
+    finally:
+        torch.set_num_threads(threads_before)
+    if options["out"] is not None:
+        folder = claim_run_dir("", "", str(options["out"]))
+    else:
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        folder = claim_run_dir(str(run / "evals"), f"{options['task']}-{options['rope_scaling']}", None)
+    meta["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_results(folder, meta, rows)
+    for note in meta["notes"]:
+        print(f"note: {note}")
+    print(ppl_table(rows, meta["trained_length"]) if meta["task"] == "ppl" else passkey_table(rows))
+    print(f"results in {folder}/")
+    return folder, meta, rows
+
+
+__all__ = ["OPTIONS", "TASKS", "attention_overrides", "eval_command", "evaluate", "parse_eval_options"]

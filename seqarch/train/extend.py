@@ -1,0 +1,83 @@
+"""Context extension (`seqarch fit recipe=extend ckpt=<run> ...`) and rebuilding models from checkpoints.
+
+    seqarch fit recipe=extend ckpt=runs/custom/<timestamp> data.seq_len=1024 \\
+        model.attention.rope_scaling=yarn model.attention.s2_group=256 lora.rank=8
+
+The new run starts from the checkpoint's weights at step 0 with a fresh optimizer (unlike
+`fit ckpt=`, which resumes). Its configuration is the checkpoint's model and data sections with
+the optim, trainer and lora sections of seqarch/recipes/extend.yaml, then the overrides. A RoPE
+scaling given without rope_factor gets factor = new seq_len / trained seq_len, and without
+max_position the trained seq_len (the length the scaling extends from).
+
+`model_from_checkpoint` rebuilds the SeqLM of any checkpoint, optionally with overridden attention
+keys (the same weights under another RoPE scaling), with LoRA adapters merged into the base weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from seqarch.models.lm import SeqLM
+from seqarch.train.config import ConfigError, RunConfig, load_recipe, resolve
+from seqarch.train.runs import read_checkpoint
+
+_EXTEND_SECTIONS = ("optim", "trainer", "lora")
+
+
+def extend_config(ckpt: Any, overrides: dict[str, Any]) -> RunConfig:
+    """The run config of `seqarch fit recipe=extend ckpt=<ckpt> <overrides>`."""
+    if ckpt is None:
+        raise ConfigError("recipe=extend needs ckpt=<run folder or .ckpt> of the model to extend")
+    path, contents = read_checkpoint(str(ckpt))
+    base = contents["hyper_parameters"]["config"]
+    recipe = load_recipe("extend")
+    tree = {key: value for key, value in base.items() if key not in _EXTEND_SECTIONS}
+    tree["trainer"] = {**base["trainer"], **recipe["trainer"]}
+    tree.update(optim=recipe["optim"], lora=recipe["lora"], recipe="extend", ckpt=None, init_from=str(path),
+                run_dir=None, print_config=False)
+    config = resolve(tree, overrides)
+    attention = config.model.get("attention") or {}
+    if attention.get("rope_scaling") is not None:
+        trained = base["data"]["seq_len"]
+        implied = {"model.attention.rope_factor": max(1.0, config.data["seq_len"] / trained),
+                   "model.attention.max_position": trained}
+        missing = {key: value for key, value in implied.items() if key not in overrides}
+        if missing:
+            config = resolve(tree, {**overrides, **missing})
+    return config
+
+
+def model_from_checkpoint(contents: dict, attention_overrides: dict[str, Any] | None = None) -> SeqLM:
+    """The trained SeqLM of checkpoint `contents` (LoRA merged), in eval mode; `attention_overrides`
+    replace keys of the attention config (the weights do not depend on them)."""
+    from seqarch.train.lora import apply_lora, merge_lora
+
+    hparams = contents["hyper_parameters"]
+    kwargs = dict(hparams["model_kwargs"])
+    if attention_overrides:
+        kwargs["attention"] = {**(kwargs.get("attention") or {}), **attention_overrides}
+    try:
+        model = SeqLM.from_config(kwargs)
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from error
+    lora = hparams["config"].get("lora") or {}
+    if lora.get("rank"):
+        apply_lora(model, lora["rank"], lora["alpha"])
+    model.load_state_dict({key.removeprefix("model."): value for key, value in contents["state_dict"].items()})
+    merge_lora(model)
+    return model.eval()
+
+
+def load_base_weights(model: SeqLM, ckpt: str) -> None:
+    """Copy the weights of checkpoint `ckpt` into `model` (same architecture); ConfigError if they do not fit."""
+    path, contents = read_checkpoint(ckpt)
+    source = model_from_checkpoint(contents)
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as error:  # missing, unexpected or differently shaped tensors
+        raise ConfigError(f"checkpoint {str(path)!r} does not fit the configured model ({str(error).splitlines()[0]} "
+                          "...); recipe=extend may change the length, the RoPE scaling, S2-Attn and LoRA, "
+                          "not the architecture") from error
+
+
+__all__ = ["extend_config", "load_base_weights", "model_from_checkpoint"]

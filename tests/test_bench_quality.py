@@ -68,7 +68,7 @@ def test_sweep_writes_quality_json_and_the_report_section(tmp_path):
     assert rows == json.loads((tmp_path / "quality" / "quality.json").read_text())
     cells = [(32, 16), (64, 16), (64, 32)]
     assert [(row["mixer"], row["d_model"], row["seq_len"]) for row in rows] == [
-        (mixer, width, length) for mixer in ("attention", "s4d") for width, length in cells]
+        (mixer, width, length) for width, length in cells for mixer in ("attention", "s4d")]
     assert len(lines) == len(rows)
     for row in rows:
         assert set(row) == ROW_KEYS

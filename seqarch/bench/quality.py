@@ -97,7 +97,7 @@ class QualitySettings:
 # Presets for `seqarch bench quality=true quality_grid=<name>`; other grids: benchmarks/run_quality_sweep.py.
 GRIDS: dict[str, dict[str, Any]] = {
     "quick": {"widths": (32,), "seq_lens": (32,), "steps": 60, "num_train": 2000, "num_val": 64},  # smoke: ~1 min
-    "default": {},  # 5 cells x 7 mixers, ~20 min on a quiet 2-core CPU
+    "default": {"budget_s": 1500.0},  # 5 cells x 7 mixers, ~20 min on a quiet 2-core CPU (estimate); cut at 25
     "full": {"grid": "full"},  # 9 cells x 7 mixers
     "large": {"grid": "full", "widths": (32, 64, 128, 256), "seq_lens": (64, 128, 256, 512), "steps": 1500},
 }
@@ -140,14 +140,14 @@ def run_cell(settings: QualitySettings, mixer: str, d_model: int, seq_len: int) 
 
 
 def run_quality_sweep(settings: QualitySettings, progress=print) -> list[dict[str, Any]]:
-    """Train every mixer at every cell of `settings` (cells inner, so a budget cut keeps whole mixers
-    comparable only cell by cell); writes and returns the rows of <out>/quality.json."""
+    """Train every mixer at every cell of `settings`, mixers inner (a budget cut then drops the last,
+    longest cells for every mixer alike); writes and returns the rows of <out>/quality.json."""
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = []
-    for mixer in settings.mixer_names:
-        for d_model, seq_len in settings.cells():
+    for d_model, seq_len in settings.cells():
+        for mixer in settings.mixer_names:
             if settings.budget_s and time.perf_counter() - started > settings.budget_s:
                 rows.append(_cell_row(settings, mixer, d_model, seq_len))
                 continue

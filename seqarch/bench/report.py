@@ -186,16 +186,18 @@ def _accuracy_cell(row: dict[str, Any] | None) -> str:
 
 
 def quality_table(quality: list[dict[str, Any]]) -> str:
-    """One line per (mixer, L): accuracy at every width; a cell that did not run shows its status."""
+    """One line per (mixer, L): accuracy at every width; a cell that did not run shows its status.
+    A "kv pairs" column follows L when the rows carry `num_kv_pairs` (the sweep's rows do)."""
     widths = sorted({row["d_model"] for row in quality})
+    with_pairs = any("num_kv_pairs" in row for row in quality)
     index = {(row["mixer"], row["seq_len"], row["d_model"]): row for row in quality}
     body = []
     for mixer in dict.fromkeys(row["mixer"] for row in quality):
         for length in sorted({row["seq_len"] for row in quality if row["mixer"] == mixer}):
             pairs = {row.get("num_kv_pairs") for row in quality if row["seq_len"] == length} - {None}
-            body.append([mixer, str(length), ",".join(map(str, sorted(pairs))) or "—"]
+            body.append([mixer, str(length)] + ([",".join(map(str, sorted(pairs))) or "—"] if with_pairs else [])
                         + [_accuracy_cell(index.get((mixer, length, width))) for width in widths])
-    return _table(["mixer", "L", "kv pairs"] + [f"d={width}" for width in widths], body)
+    return _table(["mixer", "L"] + (["kv pairs"] if with_pairs else []) + [f"d={width}" for width in widths], body)
 
 
 def _quality_section(quality, figures) -> list[str]:

@@ -5,7 +5,8 @@
     python benchmarks/run_quality_sweep.py --preset large   # a preset of seqarch.bench.quality.GRIDS
     python benchmarks/run_quality_sweep.py widths=[64,128] seq_lens=[128,512] steps=2000 mixers=attention,mamba
 
-`key=value` arguments set any field of `seqarch.bench.quality.QualitySettings` on top of the preset.
+`key=value` arguments set any field of `seqarch.bench.quality.QualitySettings` on top of the preset
+(the default preset stops starting cells after 25 minutes: add budget_s=0 for a larger grid).
 Writes benchmarks/results/quality/<name>/ (default name: the preset, or "quick"): quality.json
 (one row per mixer x width x length), quality.md with the accuracy table and its two plots, and
 machine.json (CPU, cores, load, versions, date). The run folders of every cell (config, metrics,

@@ -1,6 +1,7 @@
 """`seqarch bench` and `seqarch memory`: the command-line entry points of seqarch.bench.
 
     seqarch bench mixers=all seq_lens=256..16384 modes=[train,prefill,decode] out=bench_results
+    seqarch bench quality=true quality_grid=default      # also train each mixer on MQAR (~20 min)
     seqarch memory model=llama-2-13b mixers=attention,s4d seq_lens=[4096,131072]
 
 Both take `key=value` overrides and return an exit code; bad input raises one ValueError (the CLI
@@ -16,6 +17,7 @@ from typing import Any
 
 from seqarch.bench.accounting import PRESETS, ModelShape, account, shape_from
 from seqarch.bench.machine import machine_info
+from seqarch.bench.quality import quality_settings, run_quality_sweep
 from seqarch.bench.report import format_bytes, format_count, load_quality, write_report
 from seqarch.bench.runner import Executor, run_case, run_sweep
 from seqarch.bench.settings import BenchSettings, parse_bench_settings, parse_overrides
@@ -28,10 +30,22 @@ def bench_shape(settings: BenchSettings, mixer: str, d_model: int) -> ModelShape
     return ModelShape(d_model, settings.n_layers, settings.vocab_size, settings.dtype, True, settings.mlp, overrides)
 
 
+def quality_rows(settings: BenchSettings, progress=print) -> list[dict[str, Any]] | None:
+    """The MQAR rows of the report: none, a fresh sweep (quality=true, written to <out>/quality/quality.json
+    with the run folders beside it) or rows written earlier (quality=<path>)."""
+    if not settings.quality:
+        return None
+    if settings.quality != "true":
+        return load_quality(settings.quality)
+    sweep = quality_settings(settings.quality_grid, mixers=settings.mixers, seed=settings.seed,
+                             out=str(Path(settings.out) / "quality"))
+    return run_quality_sweep(sweep, progress)
+
+
 def run_bench(settings: BenchSettings, progress=print, execute: Executor = run_case) -> Path:
     """Run the sweep of `settings` and write its files; returns the report's path.
     `execute(spec, budget_s)` runs one case (default: a fresh subprocess, see runner.run_case)."""
-    quality = load_quality(settings.quality) if settings.quality else None
+    quality = quality_rows(settings, progress)
     large_shape = shape_from(settings.extrapolate, {})
     machine = machine_info()
     rows = run_sweep(settings, progress, execute)

@@ -130,14 +130,16 @@ def _quality_plots(quality, out: Path) -> dict[str, str]:
         for mixer in mixers:
             for other in sorted({row[other_key] for row in quality if row["mixer"] == mixer}):
                 points = sorted((row[axis_key], row["accuracy"]) for row in quality
-                                if row["mixer"] == mixer and row[other_key] == other)
-                axes.plot(*zip(*points, strict=True), marker="o", label=f"{mixer} {other_key}={other}")
+                                if row["mixer"] == mixer and row[other_key] == other and row["accuracy"] is not None)
+                if points:
+                    axes.plot(*zip(*points, strict=True), marker="o", label=f"{mixer} {other_key}={other}")
         axes.set_xscale("log", base=2)
         axes.set_xlabel(axis_key)
         axes.set_ylabel("MQAR accuracy")
         axes.set_ylim(0, 1.02)
         axes.grid(True, alpha=0.3)
-        axes.legend(fontsize=7)
+        if axes.lines:
+            axes.legend(fontsize=7)
         figure.tight_layout()
         figure.savefig(out / f"{name}.png", dpi=110)
         plt.close(figure)
@@ -175,25 +177,62 @@ def _ratio_table(rows, mixers, mode, reference) -> str:
     return _table(["mixer"] + [f"L={length}" for length in lengths], body)
 
 
+def _accuracy_cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "—"
+    if row["accuracy"] is None:
+        return row.get("status", "failed")
+    return f"{row['accuracy']:.3f}"
+
+
+def quality_table(quality: list[dict[str, Any]]) -> str:
+    """One line per (mixer, L): accuracy at every width; a cell that did not run shows its status.
+    A "kv pairs" column follows L when the rows carry `num_kv_pairs` (the sweep's rows do)."""
+    widths = sorted({row["d_model"] for row in quality})
+    with_pairs = any("num_kv_pairs" in row for row in quality)
+    index = {(row["mixer"], row["seq_len"], row["d_model"]): row for row in quality}
+    body = []
+    for mixer in dict.fromkeys(row["mixer"] for row in quality):
+        for length in sorted({row["seq_len"] for row in quality if row["mixer"] == mixer}):
+            pairs = {row.get("num_kv_pairs") for row in quality if row["seq_len"] == length} - {None}
+            body.append([mixer, str(length)] + ([",".join(map(str, sorted(pairs))) or "—"] if with_pairs else [])
+                        + [_accuracy_cell(index.get((mixer, length, width))) for width in widths])
+    return _table(["mixer", "L"] + (["kv pairs"] if with_pairs else []) + [f"d={width}" for width in widths], body)
+
+
 def _quality_section(quality, figures) -> list[str]:
     lines = ["## Quality: MQAR accuracy vs width and length", ""]
     if not quality:
         return lines + [
             "Not run for this report. The quality sweep trains each mixer on multi-query associative recall",
-            "(MQAR, as Zoology does) at a few widths and lengths with `seqarch.train`; pass its rows with",
-            "`quality=<path to quality.json>` (a JSON list of {mixer, d_model, seq_len, accuracy}) and this",
-            "section shows accuracy vs width and vs length per mixer.", "",
+            "(MQAR, as Zoology does) at a few widths and lengths with `seqarch.train`: run it with",
+            "`seqarch bench quality=true`, or pass rows written earlier with `quality=<path to quality.json>`",
+            "(a JSON list of {mixer, d_model, seq_len, accuracy}), and this section shows accuracy vs width",
+            "and vs length per mixer.", "",
         ]
-    widths = sorted({row["d_model"] for row in quality})
-    body = []
-    for mixer in sorted({row["mixer"] for row in quality}):
-        for length in sorted({row["seq_len"] for row in quality if row["mixer"] == mixer}):
-            by_width = {row["d_model"]: row["accuracy"] for row in quality
-                        if row["mixer"] == mixer and row["seq_len"] == length}
-            body.append([mixer, str(length)] + [f"{by_width[w]:.3f}" if w in by_width else "—" for w in widths])
-    return lines + [_table(["mixer", "L"] + [f"d={w}" for w in widths], body), "",
-                    f"![accuracy vs width]({figures['accuracy_vs_width']})",
+    settings = {(row.get("steps"), row.get("lr")) for row in quality}
+    trained = ", ".join(f"{steps} steps at lr {lr}" for steps, lr in sorted(settings, key=str)
+                        if steps is not None)
+    errors = sorted({f"{row['mixer']} d={row['d_model']} L={row['seq_len']}: {row['error']}" for row in quality
+                     if row.get("error")})
+    lines += ["Final validation accuracy on MQAR (two-layer SeqLM per mixer, trained from scratch per cell"
+              + (f"; {trained}" if trained else "") + "). Chance is 1 / (V / 2); guessing among the values"
+              " in context gives ~1 / kv pairs, so accuracy well above that means recall.", "",
+              quality_table(quality), ""]
+    if errors:
+        lines += ["Cells that failed:", ""] + [f"- {error}" for error in errors] + [""]
+    return lines + [f"![accuracy vs width]({figures['accuracy_vs_width']})",
                     f"![accuracy vs length]({figures['accuracy_vs_length']})", ""]
+
+
+def write_quality_report(quality: list[dict[str, Any]], out: Path) -> Path:
+    """The quality section alone (quality.md and its two plots in `out`), for a sweep run without
+    the speed benchmark; returns quality.md's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = _quality_plots(quality, out)
+    report = out / "quality.md"
+    report.write_text("\n".join(["# seqarch quality report", ""] + _quality_section(quality, figures)))
+    return report
 
 
 def _analytic_table(rows, with_measured: dict | None = None) -> str:

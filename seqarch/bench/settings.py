@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from seqarch.bench.quality import GRIDS
 from seqarch.configs import make_config
 from seqarch.registry import build_config, list_mixers
 
@@ -49,7 +50,8 @@ class BenchSettings:
     seed: int = 0  # torch seed in every case
     out: str = "bench_results"  # directory for results.json, results.csv, report.md and plots
     note: str = ""  # free text printed at the top of the report (e.g. "machine shared with 7 jobs")
-    quality: str = ""  # path to MQAR accuracy rows (JSON) to include in the report; empty: none
+    quality: str = ""  # MQAR accuracy section: "" none, "true" run the sweep first, else a quality.json path
+    quality_grid: str = "default"  # with quality=true: a preset of seqarch.bench.quality.GRIDS
     extrapolate: str = "llama-2-13b"  # model shape for the report's analytic section (see accounting.PRESETS)
     extrapolate_lens: tuple[int, ...] = (4096, 32768, 131072)  # lengths for the analytic section
     mixer_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-mixer config keys
@@ -77,6 +79,8 @@ class BenchSettings:
             raise ValueError(f"bench: dtype={self.dtype!r}; valid: {', '.join(DTYPES)}")
         if self.device not in DEVICES:
             raise ValueError(f"bench: device={self.device!r}; valid: {', '.join(DEVICES)}")
+        if self.quality_grid not in GRIDS:
+            raise ValueError(f"bench: quality_grid={self.quality_grid!r}; valid: {', '.join(GRIDS)}")
         for name, overrides in self.mixer_overrides.items():
             build_config(name, **{"d_model": self.d_model, **overrides})  # fails early, naming the key
 
@@ -154,6 +158,8 @@ def parse_overrides(overrides: list[str], config_cls: type, owner: str) -> dict[
 def parse_bench_settings(overrides: list[str]) -> BenchSettings:
     """The settings of `seqarch bench key=value ...`."""
     values = parse_overrides(overrides, BenchSettings, "seqarch bench")
+    if isinstance(values.get("quality"), bool):  # OmegaConf reads quality=true as a bool
+        values["quality"] = "true" if values["quality"] else ""
     mixer_overrides = values.pop("mixer_overrides", {})
     settings = make_config(BenchSettings, owner="seqarch bench", **values)
     return dataclasses.replace(settings, mixer_overrides=mixer_overrides) if mixer_overrides else settings

@@ -137,6 +137,15 @@ def test_peak_memory_of_a_known_allocation_is_measured_within_10_percent():
     assert abs(measured - size) <= 0.10 * size, f"measured {measured / 2**20:.1f} MiB for a 256 MiB tensor"
 
 
+def test_peak_memory_is_the_case_own_even_when_the_parent_is_large():
+    parent_block = torch.ones(512 * 2**20, dtype=torch.uint8)  # the parent's RSS exceeds the child's peak
+    size = 64 * 2**20
+    result = run_case({"mode": "probe", "alloc_bytes": size, "threads": 1}, budget_s=300)
+    measured = result["peak_bytes"] - result["baseline_bytes"]
+    assert abs(measured - size) <= 0.10 * size, f"measured {measured / 2**20:.1f} MiB for a 64 MiB tensor"
+    del parent_block
+
+
 def test_llama_2_13b_kv_cache_matches_the_textbook_formula_without_allocating():
     rss_before = current_rss_bytes()
     rows = {row["seq_len"]: row for row in account("attention", PRESETS["llama-2-13b"], [4096, 131072])}

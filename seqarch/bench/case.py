@@ -12,7 +12,7 @@ Modes (all on the `SeqLM` built by `accounting.build_model`, random tokens):
   probe    allocate and touch `alloc_bytes` bytes: checks that the memory probe sees a known size
 
 Each case times `warmup` untimed runs, then `repeats` timed runs, and reports every sample.
-Memory: on CPU the process's peak resident set (ru_maxrss, i.e. VmHWM) after the case, and the
+Memory: on CPU the process's peak resident set (VmHWM) after the case, and the
 resident set after imports, model build and inputs (the baseline), so that peak - baseline is the
 case's own increment. On CUDA, `torch.cuda.max_memory_allocated` after a reset at the baseline.
 The result is one line on stdout starting with RESULT_PREFIX, followed by JSON.
@@ -21,7 +21,6 @@ The result is one line on stdout starting with RESULT_PREFIX, followed by JSON.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -46,8 +45,15 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process's own memory so far (VmHWM), in bytes.
+
+    Not `ru_maxrss`: Linux carries that across fork + exec, so a case started from a large parent
+    (a pytest session, a sweep) would report the parent's resident set as its own peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM missing from /proc/self/status")
 
 
 def _synchronize(device: torch.device) -> None:

@@ -27,6 +27,7 @@ import time
 import torch
 
 from seqarch import build_mixer
+from seqarch.bench.memory import peak_rss_growth_bytes
 
 
 def variants(length: int) -> dict[str, dict]:
@@ -82,21 +83,12 @@ def interleaved(cases: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
 def peak_memory_child(name: str, length: int, d_model: int, heads: int) -> None:
     """Run in a subprocess: print the peak RSS growth (MiB) of one training step (Linux: the high-water
     mark is reset through /proc/self/clear_refs, so the import's own peak does not hide the step's)."""
     mixer = build(name, length, d_model, heads)
     x = torch.randn(1, length, d_model)
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    before = _status_kib("VmRSS")
-    train_step(mixer, x)
-    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before) / 1024}))
+    print(json.dumps({"peak_mib": peak_rss_growth_bytes(train_step, mixer, x) / 2**20}))
 
 
 def peak_memory(name: str, length: int, d_model: int, heads: int) -> float:

@@ -26,6 +26,7 @@ import time
 import torch
 
 from seqarch import build_mixer
+from seqarch.bench.memory import peak_rss_growth_bytes
 from seqarch.ops.fftconv import fftconv
 
 
@@ -60,26 +61,13 @@ def peak_rss_mib(name: str, d_model: int, length: int, max_len: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_case(case: dict) -> None:
-    """Print the growth of peak RSS over one forward: Linux resets the peak (VmHWM) on writing 5 to
-    /proc/self/clear_refs, so imports and set-up do not count."""
+    """Print the growth of peak RSS (MiB) over one forward; imports and set-up do not count."""
     overrides = {"max_len": case["max_len"]} if case["name"] == "hyena" else {}
     mixer = build_mixer(case["name"], d_model=case["d_model"], **overrides)
     x = torch.randn(1, case["length"], case["d_model"])
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    before = _status_kib("VmRSS")
     with torch.no_grad():
-        mixer(x)
-    print((_status_kib("VmHWM") - before) / 1024)
+        print(peak_rss_growth_bytes(mixer, x) / 2**20)
 
 
 def table_fftconv(d_model: int, lengths, repeats: int) -> None:

@@ -30,6 +30,7 @@ from einops import rearrange
 
 from seqarch import build_mixer
 from seqarch.backends import module_available
+from seqarch.bench.memory import peak_rss_growth_bytes
 from seqarch.ops.selective_scan import compiled_kernel, selective_scan, selective_scan_ref
 
 D_MODEL, D_INNER, D_STATE = 768, 1536, 16
@@ -136,26 +137,13 @@ def time_interleaved(calls: dict, repeats: int) -> dict:
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def _status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def child_peak_memory(kind: str, name: str, length: int, mode: str) -> None:
     """In a fresh process: peak RSS above the RSS just before one call (Linux /proc), as JSON."""
     compiled_kernel()  # the extension's own pages are not the op's memory
     if name == "mambapy":
         import mambapy.pscan  # noqa: F401
     call = make_call(kind, name, length, mode)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-    before = _status_bytes("VmRSS")
-    call()
-    print(json.dumps({"peak_bytes": max(0, _status_bytes("VmHWM") - before)}))
+    print(json.dumps({"peak_bytes": peak_rss_growth_bytes(call)}))
 
 
 def peak_memory(kind: str, name: str, length: int, mode: str, threads: int) -> float | None:

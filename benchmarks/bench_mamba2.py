@@ -24,6 +24,7 @@ import time
 import torch
 
 from seqarch import build_mixer, list_mixers
+from seqarch.bench.memory import peak_rss_growth_bytes
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -33,21 +34,9 @@ def force_mmap_for_large_allocations() -> None:
     ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 16)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory_mib(fn, *args) -> float:
     """Growth of the peak resident set while fn(*args) runs, in MiB."""
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    fn(*args)
-    return (_status_kib("VmHWM") - before) / 1024
+    return peak_rss_growth_bytes(fn, *args) / 2**20
 
 
 def forward(mixer, x):

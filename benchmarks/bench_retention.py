@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from seqarch.bench.memory import peak_rss_growth_bytes
 from seqarch.ops.retention import retention, retention_ref
 
 HEADS, HEAD_DIM = 12, 64
@@ -53,24 +54,11 @@ def timed(form: str, length: int, train: bool, chunk_size: int = 64) -> float:
     return time.perf_counter() - start
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory_child(form: str, length: int, train: bool) -> None:
     """Runs in a subprocess: prints the peak RSS growth (bytes) of one run over the resident size
-    just before it. Linux resets the peak (VmHWM) when 5 is written to /proc/self/clear_refs, so the
-    high-water mark of importing torch does not hide a smaller run."""
+    just before it (the high-water mark of importing torch does not hide a smaller run)."""
     run("chunkwise", 64, train)  # load lazily initialised kernels before measuring
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    before = _status_kib("VmRSS")
-    run(form, length, train)
-    print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - before) * 1024}))
+    print(json.dumps({"peak_bytes": peak_rss_growth_bytes(run, form, length, train)}))
 
 
 def peak_memory(form: str, length: int, train: bool) -> int:

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from seqarch.bench.memory import peak_rss_growth_bytes
 from seqarch.ops.wkv import wkv6, wkv6_parallel, wkv6_ref
 
 HEADS, HEAD_SIZE = 12, 64
@@ -48,26 +49,13 @@ def run_once(form: str, inputs, backward: bool) -> None:
         out.sum().backward()
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def measure_peak_memory(form: str, length: int, backward: bool) -> int:
     """Run in a fresh process: bytes of peak RSS above the RSS once the inputs exist.
 
-    The peak is this process's VmHWM, reset just before the call (writing 5 to clear_refs);
-    `ru_maxrss` would not do, as it keeps the high-water mark of the parent it was forked from.
+    The peak is this process's VmHWM, reset just before the call (seqarch.bench.memory).
     """
     inputs = make_inputs(length, backward)
-    baseline = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    run_once(form, inputs, backward)
-    return _status_bytes("VmHWM") - baseline
+    return peak_rss_growth_bytes(run_once, form, inputs, backward)
 
 
 def peak_memory_in_subprocess(form: str, length: int, backward: bool, threads: int) -> int:

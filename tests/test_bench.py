@@ -22,8 +22,8 @@ from seqarch import list_mixers
 from seqarch.bench import bench_command, memory_command, parse_bench_settings, run_bench
 from seqarch.bench.accounting import PRESETS, account, count_parameters, match_width
 from seqarch.bench.analysis import crossover, crossover_length, fit_exponent
-from seqarch.bench.case import current_rss_bytes
 from seqarch.bench.case import run_case as run_case_here
+from seqarch.bench.memory import current_rss_bytes
 from seqarch.bench.runner import COLUMNS, plan_widths, run_case
 from seqarch.bench.settings import BenchSettings
 

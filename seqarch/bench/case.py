@@ -31,29 +31,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from seqarch.bench.accounting import build_model, parameter_counts, torch_dtype
+from seqarch.bench.memory import current_rss_bytes, peak_rss_bytes
 
 RESULT_PREFIX = "SEQARCH_BENCH_RESULT "
-
-
-def current_rss_bytes() -> int:
-    """Resident set size now (VmRSS), in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS missing from /proc/self/status")
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process's own memory so far (VmHWM), in bytes.
-
-    Not `ru_maxrss`: Linux carries that across fork + exec, so a case started from a large parent
-    (a pytest session, a sweep) would report the parent's resident set as its own peak."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM missing from /proc/self/status")
 
 
 def _synchronize(device: torch.device) -> None:

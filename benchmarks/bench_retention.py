@@ -10,7 +10,7 @@ Forms: `chunkwise` (default path), `parallel` (O(T^2) memory; skipped above --pa
 loop). Timings are interleaved (every form once per round, rounds repeated) and reported as
 medians, so a slow stretch of a shared machine hits all forms alike; the ratio column is
 reference time / form time from the same run. Peak memory is the growth of the process's peak RSS (Linux VmHWM)
-over one run, inputs included, each (form, T) in a fresh subprocess so that every peak is its own.
+over one run (inputs made before the baseline), each (form, T) in a fresh subprocess so that every peak is its own.
 A second table times the chunkwise form for several chunk lengths (how the default C was chosen).
 """
 
@@ -37,8 +37,9 @@ def make_inputs(length: int, requires_grad: bool):
     return [torch.randn(1, HEADS, length, HEAD_DIM, requires_grad=requires_grad) for _ in range(3)]
 
 
-def run(form: str, length: int, train: bool, chunk_size: int = 64) -> None:
-    q, k, v = make_inputs(length, train)
+def run(form: str, inputs: list[torch.Tensor], train: bool, chunk_size: int = 64) -> None:
+    """One call of `form` (and its backward when training) on inputs made beforehand."""
+    q, k, v = inputs
     with torch.set_grad_enabled(train):
         if form == "reference":
             out, _ = retention_ref(q, k, v)
@@ -48,17 +49,21 @@ def run(form: str, length: int, train: bool, chunk_size: int = 64) -> None:
             out.sum().backward()
 
 
-def timed(form: str, length: int, train: bool, chunk_size: int = 64) -> float:
+def timed(form: str, inputs: list[torch.Tensor], train: bool, chunk_size: int = 64) -> float:
+    """Seconds of one run; making the inputs is not timed, gradients are cleared before."""
+    for tensor in inputs:
+        tensor.grad = None
     start = time.perf_counter()
-    run(form, length, train, chunk_size)
+    run(form, inputs, train, chunk_size)
     return time.perf_counter() - start
 
 
 def peak_memory_child(form: str, length: int, train: bool) -> None:
     """Runs in a subprocess: prints the peak RSS growth (bytes) of one run over the resident size
     just before it (the high-water mark of importing torch does not hide a smaller run)."""
-    run("chunkwise", 64, train)  # load lazily initialised kernels before measuring
-    print(json.dumps({"peak_bytes": peak_rss_growth_bytes(run, form, length, train)}))
+    run("chunkwise", make_inputs(64, train), train)  # load lazily initialised kernels before measuring
+    inputs = make_inputs(length, train)
+    print(json.dumps({"peak_bytes": peak_rss_growth_bytes(run, form, inputs, train)}))
 
 
 def peak_memory(form: str, length: int, train: bool) -> int:
@@ -89,12 +94,13 @@ def sweep(args) -> None:
     for train in (False, True):
         for length in args.lengths:
             forms = forms_for(length, train, args)
+            inputs = make_inputs(length, train)
             for form in forms:
-                timed(form, length, train)
+                timed(form, inputs, train)
             times = {form: [] for form in forms}
             for _ in range(args.repeats):
                 for form in forms:
-                    times[form].append(timed(form, length, train))
+                    times[form].append(timed(form, inputs, train))
             medians = {form: statistics.median(values) for form, values in times.items()}
             for form in FORMS:
                 if form not in forms:
@@ -109,12 +115,13 @@ def chunk_sweep(args) -> None:
     length = args.chunk_length
     sizes = (16, 32, 64, 128, 256)
     print(f"\nchunkwise forward+backward at T={length}: time (ms) by chunk length, median of {args.repeats}")
+    inputs = make_inputs(length, True)
     for size in sizes:
-        timed("chunkwise", length, True, size)
+        timed("chunkwise", inputs, True, size)
     times = {size: [] for size in sizes}
     for _ in range(args.repeats):
         for size in sizes:
-            times[size].append(timed("chunkwise", length, True, size))
+            times[size].append(timed("chunkwise", inputs, True, size))
     print("  ".join(f"C={size}: {statistics.median(values) * 1e3:.1f}" for size, values in times.items()))
 
 

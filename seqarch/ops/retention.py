@@ -2,7 +2,7 @@
 
 Sun et al. (2023), "Retentive Network: A Successor to Transformer for Large Language Models",
 section 2.1. Legend: B batch, H heads, T length, K query/key head dim, V value head dim,
-C chunk length, N number of chunks, G chunks per state block; a state S is (B, H, K, V).
+C chunk length, N number of chunks; a state S is (B, H, K, V).
 
 Per head, with decay γ in (0, 1) and scale s (applied to q; default K^-1/2):
 
@@ -27,12 +27,6 @@ import torch
 from einops import rearrange
 
 RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
-
-# Chunks whose states are combined in one matrix product before carrying to the next block. The
-# product costs G K V per chunk, no more than the chunk-local products (C K V) while G <= C, and the
-# Python loop runs N / G times (once for T <= 4096 at C = 64).
-_STATE_BLOCK = 64
-
 
 def default_log_decay(n_heads: int, device=None) -> torch.Tensor:
     """log γ_h for RetNet's multi-scale decays γ_h = 1 - 2^(-5-h), h = 0..H-1: (H,) float64."""
@@ -91,30 +85,19 @@ def _parallel(q, k, v, log_gamma, scale, initial_state, output_final_state):
 
 
 def _chunk_states(local: torch.Tensor, log_a: torch.Tensor, initial_state):
-    """The state entering each chunk, P_i = a^i S_{-1} + Σ_{j<i} a^(i-1-j) U_j (B, H, N, K, V), and
-    the state after the last chunk, for chunk-local states U (B, H, N, K, V) and a = γ^C.
+    """The state entering each chunk, P_i = a P_{i-1} + U_{i-1} with P_0 = S_{-1} (B, H, N, K, V), and
+    the state after the last chunk, for chunk-local states U (B, H, N, K, V) and a = γ^C (H,).
 
-    Blocks of G chunks are solved by one matrix product each; only the carry crosses blocks."""
-    batch, heads, n_chunks, key_dim, value_dim = local.shape
-    flat = rearrange(local, "b h n k v -> b h n (k v)")
-    carry = None if initial_state is None else rearrange(initial_state, "b h k v -> b h 1 (k v)")
+    The recurrence across chunks is the paper's: one (B, H, K, V) multiply-add per chunk, N = T / C
+    steps, which costs less than any product that mixes the N states at once (that costs N K V per chunk)."""
+    batch, heads, _, key_dim, value_dim = local.shape
+    a = torch.exp(log_a)[:, None, None]  # (H, 1, 1)
+    state = local.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state
     entering = []
-    for start in range(0, n_chunks, _STATE_BLOCK):
-        block = flat[:, :, start:start + _STATE_BLOCK]  # (B, H, G, K V)
-        size = block.shape[2]
-        i = torch.arange(size + 1, device=local.device)
-        weights = _powers(i[:, None] - 1 - i[None, :size], log_a)  # (H, G + 1, G); row G makes the carry
-        states = weights[:, :size] @ block  # (B, H, G, K V)
-        new_carry = weights[:, size:] @ block  # (B, H, 1, K V)
-        if carry is not None:
-            powers = _powers(i, log_a)[..., None]  # (H, G + 1, 1)
-            states = states + powers[:, :size] * carry
-            new_carry = new_carry + powers[:, size:] * carry
-        entering.append(states)
-        carry = new_carry
-    entering = torch.cat(entering, dim=2) if len(entering) > 1 else entering[0]
-    unflatten = "b h n (k v) -> b h n k v"
-    return rearrange(entering, unflatten, k=key_dim), rearrange(carry, unflatten, k=key_dim)[:, :, 0]
+    for chunk_local in local.unbind(2):
+        entering.append(state)
+        state = torch.addcmul(chunk_local, a, state)
+    return torch.stack(entering, dim=2), state
 
 
 def _chunkwise(q, k, v, log_gamma, scale, chunk_size, initial_state):
@@ -122,7 +105,8 @@ def _chunkwise(q, k, v, log_gamma, scale, chunk_size, initial_state):
     qc, kc, vc = (rearrange(x, "b h (n c) d -> b h n c d", c=chunk_size) for x in (q, k, v))
     j = torch.arange(chunk_size, device=q.device)
     inner_mask = (_powers(j[:, None] - j[None, :], log_gamma) * scale)[:, None]  # (H, 1, C, C)
-    inner = (qc @ kc.transpose(-1, -2) * inner_mask) @ vc  # (B, H, N, C, V)
+    # The mask multiplies the fresh score tensor in place: its product's backward needs only the mask.
+    inner = (qc @ kc.transpose(-1, -2)).mul_(inner_mask) @ vc  # (B, H, N, C, V)
     leaving = _powers(chunk_size - 1 - j, log_gamma)[:, None, :, None]  # (H, 1, C, 1)
     local = (kc * leaving).transpose(-1, -2) @ vc  # (B, H, N, K, V)
     entering, final = _chunk_states(local, chunk_size * log_gamma, initial_state)

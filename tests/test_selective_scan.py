@@ -37,12 +37,14 @@ def make_inputs(batch=2, dim=6, length=67, state=5, groups=None, dtype=torch.flo
     }
 
 
-def run(fn, inputs, used, softplus, **kwargs):
-    """out, last_state and the gradient of every used input under a random projection of both."""
+def run(fn, inputs, used, softplus, layout=None, **kwargs):
+    """out, last_state and the gradient of every used input under a random projection of both.
+    `layout` maps the leaf tensors to the tensors passed (same values, other strides)."""
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if k in used}
-    args = {k: leaves.get(k) for k in ("D", "z", "delta_bias")}
-    out, last = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], args["D"], args["z"],
-                   args["delta_bias"], softplus, True, initial_state=leaves.get("initial_state"), **kwargs)
+    passed = layout(leaves) if layout else leaves
+    args = {k: passed.get(k) for k in ("D", "z", "delta_bias")}
+    out, last = fn(passed["u"], passed["delta"], passed["A"], passed["B"], passed["C"], args["D"], args["z"],
+                   args["delta_bias"], softplus, True, initial_state=passed.get("initial_state"), **kwargs)
     gen = torch.Generator().manual_seed(7)
     loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
     loss = loss + (last * torch.randn(last.shape, generator=gen, dtype=last.dtype)).sum()
@@ -86,6 +88,35 @@ def test_lengths_around_the_chunk(scan, length, chunk_size):
     assert_close(last, last_ref, f"{scan} last state L={length} K={chunk_size}")
     for name in NAMES:
         assert_close(grads[name], grads_ref[name], f"{scan} d{name} L={length} K={chunk_size}")
+
+
+def channel_last_views(inputs):
+    """u, delta as (B, D, L) views of (B, L, D) tensors and z as a strided half of a (B, L, 2D) one,
+    the layouts the mamba layer hands over: same values, other strides."""
+    views = dict(inputs)
+    for name in ("u", "delta"):
+        views[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
+    wide = torch.cat([inputs["z"].transpose(1, 2), inputs["u"].transpose(1, 2)], dim=-1)  # (B, L, 2D)
+    views["z"] = wide[..., : inputs["z"].shape[1]].transpose(1, 2)
+    return views
+
+
+@pytest.mark.parametrize("groups", [None, 2], ids=["shared", "g2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_compiled_reads_channel_last_inputs_over_several_tiles(groups, dtype):
+    """40 channels per group: two full tiles of 16 and a ragged one; u, delta, z channel-last."""
+    inputs = make_inputs(batch=2, dim=80, length=45, state=4, groups=groups, dtype=dtype)
+    views = channel_last_views(inputs)
+    assert views["u"].stride(1) == 1 and views["delta"].stride(1) == 1 and views["z"].stride(1) == 1
+    assert not views["z"].is_contiguous() and views["z"].stride(2) == 160
+    out, last, grads = run(selective_scan, inputs, NAMES, True, layout=channel_last_views, scan="compiled",
+                           chunk_size=16)
+    out_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, NAMES, True)
+    assert out.stride(1) == 1, "channel-last inputs give a channel-last output"
+    assert_close(out, out_ref, "compiled out, channel-last inputs")
+    assert_close(last, last_ref, "compiled last state, channel-last inputs")
+    for name in NAMES:
+        assert_close(grads[name], grads_ref[name], f"compiled d{name}, channel-last inputs")
 
 
 def test_reference_is_the_recurrence():

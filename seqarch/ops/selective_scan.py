@@ -227,11 +227,13 @@ def compiled_kernel_usable() -> tuple[bool, str]:
 
 class _CompiledScan(torch.autograd.Function):
     """The whole selective scan (delta_bias, softplus, D skip and SiLU(z) gate fused) through the
-    C++ kernel; D, z, delta_bias and h0 may be None."""
+    C++ kernel; D, z, delta_bias and h0 may be None. The forward kernel reads u, delta, z with any
+    strides; the backward kernel walks rows of (B, D, L), so it gets contiguous copies."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk):
-        out, h_last, checkpoints = compiled_kernel().forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, chunk)
+        out, h_last, checkpoints = compiled_kernel().forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, chunk,
+                                                             _channel_last(u) or _channel_last(delta))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
         ctx.softplus, ctx.chunk, ctx.has_initial_state = softplus, chunk, h0 is not None
         return out, h_last
@@ -239,6 +241,7 @@ class _CompiledScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dh_last):
         u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+        u, delta, z = (_dense(t) for t in (u, delta, z))
         dout = dout.contiguous() if dout is not None else torch.zeros_like(u)
         dh_last = dh_last.contiguous() if dh_last is not None else None
         du, ddelta, dA, dB, dC, dh0, dD, dbias, dz = compiled_kernel().backward(
@@ -248,13 +251,21 @@ class _CompiledScan(torch.autograd.Function):
                 dbias if delta_bias is not None else None, dh0 if ctx.has_initial_state else None, None, None)
 
 
-def _compiled_scan(u, delta, A, B, C, D, z, delta_bias, softplus, h0, chunk):
-    """All inputs in the compute dtype; B, C (B, G, L, N); optional ones None -> out, h_last."""
-    def dense(t):
-        return t.contiguous() if t is not None else None
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.contiguous() if t is not None else None
 
-    return _CompiledScan.apply(dense(u), dense(delta), dense(A), B, C, dense(D), dense(z), dense(delta_bias),
-                               dense(h0), softplus, chunk)
+
+def _channel_last(t: torch.Tensor) -> bool:
+    """(B, D, L) laid out as (B, L, D): the kernel then writes its output in that layout too."""
+    return t.shape[1] > 1 and t.stride(1) == 1
+
+
+def _compiled_scan(u, delta, A, B, C, D, z, delta_bias, softplus, h0, chunk):
+    """All inputs in the compute dtype; B, C (B, G, L, N); optional ones None -> out, h_last.
+    u, delta, z keep their strides (the forward kernel reads any layout); out is channel-last
+    (a (B, D, L) view of a (B, L, D) tensor) when u or delta is, else contiguous."""
+    return _CompiledScan.apply(u, delta, _dense(A), B, C, _dense(D), z, _dense(delta_bias), _dense(h0), softplus,
+                               chunk)
 
 
 # --- dispatch -----------------------------------------------------------------------------------
@@ -297,7 +308,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """mamba-ssm's `selective_scan_fn`, plus `initial_state`, on the path `scan` picks.
 
     u, delta, z (B, D, L); A (D, N) real; B, C (B, N, L) shared by all channels or (B, G, N, L) in
-    G groups; D, delta_bias (D,); initial_state (B, D, N). Returns out (B, D, L) in u's dtype, and
+    G groups; D, delta_bias (D,); initial_state (B, D, N). Returns out (B, D, L) in u's dtype (on the
+    compiled path a view of a (B, L, D) tensor when u or delta is one), and
     with `return_last_state` also the final state (B, D, N) in the compute dtype (float32, or
     float64 for float64 inputs). `chunk_size` is K: the checkpoint interval of backward and the
     chunk of the eager path (memory O(B D K N)).

@@ -8,10 +8,10 @@
 //   y_t  = sum_n C_t,n h_t,n + D u_t                   (B, D), D optional
 //   out  = y_t * SiLU(z_t)                             (gate optional)
 //
-// Channel d reads group g = d / (D / G) of B and C. B and C come as (B, G, L, N) so the state
-// loop over n reads contiguous memory. One task per (batch, channel), the state in a local array,
-// parallel over tasks with ATen's thread pool. The per-(d, t) scalars (softplus, skip, gate) are
-// computed in the same pass, so no (B, D, L) intermediate is written.
+// Channel d reads group g = d / (D / G) of B and C. B and C come as (B, G, L, N). Forward: one task
+// per tile of 16 channels of one (batch, group), vectorised across the tile's channels (see
+// forward_kernel); u, delta, z and out may have any strides. The per-(d, t) scalars (softplus, skip,
+// gate) are computed in the same pass, so no (B, D, L) intermediate is written.
 //
 // Backward: a reverse pass over time per (batch, channel). Forward stores the state entering
 // each chunk (B, D, L/K, N); backward recomputes the K states of a chunk, their dt and the
@@ -99,12 +99,55 @@ struct Elementwise {
   }
 };
 
+// Forward, vectorised across channels: a task is a tile of W channels of one batch row and one
+// group, so all of them read the same B_t and C_t, and each step is W-wide with no reduction across
+// lanes: for each n, h[n][:] = exp(dt[:] A[n][:]) h[n][:] + (dt u)[:] B_t,n and y[:] += C_t,n h[n][:].
+// u, delta, z and out are (B, D, L) with any strides, so channel-last tensors (B, L, D) from the
+// layer's projections are read and written in place: a chunk of K steps is gathered into [step][lane]
+// buffers in whichever order walks memory contiguously, and its outputs scattered back the same way.
+// A tile narrower than W (the last one of a group) pads its lanes with A = 0 and u = 0, so their
+// states stay 0, and writes only its own lanes.
+constexpr int64_t kTile = 16;
+
+struct Strides {
+  int64_t batch, channel, time;
+};
+
+Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// buffer[k * kTile + c] = src[channel first + c, step start + k] for c < width, k < steps.
+template <typename scalar_t>
+void gather_tile(const scalar_t* src, const Strides& st, int64_t width, int64_t steps, scalar_t* buffer) {
+  if (st.channel < st.time) {
+    for (int64_t k = 0; k < steps; ++k)
+      for (int64_t c = 0; c < width; ++c) buffer[k * kTile + c] = src[c * st.channel + k * st.time];
+  } else {
+    for (int64_t c = 0; c < width; ++c)
+      for (int64_t k = 0; k < steps; ++k) buffer[k * kTile + c] = src[c * st.channel + k * st.time];
+  }
+}
+
+template <typename scalar_t>
+void scatter_tile(const scalar_t* buffer, const Strides& st, int64_t width, int64_t steps, scalar_t* dst) {
+  if (st.channel < st.time) {
+    for (int64_t k = 0; k < steps; ++k)
+      for (int64_t c = 0; c < width; ++c) dst[c * st.channel + k * st.time] = buffer[k * kTile + c];
+  } else {
+    for (int64_t c = 0; c < width; ++c)
+      for (int64_t k = 0; k < steps; ++k) dst[c * st.channel + k * st.time] = buffer[k * kTile + c];
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& Bm,
-                    const at::Tensor& Cm, const Elementwise<scalar_t>& ew, const at::Tensor& h0, at::Tensor& out,
-                    at::Tensor& h_last, at::Tensor& checkpoints, int64_t chunk) {
+                    const at::Tensor& Cm, const Elementwise<scalar_t>& ew, const at::Tensor& z,
+                    const at::Tensor& h0, at::Tensor& out, at::Tensor& h_last, at::Tensor& checkpoints,
+                    int64_t chunk) {
   const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), nstate = A.size(1), groups = Bm.size(1);
   const int64_t per_group = dim / groups, nchunks = checkpoints.size(2);
+  const int64_t tiles_per_group = (per_group + kTile - 1) / kTile;
+  const Strides u_st = strides_of(u), delta_st = strides_of(delta), out_st = strides_of(out);
+  const Strides z_st = z.defined() ? strides_of(z) : Strides{0, 0, 0};
   const scalar_t* u_p = u.data_ptr<scalar_t>();
   const scalar_t* delta_p = delta.data_ptr<scalar_t>();
   const scalar_t* A_p = A.data_ptr<scalar_t>();
@@ -115,44 +158,83 @@ void forward_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tens
   scalar_t* hl_p = h_last.data_ptr<scalar_t>();
   scalar_t* ck_p = checkpoints.data_ptr<scalar_t>();
 
-  at::parallel_for(0, batch * dim, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> h(nstate), dts(chunk), gates(chunk);
+  at::parallel_for(0, batch * groups * tiles_per_group, 1, [&](int64_t begin, int64_t end) {
+    // [n][lane]: states and rates A; [step][lane]: the chunk's per-step scalars.
+    std::vector<scalar_t> h(nstate * kTile), rates(nstate * kTile), biases(kTile), skips(kTile);
+    std::vector<scalar_t> us(chunk * kTile), dts(chunk * kTile), gates(chunk * kTile), ys(chunk * kTile);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / dim, d = task % dim, g = d / per_group;
-      const scalar_t* u_row = u_p + task * len;
-      const scalar_t* delta_row = delta_p + task * len;
-      const scalar_t* z_row = ew.z ? ew.z + task * len : nullptr;
-      const scalar_t skip = ew.D ? ew.D[d] : scalar_t(0);
-      const scalar_t* A_row = A_p + d * nstate;
+      const int64_t b = task / (groups * tiles_per_group), g = task / tiles_per_group % groups;
+      const int64_t first = g * per_group + task % tiles_per_group * kTile;  // first channel of the tile
+      const int64_t width = std::min(kTile, g * per_group + per_group - first);
       const scalar_t* B_rows = B_p + (b * groups + g) * len * nstate;
       const scalar_t* C_rows = C_p + (b * groups + g) * len * nstate;
-      scalar_t* out_row = out_p + task * len;
-      for (int64_t n = 0; n < nstate; ++n) h[n] = h0_p ? h0_p[task * nstate + n] : scalar_t(0);
-      for (int64_t c = 0; c < nchunks; ++c) {
-        scalar_t* ck = ck_p + (task * nchunks + c) * nstate;
-        for (int64_t n = 0; n < nstate; ++n) ck[n] = h[n];
-        const int64_t start = c * chunk, stop = std::min(len, start + chunk);
-        ew.dt_rows(delta_row, d, start, stop, dts.data());
-        if (z_row) {
-#pragma omp simd
-          for (int64_t t = start; t < stop; ++t) gates[t - start] = z_row[t] * sigmoid(z_row[t]);
-        }
-        for (int64_t t = start; t < stop; ++t) {
-          const scalar_t uv = u_row[t], dtv = dts[t - start], du = dtv * uv;
-          const scalar_t* Bt = B_rows + t * nstate;
-          const scalar_t* Ct = C_rows + t * nstate;
-          scalar_t* hp = h.data();
-          scalar_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t n = 0; n < nstate; ++n) {
-            hp[n] = decay_exp(dtv * A_row[n]) * hp[n] + du * Bt[n];
-            acc += Ct[n] * hp[n];
-          }
-          const scalar_t y = acc + skip * uv;
-          out_row[t] = z_row ? y * gates[t - start] : y;
+      std::fill(us.begin(), us.end(), scalar_t(0));
+      std::fill(dts.begin(), dts.end(), scalar_t(0));
+      for (int64_t c = 0; c < kTile; ++c) {
+        const bool lane = c < width;
+        biases[c] = lane && ew.delta_bias ? ew.delta_bias[first + c] : scalar_t(0);
+        skips[c] = lane && ew.D ? ew.D[first + c] : scalar_t(0);
+        for (int64_t n = 0; n < nstate; ++n) {
+          const int64_t row = b * dim + first + c;
+          h[n * kTile + c] = lane && h0_p ? h0_p[row * nstate + n] : scalar_t(0);
+          rates[n * kTile + c] = lane ? A_p[(first + c) * nstate + n] : scalar_t(0);
         }
       }
-      for (int64_t n = 0; n < nstate; ++n) hl_p[task * nstate + n] = h[n];
+      for (int64_t ci = 0; ci < nchunks; ++ci) {
+        const int64_t start = ci * chunk, steps = std::min(len, start + chunk) - start;
+        for (int64_t c = 0; c < width; ++c) {
+          scalar_t* ck = ck_p + ((b * dim + first + c) * nchunks + ci) * nstate;
+          for (int64_t n = 0; n < nstate; ++n) ck[n] = h[n * kTile + c];
+        }
+        const auto at = [&](const Strides& st) { return b * st.batch + first * st.channel + start * st.time; };
+        gather_tile(u_p + at(u_st), u_st, width, steps, us.data());
+        gather_tile(delta_p + at(delta_st), delta_st, width, steps, dts.data());
+        for (int64_t k = 0; k < steps; ++k) {
+          scalar_t* dt_k = dts.data() + k * kTile;
+          if (ew.use_softplus) {
+#pragma omp simd
+            for (int64_t c = 0; c < kTile; ++c) dt_k[c] = softplus(dt_k[c] + biases[c]);
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < kTile; ++c) dt_k[c] += biases[c];
+          }
+        }
+        if (ew.z) {
+          gather_tile(ew.z + at(z_st), z_st, width, steps, gates.data());
+#pragma omp simd
+          for (int64_t i = 0; i < steps * kTile; ++i) gates[i] = gates[i] * sigmoid(gates[i]);
+        }
+        for (int64_t k = 0; k < steps; ++k) {
+          const scalar_t* Bt = B_rows + (start + k) * nstate;
+          const scalar_t* Ct = C_rows + (start + k) * nstate;
+          const scalar_t* dt_k = dts.data() + k * kTile;
+          const scalar_t* u_k = us.data() + k * kTile;
+          scalar_t du_k[kTile], y[kTile];
+#pragma omp simd
+          for (int64_t c = 0; c < kTile; ++c) {
+            du_k[c] = dt_k[c] * u_k[c];
+            y[c] = skips[c] * u_k[c];
+          }
+          for (int64_t n = 0; n < nstate; ++n) {
+            scalar_t* hn = h.data() + n * kTile;
+            const scalar_t* an = rates.data() + n * kTile;
+            const scalar_t bn = Bt[n], cn = Ct[n];
+#pragma omp simd
+            for (int64_t c = 0; c < kTile; ++c) {
+              hn[c] = decay_exp(dt_k[c] * an[c]) * hn[c] + du_k[c] * bn;
+              y[c] += cn * hn[c];
+            }
+          }
+          scalar_t* y_k = ys.data() + k * kTile;
+          const scalar_t* gate_k = gates.data() + k * kTile;
+#pragma omp simd
+          for (int64_t c = 0; c < kTile; ++c) y_k[c] = ew.z ? y[c] * gate_k[c] : y[c];
+        }
+        scatter_tile(ys.data(), out_st, width, steps, out_p + at(out_st));
+      }
+      for (int64_t c = 0; c < width; ++c) {
+        for (int64_t n = 0; n < nstate; ++n) hl_p[(b * dim + first + c) * nstate + n] = h[n * kTile + c];
+      }
     }
   });
 }
@@ -304,16 +386,18 @@ Elementwise<scalar_t> elementwise(const at::Tensor& D, const at::Tensor& z, cons
 std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                 const at::Tensor& Bm, const at::Tensor& Cm, const c10::optional<at::Tensor>& D,
                                 const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
-                                bool use_softplus, const c10::optional<at::Tensor>& h0, int64_t chunk) {
+                                bool use_softplus, const c10::optional<at::Tensor>& h0, int64_t chunk,
+                                bool channel_last_out) {
   const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), nstate = A.size(1);
-  auto out = at::empty_like(u);
+  auto out = channel_last_out ? at::empty({batch, len, dim}, u.options()).transpose(1, 2) : at::empty_like(
+      u, at::MemoryFormat::Contiguous);
   auto h_last = at::empty({batch, dim, nstate}, u.options());
   auto checkpoints = at::empty({batch, dim, num_chunks(len, chunk), nstate}, u.options());
   const at::Tensor D_t = value_or_undefined(D), z_t = value_or_undefined(z), bias_t = value_or_undefined(delta_bias);
   const at::Tensor h0_t = value_or_undefined(h0);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_forward", [&] {
     const auto ew = elementwise<scalar_t>(D_t, z_t, bias_t, use_softplus);
-    forward_kernel<scalar_t>(u, delta, A, Bm, Cm, ew, h0_t, out, h_last, checkpoints, chunk);
+    forward_kernel<scalar_t>(u, delta, A, Bm, Cm, ew, z_t, h0_t, out, h_last, checkpoints, chunk);
   });
   return {out, h_last, checkpoints};
 }

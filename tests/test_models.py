@@ -69,6 +69,53 @@ def test_per_mixer_settings_in_a_hybrid():
         SeqLM(VOCAB, d_model=64, n_layers=3, mixer=["attention", "s4d"])
 
 
+def test_layer_overrides_set_single_layers():
+    """kNN memory on layer 1 only (Memorizing Transformer style); keys may be ints or digit strings."""
+    model = SeqLM(VOCAB, d_model=32, n_layers=3, mixer="attention", attention={"n_heads": 2},
+                  layer_overrides={1: {"knn_top_k": 4, "knn_chunk": 8}, "2": {"window": 5}})
+    configs = [layer.mixer.config for layer in model.layers]
+    assert [c.knn_top_k for c in configs] == [None, 4, None]
+    assert [c.window for c in configs] == [None, None, 5]
+    assert all(c.n_heads == 2 for c in configs)
+    for bad, message in (({3: {"window": 5}}, "layer index in 0..2"), ({"x": {}}, "layer index in 0..2"),
+                         ({0: 5}, r"layer_overrides\[0\] must be a dict")):
+        with pytest.raises(ValueError, match=message):
+            SeqLM(VOCAB, d_model=32, n_layers=3, mixer="attention", layer_overrides=bad)
+    with pytest.raises(ValueError, match="unknown config key 'd_state' for mixer 'attention'"):
+        SeqLM(VOCAB, d_model=32, n_layers=3, mixer="attention", layer_overrides={0: {"d_state": 4}})
+
+
+def test_sinusoidal_positions_are_added_at_the_embedding_and_carried_by_the_state():
+    torch.manual_seed(0)
+    model = SeqLM(VOCAB, d_model=32, n_layers=2, mixer="attention", position_embedding="sinusoidal",
+                  attention={"positional": "none"}).eval()
+    tokens = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        # the definition: PE[t, 2i] = sin(t / 10000^(2i/D)), PE[t, 2i+1] = cos(...), added to the embedding
+        t = torch.arange(13, dtype=torch.float64)[:, None]
+        angles = t / 10000 ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+        table = torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(13, 32).float()
+        x = model.embedding(tokens) + table
+        for layer in model.layers:
+            x = layer(x)
+        expected = model.head(model.norm(x))
+        assert_close(model(tokens), expected, "sinusoidal forward vs definition")
+        logits, state = model.prefill(tokens[:, :6], model.init_state(2))
+        steps = [logits]
+        for index in range(6, 13):
+            step_logits, state = model.step(tokens[:, index], state)
+            steps.append(step_logits[:, None])
+        assert state.position == 13
+        assert_close(torch.cat(steps, dim=1), expected, "sinusoidal prefill + steps vs forward")
+    plain = SeqLM(VOCAB, d_model=32, n_layers=2, mixer="attention", attention={"positional": "none"}).eval()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain(tokens), expected, atol=1e-3), "the table must change the logits"
+    with pytest.raises(ValueError, match="position_embedding='learned'; valid: 'none', 'sinusoidal'"):
+        SeqLM(VOCAB, d_model=32, n_layers=1, position_embedding="learned")
+    with pytest.raises(ValueError, match="even d_model"):
+        SeqLM(VOCAB, d_model=33, n_layers=1, mixer="s4d", position_embedding="sinusoidal")
+
+
 def test_tied_and_untied_embeddings():
     tied = SeqLM(VOCAB, d_model=32, n_layers=1, mixer="s4d")
     untied = SeqLM(VOCAB, d_model=32, n_layers=1, mixer="s4d", tie_embeddings=False)
@@ -77,8 +124,10 @@ def test_tied_and_untied_embeddings():
 
 
 def test_from_config_roundtrip():
-    model = SeqLM(VOCAB, d_model=32, n_layers=2, mixer=["s4d", "attention"], attention={"n_heads": 2})
+    model = SeqLM(VOCAB, d_model=32, n_layers=2, mixer=["s4d", "attention"], attention={"n_heads": 2},
+                  position_embedding="sinusoidal", layer_overrides={1: {"window": 4}})
     clone = SeqLM.from_config(model.init_kwargs)
+    assert clone.layers[1].mixer.config.window == 4
     clone.load_state_dict(model.state_dict())
     tokens = torch.randint(0, VOCAB, (1, 10))
     assert torch.equal(clone(tokens), model(tokens))

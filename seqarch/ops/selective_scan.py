@@ -42,7 +42,7 @@ SCANS = ("auto", "compiled", "chunked", "sequential")
 CHUNK_SIZE = 64  # steps between state checkpoints; the chunk of the eager path
 _KERNEL_NAME = "seqarch_selective_scan"
 _KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "selective_scan.cpp")
-# -ffast-math lets the compiler vectorise exp over the state dimension (glibc's libmvec).
+# -ffast-math lets GCC vectorise the libm calls left in the kernel (log in softplus) with glibc's libmvec.
 _KERNEL_FLAGS = ("-march=native", "-ffast-math")
 
 

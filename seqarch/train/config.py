@@ -32,7 +32,6 @@ from seqarch.registry import list_mixers
 
 RUN_KEYS = ("recipe", "ckpt", "init_from", "seed", "out_dir", "run_dir", "print_config")
 SECTIONS = ("model", "data", "optim", "trainer", "lora")
-MODEL_KEYS = ("mixer", "d_model", "n_layers", "mlp", "tie_embeddings", "norm_eps")
 
 
 class ConfigError(ValueError):

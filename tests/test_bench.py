@@ -17,10 +17,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from seqarch import list_mixers
+from seqarch import SeqLM, list_mixers
 from seqarch.bench import bench_command, memory_command, parse_bench_settings, run_bench
-from seqarch.bench.accounting import PRESETS, account, count_parameters, match_width
+from seqarch.bench.accounting import (
+    PRESETS,
+    account,
+    count_parameters,
+    match_width,
+    matmul_flops_per_token,
+    mixing_flops_per_token,
+)
 from seqarch.bench.analysis import crossover, crossover_length, fit_exponent
 from seqarch.bench.case import run_case as run_case_here
 from seqarch.bench.memory import current_rss_bytes
@@ -161,11 +169,34 @@ def test_llama_2_13b_kv_cache_matches_the_textbook_formula_without_allocating():
 
 
 @pytest.mark.parametrize("mixer", list_mixers())
+def test_declared_flops_bound_what_torch_counts_in_a_decode_step(mixer):
+    """torch's FlopCounterMode sees the matrix products of one decode step (not elementwise work):
+    at least every per-token Linear, at most those plus the declared sequence-mixing FLOPs; the
+    mixers whose step has no product beyond its Linear layers match exactly."""
+    model = SeqLM(64, d_model=64, n_layers=2, mixer=mixer).eval()
+    with torch.no_grad():
+        _, state = model.prefill(torch.randint(0, 64, (1, 5)), model.init_state(1))
+        _, state = model.step(torch.randint(0, 64, (1,)), state)  # Hyena grows its memoised taps here
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model.step(torch.randint(0, 64, (1,)), state)
+    counted = counter.get_total_flops()
+    mixing = [mixing_flops_per_token(layer.mixer, 7) for layer in model.layers]
+    assert None not in mixing, f"{mixer} declares no flops_per_token"
+    matmul = matmul_flops_per_token(model)
+    assert matmul <= counted <= matmul + sum(mixing), (counted, matmul, mixing)
+    if mixer in ("mamba", "s4d"):
+        assert counted == matmul
+
+
+@pytest.mark.parametrize("mixer", list_mixers())
 def test_state_bytes_follow_state_grows_with_length(mixer):
     rows = account(mixer, PRESETS["gpt2-small"], [1024, 8192])
     grows = rows[0]["state_grows_with_length"]
     assert (rows[1]["state_bytes"] > rows[0]["state_bytes"]) == grows
     assert rows[0]["state_bytes"] > 0
+    # a step reads its whole state, so decode FLOPs grow with the context exactly when the state does
+    assert (rows[1]["mixing_flops_per_token"] > rows[0]["mixing_flops_per_token"]) == grows
 
 
 def test_match_params_picks_the_closest_width():

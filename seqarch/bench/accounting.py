@@ -12,7 +12,10 @@ FLOPs per generated token at context L (forward only) are the sum of
     (the "2N" rule of Kaplan et al., 2020, "Scaling Laws for Neural Language Models", sec. 2.1);
   - the sequence-mixing FLOPs the weights do not show: for attention 4 L H E per layer (q k^T and
     the weighted sum of values over L keys); for any other mixer its `flops_per_token(seq_len)`
-    method when it defines one, else unknown (reported as such, never guessed).
+    method (every built-in mixer has one: the recurrent step's multiply-adds, plus weights held as
+    Parameters rather than Linear layers), else unknown (reported as such, never guessed).
+Linear layers inside a module with `per_token_weights = False` (Hyena's filter MLP, which maps
+positions to taps and is memoised when decoding) are not charged per token.
 """
 
 from __future__ import annotations
@@ -113,9 +116,20 @@ def mixing_flops_per_token(mixer: nn.Module, seq_len: int) -> int | None:
     return None
 
 
+def _per_token_linears(module: nn.Module):
+    """The Linear layers applied to every token: all of them except inside a module that declares
+    `per_token_weights = False` (Hyena's filter MLP, which maps positions to filter taps)."""
+    if not getattr(module, "per_token_weights", True):
+        return
+    if isinstance(module, nn.Linear):
+        yield module
+    for child in module.children():
+        yield from _per_token_linears(child)
+
+
 def matmul_flops_per_token(model: SeqLM) -> int:
-    """2 x the Linear weights of the blocks and the head: one multiply-add per weight per token."""
-    block_weights = sum(module.weight.numel() for module in model.layers.modules() if isinstance(module, nn.Linear))
+    """2 x the per-token Linear weights of the blocks and the head: one multiply-add per weight."""
+    block_weights = sum(module.weight.numel() for module in _per_token_linears(model.layers))
     return 2 * (block_weights + model.head.weight.numel())
 
 

@@ -297,6 +297,17 @@ class HyenaMixer(SequenceMixer):
             new_state = HyenaState(conv=conv.to(state.conv.dtype), history=history, position=seen)
         return self.out_proj(streams[0] * z), new_state
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Decode FLOPs beyond the Linear weights (seqarch.bench.accounting) at context `seq_len`:
+        the short conv over the S streams (2 S D W), per long filter the gate (D) and either the
+        exact convolution of the history with the memoised taps (2 L D) or, once distilled, the
+        modal step (complex multiply-add 8 and 2 Re(R s) 4 per mode: 12 D M). The filter MLP is
+        not counted: decoding memoises its taps."""
+        cfg = self.config
+        short = 2 * cfg.n_streams * self.d_model * cfg.short_conv_width
+        per_filter = 12 * self.d_model * self.filter.n_modes if self.distilled else 2 * seq_len * self.d_model
+        return short + cfg.n_filters * (self.d_model + per_filter)
+
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
         element = torch.empty((), dtype=dtype).element_size()

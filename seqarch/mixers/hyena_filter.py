@@ -43,6 +43,10 @@ class Sin(nn.Module):
 class ImplicitFilter(nn.Module):
     """Positional features -> MLP with sine activations -> exponential decay: kernel (O, D, L)."""
 
+    # Its Linear layers map positions to filter taps, not tokens to features: FLOP accounting
+    # (seqarch.bench.accounting) does not charge them per token.
+    per_token_weights = False
+
     def __init__(self, n_filters: int, channels: int, max_len: int, emb_dim: int, hidden: int, layers: int,
                  sine_frequency: float, fast_decay_pct: float, slow_decay_pct: float, decay_target: float,
                  device=None, dtype=None):

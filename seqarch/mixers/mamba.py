@@ -205,6 +205,13 @@ class Mamba(SequenceMixer):
         new_state = MambaState(conv=conv.to(state.conv.dtype), ssm=h.to(state.ssm.dtype))
         return self.out_proj(y.to(x_t.dtype)), new_state
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Decode FLOPs beyond the Linear weights (seqarch.bench.accounting): the depthwise conv
+        (2 E W) and the scan step, per (channel, state) dt A, its exp, h = decay h + (dt x) B and
+        y += C h (7 E N); independent of the context length."""
+        cfg = self.config
+        return 2 * cfg.d_inner * cfg.d_conv + 7 * cfg.d_inner * cfg.d_state
+
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
         element = torch.empty((), dtype=dtype).element_size()

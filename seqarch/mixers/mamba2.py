@@ -244,6 +244,13 @@ class Mamba2(SequenceMixer):
         out = self.out_proj(self.norm(rearrange(y, "b h p -> b (h p)"), z))
         return out, Mamba2State(conv=conv_state.to(state.conv.dtype), ssm=ssm_state.to(state.ssm.dtype))
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Decode FLOPs beyond the Linear weights (seqarch.bench.accounting): the depthwise conv over
+        x, B, C (2 conv_dim W) and the SSD step, per (head, head dim, state) h = decay h + (dt x) B
+        and y += C h (5 H P N); independent of the context length."""
+        cfg = self.config
+        return 2 * cfg.conv_dim * cfg.d_conv + 5 * cfg.nheads * cfg.headdim * cfg.d_state
+
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
         element = torch.empty((), dtype=dtype).element_size()

@@ -172,11 +172,8 @@ class RetNet(SequenceMixer):
         return batch_size * cfg.heads * cfg.key_dim * cfg.value_dim * element
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Multiply-adds x 2 per token of the chunkwise form (projections, retention; GroupNorm and
-        elementwise work ignored)."""
+        """Decode FLOPs beyond the Linear weights (seqarch.bench.accounting): the retention step, per
+        (head, key, value) S = γ S + k v and o += q S (5 H K V); independent of the context length."""
         cfg = self.config
-        projections = 2 * self.d_model * (2 * self.d_model + 3 * cfg.value_width)
-        chunk = min(cfg.chunk_size, seq_len)
-        per_head = 2 * (chunk * cfg.key_dim + chunk * cfg.value_dim + 2 * cfg.key_dim * cfg.value_dim)
-        return projections + cfg.heads * per_head
+        return 5 * cfg.heads * cfg.key_dim * cfg.value_dim
 

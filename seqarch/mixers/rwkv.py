@@ -218,6 +218,16 @@ class RWKV6(SequenceMixer):
         y = self._output(out_t.to(x_t.dtype).unsqueeze(2), gate)
         return y.squeeze(1), RWKV6State(shift=x_t.to(state.shift.dtype), wkv=wkv_state.to(state.wkv.dtype))
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Decode FLOPs beyond the Linear weights (seqarch.bench.accounting): the two low-rank MLPs
+        held as Parameters (token-shift interpolation D x 5R x D, decay D x R' x D: 2 weights each),
+        the decay exp (H K) and the wkv step, per (head, key, value) S = w S + k v and o += r S
+        (5 H K V); independent of the context length."""
+        cfg = self.config
+        lora = sum(weight.numel() for weight in (self.time_maa_w1, self.time_maa_w2, self.time_decay_w1,
+                                                   self.time_decay_w2))
+        return 2 * lora + cfg.heads * cfg.head_dim + 5 * cfg.heads * cfg.head_dim * cfg.head_dim
+
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
         element = torch.empty((), dtype=dtype).element_size()

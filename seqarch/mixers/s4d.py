@@ -165,6 +165,12 @@ class S4D(SequenceMixer):
         y = 2 * (h * C).sum(-1).real.to(x_t.dtype) + self.D * x_t
         return self._output(y), S4DState(ssm=h.to(state.ssm.dtype))
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Decode FLOPs beyond the Linear weights (seqarch.bench.accounting): per (channel, complex
+        mode) h = dA h + dB x (complex multiply 6, real scale 2, add 2) and 2 Re(C h) summed (4), so
+        14 D N/2, plus the D skip (2 D); independent of the context length."""
+        return 14 * self.d_model * self.config.n_modes + 2 * self.d_model
+
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         complex_bytes = 16 if dtype == torch.float64 else 8
         return batch_size * self.d_model * self.config.n_modes * complex_bytes

@@ -85,6 +85,18 @@ def test_harness_writes_every_file_with_the_documented_columns(tmp_path):
         assert f"({image})" in text, image
 
 
+def test_hyena_filters_cover_the_longest_case_unless_the_user_sets_max_len(tmp_path):
+    """Hyena's implicit filters exist below max_len (default 2048): a sweep to 4096 must raise it to
+    the longest prefix plus decoded tokens, or every longer Hyena case fails."""
+    settings = tiny_settings(tmp_path, seq_lens=(256, 4096), decode_tokens=8)
+    assert settings.mixer_kwargs("hyena")["max_len"] == 4096 + 8
+    assert "max_len" not in settings.mixer_kwargs("attention")
+    chosen = tiny_settings(tmp_path, seq_lens=(256, 4096), mixer_overrides={"hyena": {"max_len": 9000}})
+    assert chosen.mixer_kwargs("hyena")["max_len"] == 9000
+    short = tiny_settings(tmp_path, seq_lens=(8, 13))
+    assert short.mixer_kwargs("hyena")["max_len"] == 2048  # never below the default
+
+
 def test_every_csv_column_is_documented():
     documented = DOCS.read_text()
     missing = [column for column in COLUMNS if f"`{column}`" not in documented]

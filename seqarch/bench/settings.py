@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from seqarch.bench.quality import GRIDS
 from seqarch.configs import make_config
-from seqarch.registry import build_config, list_mixers
+from seqarch.registry import build_config, get_entry, list_mixers
 
 MODES = ("train", "prefill", "decode")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -90,7 +90,14 @@ class BenchSettings:
         return list(self.mixers) if self.mixers else list_mixers()
 
     def mixer_kwargs(self, name: str) -> dict[str, Any]:
-        return dict(self.mixer_overrides.get(name, {}))
+        """The mixer's config overrides. A mixer with a `max_len` field (Hyena's implicit filters
+        exist only below it) gets the longest sequence the sweep runs, prefix plus decoded tokens,
+        unless the user set max_len."""
+        kwargs = dict(self.mixer_overrides.get(name, {}))
+        config_cls = get_entry(name).config_cls
+        if "max_len" in {f.name for f in dataclasses.fields(config_cls)} and "max_len" not in kwargs:
+            kwargs["max_len"] = max(config_cls.max_len, max(self.seq_lens) + self.decode_tokens)
+        return kwargs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -34,9 +34,6 @@ from seqarch.mixers.base import MixerState, SequenceMixer, check_input
 from seqarch.ops.fftconv import fftconv
 from seqarch.registry import register
 
-# Elements of one (D, N, P) block of powers; bounds the memory of prefill from a state.
-_POWER_BLOCK_ELEMENTS = 1 << 22
-
 
 @dataclass(frozen=True)
 class S4DConfig:
@@ -105,26 +102,28 @@ class S4D(SequenceMixer):
         angle = torch.remainder(dtA_imag64[..., None] * exponents.double(), 2 * math.pi)
         return torch.polar(magnitude, angle.to(dtA_real.dtype))
 
-    def _blocks(self, length: int):
-        block = max(1, _POWER_BLOCK_ELEMENTS // (self.d_model * self.config.n_modes))
-        for start in range(0, length, block):
-            yield start, min(length, start + block)
-
-    def kernel(self, length: int) -> torch.Tensor:
-        """The convolution kernel K (D, length), K_l = 2 Re(sum_n C_n dB_n dA_n^l).
-
-        With l = o J + j (J = ceil(sqrt(length)) inner steps, O outer ones), dA^l = dA^(oJ) dA^j, so
-        K is one batched complex product (D, O, N) @ (D, N, J): O(D N sqrt(L)) powers instead of
-        O(D N L), and autograd keeps only the two small factors (both of modulus <= 1)."""
-        dtA_real, dtA_imag64, C, dB = self._discrete()
-        coefficient = C * dB
-        device = coefficient.device
+    def _power_tables(self, dtA_real, dtA_imag64, length: int):
+        """dA^l for l = o J + j < O J, J = ceil(sqrt(length)), as two tables: inner dA^j (D, N, J) and
+        outer dA^(oJ) (D, N, O). Every length-L Vandermonde sum then becomes batched products of
+        O(D N sqrt(L)) powers instead of O(D N L), and autograd keeps only the tables."""
         inner = math.isqrt(max(length - 1, 0)) + 1
         outer = -(-length // inner)
-        z_inner = self._powers(dtA_real, dtA_imag64, torch.arange(inner, device=device))  # (D, N, J)
-        z_outer = self._powers(dtA_real, dtA_imag64, torch.arange(outer, device=device) * inner)  # (D, N, O)
-        blocks = (coefficient[..., None] * z_outer).transpose(1, 2) @ z_inner  # (D, O, J)
-        return 2 * blocks.real.flatten(1)[:, :length]
+        device = dtA_real.device
+        z_inner = self._powers(dtA_real, dtA_imag64, torch.arange(inner, device=device))
+        z_outer = self._powers(dtA_real, dtA_imag64, torch.arange(outer, device=device) * inner)
+        return z_inner, z_outer
+
+    @staticmethod
+    def _power_series(coefficient: torch.Tensor, z_inner: torch.Tensor, z_outer: torch.Tensor,
+                      length: int) -> torch.Tensor:
+        """2 Re(sum_n coefficient_n dA_n^l) for l < length: coefficient (..., D, N) -> (..., D, length)."""
+        blocks = (coefficient[..., None] * z_outer).transpose(-1, -2) @ z_inner  # (..., D, O, J)
+        return 2 * blocks.real.flatten(-2)[..., :length]
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """The convolution kernel K (D, length), K_l = 2 Re(sum_n C_n dB_n dA_n^l)."""
+        dtA_real, dtA_imag64, C, dB = self._discrete()
+        return self._power_series(C * dB, *self._power_tables(dtA_real, dtA_imag64, length), length)
 
     # --- the contract -----------------------------------------------------------------------
     def _output(self, y: torch.Tensor) -> torch.Tensor:
@@ -145,21 +144,20 @@ class S4D(SequenceMixer):
         check_input(x, self.d_model, 3, "s4d.prefill")
         u = rearrange(x, "b l d -> b d l")
         length = u.shape[-1]
-        y = fftconv(u, self.kernel(length).to(u.dtype), self.D)
         dtA_real, dtA_imag64, C, dB = self._discrete()
+        z_inner, z_outer = self._power_tables(dtA_real, dtA_imag64, length)
+        y = fftconv(u, self._power_series(C * dB, z_inner, z_outer, length).to(u.dtype), self.D)
         h0 = state.ssm.to(C.dtype)
-        device = u.device
-        contributions = []
-        final = h0 * self._powers(dtA_real, dtA_imag64, torch.tensor([length], device=device))[..., 0]
-        for start, stop in self._blocks(length):
-            # y_t += 2 Re(sum_n C_n dA_n^(t+1) h0_n): the initial state decaying into the chunk.
-            powers = self._powers(dtA_real, dtA_imag64, torch.arange(start + 1, stop + 1, device=device))
-            contributions.append(2 * torch.einsum("bdn,dn,dnl->bdl", h0, C, powers).real)
-            # h_L += sum_s dA^(L-1-s) dB u_s over this chunk's s.
-            powers = self._powers(dtA_real, dtA_imag64, torch.arange(length - 1 - start, length - 1 - stop, -1,
-                                                                     device=device))
-            final = final + torch.einsum("bdl,dnl->bdn", u[..., start:stop].to(C.dtype), powers) * dB
-        y = y + torch.cat(contributions, dim=-1).to(y.dtype)
+        dA = torch.polar(dtA_real.exp(), dtA_imag64.to(dtA_real.dtype))
+        # y_t += 2 Re(sum_n C_n dA_n^(t+1) h0_n): the initial state decaying into the sequence.
+        decayed = self._power_series(C * dA * h0, z_inner, z_outer, length)  # (B, D, L)
+        # h_L = dA^L h0 + sum_s dA^(L-1-s) dB u_s, with s' = L-1-s = o J + j split like the powers.
+        inner, outer = z_inner.shape[-1], z_outer.shape[-1]
+        reversed_u = F.pad(u.flip(-1), (0, outer * inner - length)).to(C.dtype)
+        partial = rearrange(reversed_u, "b d (o j) -> b d o j", j=inner) @ z_inner.transpose(-1, -2)  # (B, D, O, N)
+        final = (partial * z_outer.transpose(-1, -2)).sum(-2) * dB
+        final = final + h0 * self._powers(dtA_real, dtA_imag64, torch.tensor([length], device=u.device))[..., 0]
+        y = y + decayed.to(y.dtype)
         return self._output(rearrange(y, "b d l -> b l d")), S4DState(ssm=final.to(state.ssm.dtype))
 
     def step(self, x_t: torch.Tensor, state: S4DState) -> tuple[torch.Tensor, S4DState]:

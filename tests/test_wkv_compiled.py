@@ -47,6 +47,26 @@ def test_lengths_around_the_checkpoint_interval(length, chunk_size):
     assert_same(actual, run_with_grads(wkv6_ref, inputs), f"compiled L={length} C={chunk_size}")
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_wide_heads_cover_every_column_tile(dtype):
+    """K = 64 as RWKV-6 and V = 57 = 32 + 16 + 8 + 1: every tile width the kernel splits V into."""
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, length, keys, values = 2, 2, 21, 64, 57
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    inputs = {
+        "r": randn(batch, heads, length, keys), "k": randn(batch, heads, length, keys),
+        "v": randn(batch, heads, length, values),
+        "w": -torch.rand(batch, heads, length, keys, generator=generator, dtype=dtype),
+        "u": randn(heads, keys), "initial_state": randn(batch, heads, keys, values),
+    }
+    actual = run_with_grads(compiled, inputs, chunk_size=8)
+    assert_same(actual, run_with_grads(wkv6_ref, inputs), f"compiled K={keys} V={values}")
+
+
 def loss_of(out, state, seed=7):
     generator = torch.Generator().manual_seed(seed)
     loss = 0

@@ -11,8 +11,9 @@
 //   o_t = q_t (S_{t-1} + diag(u) k_t^T v_t)          (V,)
 //   S_t = diag(e_t) S_{t-1} + k_t^T v_t               (K, V)
 //
-// Forward: one task per (batch, head) on ATen's thread pool, S in a local buffer. Token t reads
-// row k of S once: o_t += q_t,k S[k, :], then S[k, :] = e_t,k S[k, :] + k_t,k v_t, so the inner
+// Forward: one task per (batch, head) on ATen's thread pool, S in a local buffer. Token t streams
+// the rows of S once per tile of up to 32 columns: o_t[tile] += q_t,k S[k, tile], then
+// S[k, tile] = e_t,k S[k, tile] + k_t,k v_t[tile], the tile's outputs held in registers; the inner
 // loop runs over V on contiguous memory and vectorises; exp(w_t) is an inlined polynomial over K.
 // With checkpoints on, the state entering every chunk, S_{cC - 1}, is stored (B, H, N, K, V).
 //
@@ -30,8 +31,8 @@
 // and dL/dS_0 = G_{-1}. S_{t-1} is needed in the reverse walk but cannot be run backwards
 // (dividing by e_t = exp(-20) would amplify rounding by e^20), so each chunk's C states are
 // recomputed forward from its checkpoint into a local (C, K, V) buffer, then walked in reverse.
-// Each row k of G and S_{t-1} is read once per token, the three sums over v and the updates of
-// dv_t and G fused in one vectorised loop. Memory: O(B H N K V) checkpoints, O(threads C K V) buffers.
+// Each row k of G and S_{t-1} is read once per token and tile of columns, the three sums over v
+// and the updates of dv_t and G fused in one vectorised loop. Memory: O(B H N K V) checkpoints, O(threads C K V) buffers.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -108,6 +109,29 @@ struct Sizes {
   int64_t grain() const { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, len * keys * values)); }
 };
 
+// One token on the columns [j0, j0 + W) of the state: o_t[j] = bonus v_t[j] + sum_i q_i S[i, j], then
+// S[:, j] = e S[:, j] + k_t v_t[j]. W is a compile-time width so that the W partial outputs and
+// values stay in registers while the rows of S stream through: one load and one store per element.
+template <int W, typename scalar_t>
+inline void token_columns(const scalar_t* q, const scalar_t* e, const scalar_t* k_t, const scalar_t* v_t,
+                          scalar_t bonus, scalar_t* S, scalar_t* o_t, const Sizes& n, int64_t j0) {
+  scalar_t acc[W], values[W];
+  for (int j = 0; j < W; ++j) {
+    values[j] = v_t[j0 + j];
+    acc[j] = bonus * values[j];
+  }
+  for (int64_t i = 0; i < n.keys; ++i) {
+    const scalar_t qi = q[i], ei = e[i], ki = k_t[i];
+    scalar_t* S_row = S + i * n.values + j0;
+#pragma omp simd
+    for (int j = 0; j < W; ++j) {
+      acc[j] += qi * S_row[j];
+      S_row[j] = ei * S_row[j] + ki * values[j];
+    }
+  }
+  for (int j = 0; j < W; ++j) o_t[j0 + j] = acc[j];
+}
+
 template <typename scalar_t>
 void forward_kernel(const Sizes& n, const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& w, const at::Tensor& u, const at::Tensor& h0, scalar_t scale, at::Tensor& out,
@@ -144,21 +168,59 @@ void forward_kernel(const Sizes& n, const at::Tensor& r, const at::Tensor& k, co
         const scalar_t* v_t = v_p + row * n.values;
         scalar_t* o_t = out_p + row * n.values;
         const scalar_t bonus = token_scalars(r_t, k_t, w_t, u_h, scale, n.keys, q.data(), e.data());
-#pragma omp simd
-        for (int64_t j = 0; j < n.values; ++j) o_t[j] = bonus * v_t[j];
-        for (int64_t i = 0; i < n.keys; ++i) {
-          const scalar_t qi = q[i], ei = e[i], ki = k_t[i];
-          scalar_t* S_row = S + i * n.values;
-#pragma omp simd
-          for (int64_t j = 0; j < n.values; ++j) {
-            o_t[j] += qi * S_row[j];
-            S_row[j] = ei * S_row[j] + ki * v_t[j];
-          }
-        }
+        int64_t j0 = 0;
+        for (; j0 + 32 <= n.values; j0 += 32) token_columns<32>(q.data(), e.data(), k_t, v_t, bonus, S, o_t, n, j0);
+        if (j0 + 16 <= n.values) token_columns<16>(q.data(), e.data(), k_t, v_t, bonus, S, o_t, n, j0), j0 += 16;
+        if (j0 + 8 <= n.values) token_columns<8>(q.data(), e.data(), k_t, v_t, bonus, S, o_t, n, j0), j0 += 8;
+        for (; j0 < n.values; ++j0) token_columns<1>(q.data(), e.data(), k_t, v_t, bonus, S, o_t, n, j0);
       }
       std::memcpy(fs_p + task * state_size, S, state_size * sizeof(scalar_t));
     }
   });
+}
+
+// What one reverse step reads and writes: S = S_{t-1}, G = G_t on entry and G_{t-1} on exit,
+// row_sums = (sum_v S[k, v] do_t,v, sum_v G_t[k, v] v_t,v, sum_v G_t[k, v] S[k, v]) for each k (3, K).
+template <typename scalar_t>
+struct Adjoint {
+  const scalar_t *q, *e, *k_t, *v_t, *do_t, *S;
+  scalar_t *G, *dv_t, *row_sums;
+  scalar_t bonus;
+};
+
+// One reverse step on the columns [j0, j0 + W): dv_t[j] = bonus do_t[j] + sum_k k_t,k G[k, j], the
+// three row sums accumulated, G[:, j] = e G[:, j] + q do_t[j]. As in `token_columns`, W is a
+// compile-time width so the tile of dv_t, v_t and do_t stays in registers.
+template <int W, typename scalar_t>
+inline void adjoint_columns(const Adjoint<scalar_t>& a, const Sizes& n, int64_t j0) {
+  scalar_t dv[W], values[W], dout[W];
+  for (int j = 0; j < W; ++j) {
+    values[j] = a.v_t[j0 + j];
+    dout[j] = a.do_t[j0 + j];
+    dv[j] = a.bonus * dout[j];
+  }
+  scalar_t* state_do = a.row_sums;
+  scalar_t* adjoint_v = state_do + n.keys;
+  scalar_t* adjoint_state = adjoint_v + n.keys;
+  for (int64_t i = 0; i < n.keys; ++i) {
+    const scalar_t qi = a.q[i], ei = a.e[i], ki = a.k_t[i];
+    const scalar_t* S_row = a.S + i * n.values + j0;
+    scalar_t* G_row = a.G + i * n.values + j0;
+    scalar_t sd = 0, gv = 0, gs = 0;
+#pragma omp simd reduction(+ : sd, gv, gs)
+    for (int j = 0; j < W; ++j) {
+      const scalar_t s = S_row[j], g = G_row[j];
+      sd += s * dout[j];
+      gv += g * values[j];
+      gs += g * s;
+      dv[j] += ki * g;
+      G_row[j] = ei * g + qi * dout[j];
+    }
+    state_do[i] += sd;
+    adjoint_v[i] += gv;
+    adjoint_state[i] += gs;
+  }
+  for (int j = 0; j < W; ++j) a.dv_t[j0 + j] = dv[j];
 }
 
 template <typename scalar_t>
@@ -185,6 +247,7 @@ void backward_kernel(const Sizes& n, const at::Tensor& r, const at::Tensor& k, c
   at::parallel_for(0, n.batch * n.heads, n.grain(), [&](int64_t begin, int64_t end) {
     // states[c] = S_{start + c - 1}: the state entering token start + c of the current chunk.
     std::vector<scalar_t> states(n.chunk * state_size), adjoint(state_size), q(n.keys), e(n.keys), du(n.keys);
+    std::vector<scalar_t> row_sums(3 * n.keys);
     for (int64_t task = begin; task < end; ++task) {
       const scalar_t* u_h = u_p + (task % n.heads) * n.keys;
       scalar_t* G = adjoint.data();
@@ -219,28 +282,23 @@ void backward_kernel(const Sizes& n, const at::Tensor& r, const at::Tensor& k, c
                                                q.data(), e.data());
           scalar_t p = 0;
 #pragma omp simd reduction(+ : p)
-          for (int64_t j = 0; j < n.values; ++j) {
-            p += v_t[j] * do_t[j];
-            dv_t[j] = bonus * do_t[j];
-          }
+          for (int64_t j = 0; j < n.values; ++j) p += v_t[j] * do_t[j];
+          std::fill(row_sums.begin(), row_sums.end(), scalar_t(0));
+          const Adjoint<scalar_t> a{q.data(), e.data(), k_t, v_t, do_t, S, G, dv_t, row_sums.data(), bonus};
+          int64_t j0 = 0;
+          for (; j0 + 32 <= n.values; j0 += 32) adjoint_columns<32>(a, n, j0);
+          if (j0 + 16 <= n.values) adjoint_columns<16>(a, n, j0), j0 += 16;
+          if (j0 + 8 <= n.values) adjoint_columns<8>(a, n, j0), j0 += 8;
+          for (; j0 < n.values; ++j0) adjoint_columns<1>(a, n, j0);
+          const scalar_t* state_do = row_sums.data();
+          const scalar_t* adjoint_v = state_do + n.keys;
+          const scalar_t* adjoint_state = adjoint_v + n.keys;
+#pragma omp simd
           for (int64_t i = 0; i < n.keys; ++i) {
-            const scalar_t qi = q[i], ei = e[i], ki = k_t[i];
-            const scalar_t* S_row = S + i * n.values;
-            scalar_t* G_row = G + i * n.values;
-            scalar_t state_do = 0, adjoint_v = 0, adjoint_state = 0;
-#pragma omp simd reduction(+ : state_do, adjoint_v, adjoint_state)
-            for (int64_t j = 0; j < n.values; ++j) {
-              const scalar_t s = S_row[j], g = G_row[j];
-              state_do += s * do_t[j];
-              adjoint_v += g * v_t[j];
-              adjoint_state += g * s;
-              dv_t[j] += ki * g;
-              G_row[j] = ei * g + qi * do_t[j];
-            }
-            const scalar_t bonus_i = u_h[i] * p;
-            dr_t[i] = scale * (state_do + bonus_i * ki);
-            dk_t[i] = adjoint_v + qi * bonus_i;
-            dw_t[i] = ei * adjoint_state;
+            const scalar_t qi = q[i], ki = k_t[i], bonus_i = u_h[i] * p;
+            dr_t[i] = scale * (state_do[i] + bonus_i * ki);
+            dk_t[i] = adjoint_v[i] + qi * bonus_i;
+            dw_t[i] = e[i] * adjoint_state[i];
             du[i] += qi * ki * p;
           }
         }

@@ -279,6 +279,7 @@ class _CompiledWkv6(torch.autograd.Function):
 
 
 def _wkv6_compiled(r, k, v, w, u, scale, initial_state, output_final_state, chunk_size):
+    """Cast to the compute dtype (at least float32), make contiguous, run the kernel, cast back."""
     dtype = r.dtype
     compute = torch.promote_types(dtype, torch.float32)
     scale = r.shape[-1] ** -0.5 if scale is None else scale

@@ -1,9 +1,14 @@
-"""wkv6 forms vs sequence length: time, tokens/s, peak memory, speed-up over the sequential reference.
+"""wkv6 forms vs sequence length: time, tokens/s, peak memory, speed-up over the sequential reference
+and over the eager chunked path.
+
+Forms: "compiled" (the C++ kernel, `wkv6(path="compiled")`), "chunked" (the eager PyTorch path,
+`wkv6(path="chunked")`), "parallel" (`wkv6_parallel`), "sequential" (`wkv6_ref`, the token loop).
 
 Legend: B batch (1), H heads (12), T length, K head size (64).
 
     python benchmarks/bench_wkv.py            # L = 256 ... 8192, forward and forward + backward
     python benchmarks/bench_wkv.py --quick    # L = 256, 1024; under a minute
+    python benchmarks/bench_wkv.py --lengths 1024 4096 --threads 1 --repeats 3   # issue #4's case
 
 Timing: in this process, the forms are run interleaved (A B C A B C ...) and the median is kept, so a
 slow spell of a shared machine hits every form alike; speed-ups are ratios within one L. Peak memory:
@@ -24,10 +29,15 @@ import time
 import torch
 
 from seqarch.bench.memory import peak_rss_growth_bytes
-from seqarch.ops.wkv import wkv6, wkv6_parallel, wkv6_ref
+from seqarch.ops.wkv import compiled_kernel_usable, wkv6, wkv6_parallel, wkv6_ref
 
 HEADS, HEAD_SIZE = 12, 64
-FORMS = {"chunked": wkv6, "parallel": wkv6_parallel, "sequential": wkv6_ref}
+FORMS = {
+    "compiled": lambda *inputs, **kwargs: wkv6(*inputs, **kwargs, path="compiled"),
+    "chunked": lambda *inputs, **kwargs: wkv6(*inputs, **kwargs, path="chunked"),
+    "parallel": wkv6_parallel,
+    "sequential": wkv6_ref,
+}
 PASSES = ("forward", "forward+backward")
 
 
@@ -66,7 +76,7 @@ def peak_memory_in_subprocess(form: str, length: int, backward: bool, threads: i
 
 
 def forms_at(length: int, backward: bool, args) -> list[str]:
-    forms = ["chunked"]
+    forms = ["compiled", "chunked"] if args.compiled else ["chunked"]
     if length <= args.max_parallel_length:
         forms.append("parallel")
     limit = args.max_sequential_length if not backward else args.max_sequential_length // 2
@@ -97,6 +107,7 @@ def benchmark(args) -> list[dict]:
                     "length": length, "pass": pass_name, "form": form, "seconds": medians[form],
                     "tokens_per_s": length / medians[form], "peak_mb": peak / 2**20,
                     "speedup": medians["sequential"] / medians[form] if "sequential" in medians else None,
+                    "vs_chunked": medians["chunked"] / medians[form],
                 })
                 print_row(rows[-1])
     return rows
@@ -104,23 +115,27 @@ def benchmark(args) -> list[dict]:
 
 def print_header() -> None:
     print(f"| {'L':>5} | {'pass':<16} | {'form':<10} | {'median ms':>10} | {'tokens/s':>10} | {'peak MB':>8} "
-          f"| {'vs sequential':>13} |")
-    print(f"|{'-' * 7}|{'-' * 18}|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 15}|")
+          f"| {'vs sequential':>13} | {'vs chunked':>10} |")
+    print(f"|{'-' * 7}|{'-' * 18}|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 15}|{'-' * 12}|")
 
 
 def print_row(row: dict) -> None:
     speedup = f"{row['speedup']:.1f}x" if row["speedup"] is not None else "-"
     print(f"| {row['length']:>5} | {row['pass']:<16} | {row['form']:<10} | {row['seconds'] * 1e3:>10.1f} "
-          f"| {row['tokens_per_s']:>10.0f} | {row['peak_mb']:>8.1f} | {speedup:>13} |", flush=True)
+          f"| {row['tokens_per_s']:>10.0f} | {row['peak_mb']:>8.1f} | {speedup:>13} | {row['vs_chunked']:>9.1f}x |",
+          flush=True)
 
 
 def print_memory_scaling(rows: list[dict]) -> None:
-    """Peak memory per token of the chunked form at each L: flat when memory is linear in L."""
-    print("\nchunked peak memory per token (KB): flat = linear in L")
-    for pass_name in sorted({row["pass"] for row in rows}):
-        cells = [f"L={row['length']}: {row['peak_mb'] * 1024 / row['length']:.1f}"
-                 for row in rows if row["form"] == "chunked" and row["pass"] == pass_name]
-        print(f"  {pass_name:<16} " + ", ".join(cells))
+    """Peak memory per token of the linear-memory forms at each L: flat when memory is linear in L."""
+    for form in ("compiled", "chunked"):
+        if not any(row["form"] == form for row in rows):
+            continue
+        print(f"\n{form} peak memory per token (KB): flat = linear in L")
+        for pass_name in sorted({row["pass"] for row in rows}):
+            cells = [f"L={row['length']}: {row['peak_mb'] * 1024 / row['length']:.1f}"
+                     for row in rows if row["form"] == form and row["pass"] == pass_name]
+            print(f"  {pass_name:<16} " + ", ".join(cells))
 
 
 def main() -> None:
@@ -144,6 +159,9 @@ def main() -> None:
         args.lengths, args.repeats = [256, 1024], 3
         args.max_sequential_length = min(args.max_sequential_length, 1024)
         args.max_parallel_length = 0
+    args.compiled, reason = compiled_kernel_usable()
+    if not args.compiled:
+        print(f"compiled form skipped: {reason}")
     print(f"wkv6, B=1, H={HEADS}, K=V={HEAD_SIZE}, float32, {args.threads} thread(s), torch {torch.__version__}; "
           f"median of {args.repeats} interleaved runs\n")
     print_header()

@@ -1,4 +1,5 @@
-"""wkv6: the chunked and parallel forms against the sequential recurrence, forward and gradients."""
+"""wkv6: the eager chunked and parallel forms against the sequential recurrence, forward and gradients.
+The compiled kernel has its own file, tests/test_wkv_compiled.py."""
 
 from __future__ import annotations
 
@@ -51,9 +52,9 @@ def assert_same(actual, expected, label):
 
 
 FORMS = {
-    "chunked": wkv6,
-    "chunked_c16_e4": lambda **kw: wkv6(**kw, chunk_size=16, subchunk_size=4),
-    "chunked_c8_e8": lambda **kw: wkv6(**kw, chunk_size=8, subchunk_size=8),
+    "chunked": lambda **kw: wkv6(**kw, path="chunked"),
+    "chunked_c16_e4": lambda **kw: wkv6(**kw, chunk_size=16, subchunk_size=4, path="chunked"),
+    "chunked_c8_e8": lambda **kw: wkv6(**kw, chunk_size=8, subchunk_size=8, path="chunked"),
     "parallel": wkv6_parallel,
 }
 
@@ -72,7 +73,7 @@ def test_forms_match_recurrence(form, length, dtype, with_state):
 def test_chunked_survives_strong_decay_over_long_sequences():
     """Decays of e^-5 .. e^-20 per step: a reference point at the chunk start would need exp(+600)."""
     inputs = make_inputs(2000, torch.float64, decay_range=(-20.0, -5.0), batch=1)
-    out, state = wkv6(**inputs, output_final_state=True)
+    out, state = wkv6(**inputs, output_final_state=True, path="chunked")
     out_ref, state_ref = wkv6_ref(**inputs, output_final_state=True)
     assert_close(out, out_ref, "strong decay output")
     assert_close(state, state_ref, "strong decay final state")
@@ -82,7 +83,7 @@ def test_strong_decay_gradients_float32():
     """float32 forward and gradients with mixed strong and weak decays, against the float64 recurrence."""
     inputs = make_inputs(97, torch.float64, decay_range=(-20.0, 0.0), batch=1)
     expected = run_with_grads(wkv6_ref, inputs)
-    actual = run_with_grads(wkv6, {name: t.float() for name, t in inputs.items()})
+    actual = run_with_grads(FORMS["chunked"], {name: t.float() for name, t in inputs.items()})
     out, state, grads = actual
     assert_close(out, expected[0].float(), "f32 output", tolerance=2e-5)
     assert_close(state, expected[1].float(), "f32 final state", tolerance=2e-5)

@@ -18,8 +18,15 @@ Three forms compute it:
 - `wkv6_ref`       the recurrence above, one token at a time (the reference; also the decode step).
 - `wkv6_parallel`  o_t = r_t (sum_{s<t} diag(exp(b_{t-1} - b_s)) k_s^T v_s + ...) with all (t, s)
                    decays formed pairwise: O(T^2 K) memory, a second reference for short T.
-- `wkv6`           chunked (the fast path): inside a chunk the pairwise sums become matrix
-                   products, between chunks the state is passed on.
+- `wkv6`           the fast path, on one of two paths (`path=`):
+    - "compiled": a C++ kernel (seqarch/ops/csrc/wkv6.cpp) running the recurrence itself, one task
+      per (batch, head) on ATen's thread pool, the (K, V) state in a local buffer, every token's
+      work fused in one pass over the state; backward walks time in reverse with the adjoint of
+      the state, recomputing each chunk's states from checkpoints stored every C tokens. Built on
+      first use and cached by torch.
+    - "chunked": eager PyTorch (also what runs on CUDA): inside a chunk the pairwise sums become
+      matrix products, between chunks the state is passed on.
+    - "auto": "compiled" on CPU where the kernel builds, else "chunked", with a one-time notice.
 
 Numerics of the chunked form. With b_i the cumulative log-decay inside a chunk, the weight of key j
 for query i > j is exp(b_{i-1} - b_j) <= 1. Factoring it as exp(b_{i-1} - c) * exp(c - b_j) turns the
@@ -33,12 +40,22 @@ taken, in float32 or float64, for any w <= 0.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch.autograd.function import once_differentiable
+
+from seqarch.backends import load_cpp_extension, notify_once
 
 DEFAULT_CHUNK_SIZE = 32
 DEFAULT_SUBCHUNK_SIZE = 8
+PATHS = ("auto", "compiled", "chunked")
+_KERNEL_NAME = "seqarch_wkv6"
+_KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "wkv6.cpp")
+# -ffast-math lets the compiler vectorise the sums over V (reassociation) and exp over K.
+_KERNEL_FLAGS = ("-march=native", "-ffast-math")
 
 
 def _check_inputs(r, k, v, w, u, initial_state) -> None:
@@ -126,18 +143,28 @@ def wkv6_parallel(r, k, v, w, u, scale=None, initial_state=None, output_final_st
 
 
 def wkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False,
-         chunk_size: int = DEFAULT_CHUNK_SIZE, subchunk_size: int = DEFAULT_SUBCHUNK_SIZE):
-    """Chunked wkv6 (the fast path); arguments and returns as `wkv6_ref`.
+         chunk_size: int = DEFAULT_CHUNK_SIZE, subchunk_size: int = DEFAULT_SUBCHUNK_SIZE, *, path: str = "auto"):
+    """The fast wkv6; arguments and returns as `wkv6_ref`, on the path `path` picks (module docstring).
 
     r, k, w (B, H, T, K) with w the log-decay (w <= 0), v (B, H, T, V), u (H, K) the bonus of the
     current token, scale (default K^-0.5, as flash-linear-attention; RWKV-6 itself uses 1.0),
-    initial_state (B, H, K, V). `chunk_size` must be a multiple of `subchunk_size`. Cost
-    O(T (C + E) K + T K V) time, O(T (C / 2 + E) K + T K V / C) memory; exact for any w <= 0 (see the
-    module docstring).
+    initial_state (B, H, K, V). `chunk_size` (C) is the checkpoint interval of the compiled
+    backward (O(B H (T / C) K V) memory) and the chunk of the eager path; `subchunk_size` (E, a
+    divisor of C) is the eager path's sub-chunk. `path` is "auto", "compiled" or "chunked".
+    Compiled: O(T K V) time, O(T (K + V) + (T / C) K V) memory. Chunked: O(T (C + E) K + T K V)
+    time, O(T (C / 2 + E) K + T K V / C) memory. Both exact for any w <= 0.
     """
     if chunk_size < 1 or subchunk_size < 1 or chunk_size % subchunk_size:
         raise ValueError(f"wkv6: chunk_size ({chunk_size}) must be a positive multiple of subchunk_size "
                          f"({subchunk_size})")
+    _check_inputs(r, k, v, w, u, initial_state)
+    if resolve_path(path, r.device) == "compiled":
+        return _wkv6_compiled(r, k, v, w, u, scale, initial_state, output_final_state, chunk_size)
+    return _wkv6_chunked(r, k, v, w, u, scale, initial_state, output_final_state, chunk_size, subchunk_size)
+
+
+def _wkv6_chunked(r, k, v, w, u, scale, initial_state, output_final_state, chunk_size, subchunk_size):
+    """The eager chunked path (module docstring, "Numerics of the chunked form")."""
     dtype = r.dtype
     r, k, v, w, u, state = _prepare(r, k, v, w, u, scale, initial_state)
     length = r.shape[2]
@@ -208,3 +235,81 @@ def _intra_chunk(queries, keys_to_end, r, k, v, u, local, local_before, through,
         scores = queries[:, :, :, index] @ keys.transpose(-1, -2)  # (B, H, N, E, I E)
         outputs.append(out[:, :, :, index] + scores @ values)
     return torch.stack(outputs, dim=3)
+
+
+# --- the compiled path --------------------------------------------------------------------------
+def compiled_kernel():
+    """The C++ wkv6 extension, built on first call (about a minute) and cached by torch in its
+    extension directory; raises RuntimeError naming why it cannot be built."""
+    return load_cpp_extension(_KERNEL_NAME, _KERNEL_SOURCE, _KERNEL_FLAGS)
+
+
+def compiled_kernel_usable() -> tuple[bool, str]:
+    """(True, "") when the compiled kernel loads here, else (False, the reason). Builds it if needed."""
+    try:
+        compiled_kernel()
+    except RuntimeError as error:
+        return False, str(error)
+    return True, ""
+
+
+class _CompiledWkv6(torch.autograd.Function):
+    """wkv6 through the C++ kernel. r, k, w (B, H, T, K), v (B, H, T, V), u (H, K), initial_state
+    (B, H, K, V) or None, contiguous, in one compute dtype -> out (B, H, T, V), final state."""
+
+    @staticmethod
+    def forward(ctx, r, k, v, w, u, initial_state, scale, chunk):
+        needs_backward = any(ctx.needs_input_grad[:6])
+        out, final_state, checkpoints = compiled_kernel().forward(r, k, v, w, u, initial_state, scale, chunk,
+                                                                  needs_backward)
+        ctx.save_for_backward(r, k, v, w, u, checkpoints)
+        ctx.scale, ctx.chunk, ctx.has_initial_state = scale, chunk, initial_state is not None
+        ctx.set_materialize_grads(False)
+        return out, final_state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dfinal_state):
+        r, k, v, w, u, checkpoints = ctx.saved_tensors
+        dout = torch.zeros_like(v) if dout is None else dout.contiguous()
+        dfinal_state = None if dfinal_state is None else dfinal_state.contiguous()
+        dr, dk, dv, dw, du, dinitial = compiled_kernel().backward(r, k, v, w, u, ctx.scale, checkpoints, dout,
+                                                                  dfinal_state, ctx.chunk)
+        return dr, dk, dv, dw, du, (dinitial if ctx.has_initial_state else None), None, None
+
+
+def _wkv6_compiled(r, k, v, w, u, scale, initial_state, output_final_state, chunk_size):
+    """Cast to the compute dtype (at least float32), make contiguous, run the kernel, cast back."""
+    dtype = r.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    scale = r.shape[-1] ** -0.5 if scale is None else scale
+    r, k, v, w, u = (t.to(compute).contiguous() for t in (r, k, v, w, u))
+    if initial_state is not None:
+        initial_state = initial_state.to(compute).contiguous()
+    out, state = _CompiledWkv6.apply(r, k, v, w, u, initial_state, float(scale), chunk_size)
+    return _finish(out, state, dtype, output_final_state)
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+def resolve_path(path: str, device: torch.device | str) -> str:
+    """The path `path` runs on `device`: "compiled" or "chunked". "auto" on CPU builds the compiled
+    kernel if needed and falls back to "chunked" with a one-time notice saying why; on other
+    devices it is "chunked"; an explicit "compiled" that cannot run raises."""
+    if path not in PATHS:
+        raise ValueError(f"wkv6: path={path!r}; valid: {', '.join(map(repr, PATHS))}")
+    device = torch.device(device)
+    if path == "chunked":
+        return path
+    if device.type != "cpu":
+        if path == "compiled":
+            raise ValueError(f"wkv6: path='compiled' is a CPU kernel; inputs are on {device}")
+        notify_once(f"wkv6:chunked:{device.type}", f"wkv6 on {device.type} runs the eager chunked PyTorch path")
+        return "chunked"
+    usable, reason = compiled_kernel_usable()
+    if usable:
+        notify_once("wkv6:compiled", "wkv6 runs the compiled C++ CPU kernel")
+        return "compiled"
+    if path == "compiled":
+        raise RuntimeError(f"wkv6: path='compiled' was requested but the kernel is unavailable: {reason}")
+    notify_once("wkv6:chunked", f"wkv6 runs the eager chunked PyTorch path ({reason})")
+    return "chunked"

@@ -12,6 +12,7 @@ import importlib.util
 import shutil
 import sys
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -63,10 +64,12 @@ def load_cpp_extension(name: str, source: str, extra_cflags: tuple[str, ...] = (
     from torch.utils.cpp_extension import load
 
     cflags = ["-O3", "-fopenmp", *extra_cflags]
-    # The build folder is named after the source and flags, so two versions of the kernel (an
-    # upgrade, two checkouts) never load each other's binary from torch's shared cache.
-    with open(source, "rb") as handle:
-        digest = hashlib.sha256(handle.read() + " ".join(cflags).encode()).hexdigest()[:12]
+    # The build folder is named after the source, the headers beside it and the flags, so two
+    # versions of the kernel (an upgrade, two checkouts) never load each other's binary from
+    # torch's shared cache.
+    folder = Path(source).parent
+    hashed = [Path(source), *sorted(folder.glob("*.h"))]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in hashed) + " ".join(cflags).encode()).hexdigest()[:12]
     try:
         module = load(name=f"{name}_{digest}", sources=[source], extra_cflags=cflags,
                       extra_ldflags=["-fopenmp"], verbose=False)

@@ -29,6 +29,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "kernel_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -37,28 +39,8 @@
 
 namespace {
 
-// exp for float, inlined so the state loop vectorises without a call per vector: Cody-Waite
-// reduction x = k ln2 + r, Cephes' degree-5 polynomial for exp(r) (about 1 ulp), times 2^k.
-// The input is clamped to [-87, 88], so exp of a very negative decay exponent returns about 1e-38
-// instead of 0, an absolute error far below float32 resolution of any state it multiplies.
-inline float decay_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-inline double decay_exp(double x) { return std::exp(x); }
+using seqarch_kernels::data_or_null;
+using seqarch_kernels::decay_exp;
 
 // sigmoid and softplus use the inlined exp and std::log so that the per-chunk loops over time
 // that evaluate them vectorise (scalar libm calls per step cost twice the whole scan).
@@ -71,11 +53,6 @@ inline scalar_t sigmoid(scalar_t x) {
 template <typename scalar_t>
 inline scalar_t softplus(scalar_t x) {
   return x > scalar_t(20) ? x : std::log(scalar_t(1) + decay_exp(x));
-}
-
-template <typename scalar_t>
-const scalar_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
 // The optional elementwise parts, shared by forward and backward.

@@ -71,10 +71,11 @@ def test_channel_mix_matches_the_equations():
         assert_close(mix(x), expected, "channel-mix vs its equations")
 
 
-@pytest.mark.parametrize("mode", ["parallel", "sequential", "chunked_odd"])
+@pytest.mark.parametrize("mode", ["parallel", "sequential", "compiled", "chunked_odd"])
 def test_wkv_modes_agree_forward_and_backward(mode):
-    overrides = {"chunk_size": 12, "subchunk_size": 4} if mode == "chunked_odd" else {"mode": mode}
-    reference = build_mixer("rwkv6", d_model=WIDTH).double()
+    """Every mode against the eager chunked one (compiled: the C++ kernel inside the layer)."""
+    overrides = {"mode": "chunked", "chunk_size": 12, "subchunk_size": 4} if mode == "chunked_odd" else {"mode": mode}
+    reference = build_mixer("rwkv6", d_model=WIDTH, mode="chunked").double()
     variant = build_mixer("rwkv6", d_model=WIDTH, **overrides).double()
     variant.load_state_dict(reference.state_dict())
     x = torch.randn(2, 45, WIDTH, dtype=torch.float64)
@@ -86,9 +87,10 @@ def test_wkv_modes_agree_forward_and_backward(mode):
         assert_close(param.grad, param_ref.grad, f"{mode} vs chunked d{name}")
 
 
-@pytest.mark.parametrize("mode", ["parallel", "sequential", "chunked_odd"])
+@pytest.mark.parametrize("mode", ["parallel", "sequential", "chunked", "chunked_odd"])
 def test_modes_keep_the_contract(mode):
-    overrides = {"chunk_size": 12, "subchunk_size": 4} if mode == "chunked_odd" else {"mode": mode}
+    """The default ("auto": compiled on CPU) runs in tests/test_contract.py; the other modes here."""
+    overrides = {"mode": "chunked", "chunk_size": 12, "subchunk_size": 4} if mode == "chunked_odd" else {"mode": mode}
     mixer = build_mixer("rwkv6", d_model=WIDTH, **overrides)
     check_paths_agree(mixer, 29, f"rwkv6 {mode}")
     check_prefill_then_continue(mixer, 13, 9, f"rwkv6 {mode}")
@@ -164,7 +166,7 @@ def test_default_heads_and_decay_sign():
     ("overrides", "message"),
     [
         ({"head_size": 48}, "not divisible by head_size"),
-        ({"mode": "fast"}, "valid: 'chunked', 'parallel', 'sequential'"),
+        ({"mode": "fast"}, "valid: 'auto', 'compiled', 'chunked', 'parallel', 'sequential'"),
         ({"chunk_size": 20, "subchunk_size": 8}, "multiple of subchunk_size"),
         ({"depth_ratio": 1.5}, r"depth_ratio must be in \[0, 1\]"),
         ({"ffn_ratio": 0}, "ffn_ratio must be > 0"),

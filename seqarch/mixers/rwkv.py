@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from seqarch.backends import cpp_compiler_available
 from seqarch.mixers.base import MixerState, SequenceMixer, check_input
 from seqarch.ops.wkv import wkv6, wkv6_parallel, wkv6_ref, wkv6_step
 from seqarch.registry import register
 
-_MODES = ("chunked", "parallel", "sequential")
+_MODES = ("auto", "compiled", "chunked", "parallel", "sequential")
 _MIXED = ("w", "k", "v", "r", "g")  # the five interpolations of the time-mix, in RWKV-LM's order
 
 
@@ -48,8 +49,10 @@ class RWKV6Config:
     decay_lora_rank: int = 64  # rank of the decay MLP (RWKV-LM's TIME_DECAY_EXTRA_DIM)
     ffn_ratio: float = 3.5  # channel-mix hidden width F / D, rounded down to a multiple of 32 (as RWKV-6)
     depth_ratio: float = 0.5  # layer position in the stack, 0 first .. 1 last; RWKV's init varies with it
-    mode: str = "chunked"  # wkv algorithm: "chunked" (fast), "parallel" (O(L^2 K) memory), "sequential" (loop)
-    chunk_size: int = 32  # tokens per chunk of the chunked wkv (state passed between chunks)
+    # wkv algorithm: "auto" (compiled C++ kernel on CPU where it builds, else "chunked"), "compiled",
+    # "chunked" (eager PyTorch), "parallel" (O(L^2 K) memory), "sequential" (token loop, reference)
+    mode: str = "auto"
+    chunk_size: int = 32  # tokens per chunk: state passing of "chunked", state checkpoints of "compiled"
     subchunk_size: int = 8  # tokens whose pairwise decays are formed exactly; divides chunk_size
     norm_eps: float = 64e-5  # GroupNorm eps: RWKV's 1e-5 * head_size_divisor^2 with divisor 8
 
@@ -175,9 +178,9 @@ class RWKV6(SequenceMixer):
         cfg = self.config
         u = self.time_faaaa
         output_final_state = initial_state is not None
-        if cfg.mode == "chunked":
+        if cfg.mode in ("auto", "compiled", "chunked"):
             return wkv6(r, k, v, w, u, scale=1.0, initial_state=initial_state, output_final_state=output_final_state,
-                        chunk_size=cfg.chunk_size, subchunk_size=cfg.subchunk_size)
+                        chunk_size=cfg.chunk_size, subchunk_size=cfg.subchunk_size, path=cfg.mode)
         op = wkv6_parallel if cfg.mode == "parallel" else wkv6_ref
         return op(r, k, v, w, u, scale=1.0, initial_state=initial_state, output_final_state=output_final_state)
 
@@ -188,6 +191,14 @@ class RWKV6(SequenceMixer):
         return self.output(rearrange(normed, "(b l) d -> b l d", l=length) * gate)
 
     # --- the contract -----------------------------------------------------------------------
+    def describe_paths(self, device: torch.device | str = "cpu") -> str:
+        mode = self.config.mode
+        if mode != "auto":
+            return f"mode={mode}"
+        if torch.device(device).type == "cpu" and cpp_compiler_available():
+            return "mode=auto: compiled C++ CPU wkv6 kernel (built on first use, cached); chunked if the build fails"
+        return "mode=auto: eager chunked PyTorch wkv6"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.d_model, 3, "rwkv6.forward")
         r, k, v, w, gate = self._project(x, _token_shift(x, None))

@@ -11,7 +11,7 @@ default). Every mixer gets the same block (the `base` recipe: mixer + SwiGLU MLP
 optimizer, learning rate and step budget; Zoology also sweeps the learning rate per mixer and keeps
 the best, which this CPU budget does not allow, so a low number can mean "needs another lr or more
 steps" as well as "cannot recall". The default is sized for one CPU thread: a small vocabulary, few
-pairs, a high constant learning rate and no weight decay, so that 300 steps can form recall.
+pairs, a high constant learning rate and no weight decay, so that 600 steps can form recall.
 
     rows = run_quality_sweep(QualitySettings(mixers=("rwkv6", "mamba")))
     [{"mixer": "rwkv6", "d_model": 32, "seq_len": 24, "num_kv_pairs": 3, "accuracy": 0.95, ...}, ...]
@@ -44,7 +44,7 @@ class QualitySettings:
     tokens_per_pair: int = 8  # P = L / tokens_per_pair, pairs grow with L as in Zoology (24 -> 3, 48 -> 6)
     vocab_size: int = 32  # keys from [1, V/2), values from [V/2, V); Zoology uses 8192 on GPUs
     n_layers: int = 2  # Zoology's depth for MQAR
-    steps: int = 300  # optimizer steps per cell (bounds the default sweep to ~20 min on one shared CPU thread)
+    steps: int = 600  # optimizer steps per cell (bounds the default sweep to ~20 min on one shared CPU thread)
     batch_size: int = 32  # examples per step
     lr: float = 1e-2  # one peak lr for every mixer (Zoology sweeps 1e-4..1e-2 and keeps the best)
     warmup_steps: int = 10  # linear warmup, then the lr is held (min_lr_ratio 1): short runs learn sooner
@@ -109,7 +109,7 @@ class QualitySettings:
 GRIDS: dict[str, dict[str, Any]] = {
     "quick": {"widths": (32,), "seq_lens": (24,), "steps": 60, "num_train": 2000, "num_val": 64},  # smoke: ~2 min
     "default": {"budget_s": 1800.0},  # 3 cells x 7 mixers, ~20 min on one thread of the shared 2-core CPU; cut at 30
-    "full": {"grid": "full", "widths": (32, 64, 128), "seq_lens": (24, 48, 96), "steps": 600},  # 9 cells x 7 mixers
+    "full": {"grid": "full", "widths": (32, 64, 128), "seq_lens": (24, 48, 96), "steps": 1000},  # 9 cells x 7 mixers
     "large": {"grid": "full", "widths": (64, 128, 256), "seq_lens": (64, 128, 256, 512), "tokens_per_pair": 16,
               "vocab_size": 256, "steps": 2000, "lr": 3e-3},  # Zoology's pair scaling, for a bigger machine
 }

@@ -63,7 +63,8 @@ def main() -> None:
     rows = run_quality_sweep(settings)
     wall_seconds = round(time.perf_counter() - started, 1)
     write_quality(rows, out / "quality.json")
-    recorded = {**dataclasses.asdict(settings), "out": str(out), "wall_seconds": wall_seconds}
+    recorded = {**dataclasses.asdict(settings), "out": str(out.relative_to(RESULTS.parents[2])),
+                "wall_seconds": wall_seconds}
     (out / "settings.json").write_text(json.dumps(recorded, indent=1) + "\n")
     report = write_quality_report(rows, out)
     if not args.keep_runs:

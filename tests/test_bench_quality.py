@@ -11,6 +11,7 @@ from seqarch.bench.commands import quality_rows, run_bench
 from seqarch.bench.quality import GRIDS, QualitySettings, fit_args, run_quality_sweep
 from seqarch.bench.report import write_quality_report
 from seqarch.bench.settings import parse_bench_settings
+from seqarch.registry import list_mixers
 from tests.test_bench import in_process, tiny_settings
 
 ROW_KEYS = {"mixer", "d_model", "seq_len", "num_kv_pairs", "accuracy", "chance", "parameters", "steps", "lr",
@@ -25,9 +26,9 @@ def tiny_quality(tmp_path, **overrides) -> QualitySettings:
 
 
 def test_cross_grid_sweeps_width_at_the_shortest_length_and_length_at_the_widest_width():
-    settings = QualitySettings(widths=(128, 32, 64), seq_lens=(256, 64, 128))
+    settings = QualitySettings(widths=(128, 32, 64), seq_lens=(256, 64, 128), tokens_per_pair=16, vocab_size=256)
     assert settings.cells() == [(32, 64), (64, 64), (128, 64), (128, 128), (128, 256)]
-    full = QualitySettings(widths=(32, 64), seq_lens=(64, 128), grid="full").cells()
+    full = QualitySettings(widths=(32, 64), seq_lens=(64, 128), grid="full", tokens_per_pair=16).cells()
     assert sorted(full) == [(32, 64), (32, 128), (64, 64), (64, 128)]
     assert [settings.num_kv_pairs(length) for length in (64, 128, 256)] == [4, 8, 16]  # Zoology's scaling
 
@@ -35,8 +36,9 @@ def test_cross_grid_sweeps_width_at_the_shortest_length_and_length_at_the_widest
 def test_each_cell_trains_through_seqarch_fit_with_the_mqar_data(tmp_path):
     settings = QualitySettings(steps=300, lr=1e-3, seed=3)
     args = fit_args(settings, "mamba", 64, 128, tmp_path / "run")
-    for expected in ("model.mixer=mamba", "model.d_model=64", "data=mqar", "data.seq_len=128", "data.num_kv_pairs=8",
+    for expected in ("model.mixer=mamba", "model.d_model=64", "data=mqar", "data.seq_len=128", "data.num_kv_pairs=16",
                      "trainer.max_steps=300", "trainer.val_every=300", "optim.lr=0.001", "trainer.num_threads=1",
+                     "optim.warmup_steps=10", "optim.min_lr_ratio=1.0", "optim.weight_decay=0.0", "optim.grad_clip=0.0",
                      "seed=3"):
         assert expected in args
 
@@ -44,13 +46,27 @@ def test_each_cell_trains_through_seqarch_fit_with_the_mqar_data(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"mixers": ("nope",)}, "unknown mixer 'nope'"),
     ({"grid": "diagonal"}, "valid: cross, full"),
-    ({"seq_lens": (8,)}, "holds no pair"),
-    ({"vocab_size": 20}, "too few keys"),
+    ({"seq_lens": (4,)}, "holds no pair"),
+    ({"vocab_size": 12}, "too few keys"),
     ({"steps": 0}, "steps must be >= 1"),
+    ({"min_lr_ratio": 1.5}, "min_lr_ratio must be in"),
+    ({"weight_decay": -0.1}, "weight_decay and grad_clip >= 0"),
 ])
 def test_bad_quality_settings_name_the_problem(overrides, message):
     with pytest.raises(ValueError, match=message):
         QualitySettings(**overrides)
+
+
+def test_every_registered_mixer_is_in_the_sweep_and_trains_at_the_smallest_default_width(tmp_path):
+    # The committed quick report once lacked mamba; every registered mixer must be a row, and each must
+    # run at the narrowest default width (d=32, below the contract suite's 64).
+    assert QualitySettings().mixer_names == list_mixers()
+    assert {"attention", "hyena", "mamba", "mamba2", "retnet", "rwkv6", "s4d"} <= set(list_mixers())
+    settings = tiny_quality(tmp_path, mixers=(), widths=(min(QualitySettings().widths),), seq_lens=(8,), steps=1,
+                            batch_size=4, num_train=8, num_val=4)
+    rows = run_quality_sweep(settings, progress=lambda line: None)
+    assert [row["mixer"] for row in rows] == list_mixers()
+    assert all(row["status"] == "ok" for row in rows), [row["error"] for row in rows if row["error"]]
 
 
 def test_bench_reads_quality_true_and_checks_the_grid_name():

@@ -6,16 +6,18 @@ Multi-query associative recall (Arora et al. 2023, "Zoology: Measuring and Impro
 Efficient Language Models", section 3 and figure 2): each mixer is trained from scratch on MQAR in
 a two-layer SeqLM, once per (d, L) cell, through `seqarch.train.fit` (the same Lightning loop as
 `seqarch fit`, no second training loop), and the final validation accuracy is recorded. As in
-Zoology the number of pairs grows with the length, P = L / tokens_per_pair (64 -> 4, 128 -> 8,
-256 -> 16). Every mixer gets the same block (the `base` recipe: mixer + SwiGLU MLP), the same data,
+Zoology the number of pairs grows with the length, P = L / tokens_per_pair (24 -> 3, 48 -> 6 by
+default). Every mixer gets the same block (the `base` recipe: mixer + SwiGLU MLP), the same data,
 optimizer, learning rate and step budget; Zoology also sweeps the learning rate per mixer and keeps
-the best, which this CPU budget does not allow, so a low number can mean "needs another lr".
+the best, which this CPU budget does not allow, so a low number can mean "needs another lr or more
+steps" as well as "cannot recall". The default is sized for one CPU thread: a small vocabulary, few
+pairs, a high constant learning rate and no weight decay, so that 600 steps can form recall.
 
-    rows = run_quality_sweep(QualitySettings(mixers=("attention", "mamba")))
-    [{"mixer": "attention", "d_model": 32, "seq_len": 64, "num_kv_pairs": 4, "accuracy": 0.98, ...}, ...]
+    rows = run_quality_sweep(QualitySettings(mixers=("rwkv6", "mamba")))
+    [{"mixer": "rwkv6", "d_model": 32, "seq_len": 24, "num_kv_pairs": 3, "accuracy": 0.95, ...}, ...]
 
 Grids: "cross" (the default) trains every width at the shortest length and every length at the
-widest width, 2 * 3 - 1 = 5 cells per mixer for 3 widths and 3 lengths; "full" trains every
+widest width, 2 + 2 - 1 = 3 cells per mixer for 2 widths and 2 lengths; "full" trains every
 (width, length) pair. `GRIDS` names bounded presets for `seqarch bench quality=true quality_grid=...`.
 """
 
@@ -36,15 +38,19 @@ from seqarch.registry import list_mixers
 @dataclass(frozen=True)
 class QualitySettings:
     mixers: tuple[str, ...] = ()  # registry names; empty: every registered mixer
-    widths: tuple[int, ...] = (32, 64, 128)  # d_model values (Zoology sweeps 64..512 on GPUs)
-    seq_lens: tuple[int, ...] = (64, 128, 256)  # sequence lengths L
+    widths: tuple[int, ...] = (32, 64)  # d_model values (Zoology sweeps 64..512 on GPUs)
+    seq_lens: tuple[int, ...] = (24, 48)  # sequence lengths L
     grid: Literal["cross", "full"] = "cross"  # cross: widths at min L + lengths at max d; full: every pair
-    tokens_per_pair: int = 16  # P = L / tokens_per_pair, Zoology's scaling (64 -> 4 pairs)
-    vocab_size: int = 256  # keys from [1, V/2), values from [V/2, V); Zoology uses 8192 on GPUs
+    tokens_per_pair: int = 8  # P = L / tokens_per_pair, pairs grow with L as in Zoology (24 -> 3, 48 -> 6)
+    vocab_size: int = 32  # keys from [1, V/2), values from [V/2, V); Zoology uses 8192 on GPUs
     n_layers: int = 2  # Zoology's depth for MQAR
-    steps: int = 600  # optimizer steps per cell (bounds the default sweep to ~20 min on 2 CPU cores)
+    steps: int = 600  # optimizer steps per cell (bounds the default sweep to ~20 min on one shared CPU thread)
     batch_size: int = 32  # examples per step
-    lr: float = 3e-3  # one peak lr for every mixer (Zoology sweeps 1e-4..1e-2 and keeps the best)
+    lr: float = 1e-2  # one peak lr for every mixer (Zoology sweeps 1e-4..1e-2 and keeps the best)
+    warmup_steps: int = 10  # linear warmup, then the lr is held (min_lr_ratio 1): short runs learn sooner
+    min_lr_ratio: float = 1.0  # final lr / peak lr of the cosine decay; 1: constant after warmup
+    weight_decay: float = 0.0  # AdamW decay; 0: small MQAR models learn sooner without it
+    grad_clip: float = 0.0  # max gradient norm; 0: off
     num_train: int = 20000  # fixed training set, as Zoology trains on a fixed set
     num_val: int = 256  # validation examples; all of them are scored at the end
     threads: int = 1  # torch threads per run (1: the machine is usually shared)
@@ -77,6 +83,11 @@ class QualitySettings:
                 raise ValueError(f"quality: {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.budget_s < 0:
             raise ValueError(f"quality: need lr > 0 and budget_s >= 0, got {self.lr}, {self.budget_s}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"quality: need warmup_steps, weight_decay and grad_clip >= 0, got "
+                             f"{self.warmup_steps}, {self.weight_decay}, {self.grad_clip}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"quality: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
     @property
     def mixer_names(self) -> list[str]:
@@ -96,10 +107,11 @@ class QualitySettings:
 
 # Presets for `seqarch bench quality=true quality_grid=<name>`; other grids: benchmarks/run_quality_sweep.py.
 GRIDS: dict[str, dict[str, Any]] = {
-    "quick": {"widths": (32,), "seq_lens": (32,), "steps": 60, "num_train": 2000, "num_val": 64},  # smoke: ~1 min
-    "default": {"budget_s": 1500.0},  # 5 cells x 7 mixers, ~20 min on a quiet 2-core CPU (estimate); cut at 25
-    "full": {"grid": "full"},  # 9 cells x 7 mixers
-    "large": {"grid": "full", "widths": (32, 64, 128, 256), "seq_lens": (64, 128, 256, 512), "steps": 1500},
+    "quick": {"widths": (32,), "seq_lens": (24,), "steps": 60, "num_train": 2000, "num_val": 64},  # smoke: ~2 min
+    "default": {"budget_s": 1800.0},  # 3 cells x 7 mixers, ~20 min on one thread of the shared 2-core CPU; cut at 30
+    "full": {"grid": "full", "widths": (32, 64, 128), "seq_lens": (24, 48, 96), "steps": 1000},  # 9 cells x 7 mixers
+    "large": {"grid": "full", "widths": (64, 128, 256), "seq_lens": (64, 128, 256, 512), "tokens_per_pair": 16,
+              "vocab_size": 256, "steps": 2000, "lr": 3e-3},  # Zoology's pair scaling, for a bigger machine
 }
 
 
@@ -109,7 +121,9 @@ def fit_args(settings: QualitySettings, mixer: str, d_model: int, seq_len: int, 
             "data=mqar", f"data.seq_len={seq_len}", f"data.num_kv_pairs={settings.num_kv_pairs(seq_len)}",
             f"data.vocab_size={settings.vocab_size}", f"data.batch_size={settings.batch_size}",
             f"data.num_train={settings.num_train}", f"data.num_val={settings.num_val}",
-            f"optim.lr={settings.lr}", f"optim.warmup_steps={max(1, settings.steps // 20)}",
+            f"optim.lr={settings.lr}", f"optim.warmup_steps={settings.warmup_steps}",
+            f"optim.min_lr_ratio={settings.min_lr_ratio}", f"optim.weight_decay={settings.weight_decay}",
+            f"optim.grad_clip={settings.grad_clip}",
             f"trainer.max_steps={settings.steps}", f"trainer.val_every={settings.steps}",
             f"trainer.val_batches={-(-settings.num_val // settings.batch_size)}",
             f"trainer.num_threads={settings.threads}", "trainer.progress=false",

@@ -127,12 +127,14 @@ def _quality_plots(quality, out: Path) -> dict[str, str]:
     for axis_key, other_key, name in (("d_model", "seq_len", "accuracy_vs_width"),
                                       ("seq_len", "d_model", "accuracy_vs_length")):
         figure, axes = plt.subplots(figsize=(6, 4))
-        for mixer in mixers:
-            for other in sorted({row[other_key] for row in quality if row["mixer"] == mixer}):
+        others = sorted({row[other_key] for row in quality})
+        for color, mixer in enumerate(mixers):  # one colour per mixer, one line style per width / length
+            for style, other in enumerate(others):
                 points = sorted((row[axis_key], row["accuracy"]) for row in quality
                                 if row["mixer"] == mixer and row[other_key] == other and row["accuracy"] is not None)
                 if points:
-                    axes.plot(*zip(*points, strict=True), marker="o", label=f"{mixer} {other_key}={other}")
+                    axes.plot(*zip(*points, strict=True), color=f"C{color % 10}", marker="os^D"[style % 4],
+                              linestyle=("-", "--", ":", "-.")[style % 4], label=f"{mixer} {other_key}={other}")
         axes.set_xscale("log", base=2)
         axes.set_xlabel(axis_key)
         axes.set_ylabel("MQAR accuracy")

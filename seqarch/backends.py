@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import shutil
 import sys
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -78,3 +79,34 @@ def load_cpp_extension(name: str, source: str, extra_cflags: tuple[str, ...] = (
         raise RuntimeError(_EXTENSION_ERRORS[name]) from error
     _EXTENSIONS[name] = module
     return module
+
+
+def cpp_extension_usable(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> tuple[bool, str]:
+    """(True, "") when `load_cpp_extension` succeeds here (building the extension if needed), else
+    (False, the reason)."""
+    try:
+        load_cpp_extension(name, source, extra_cflags)
+    except RuntimeError as error:
+        return False, str(error)
+    return True, ""
+
+
+def compiled_or_chunked(op: str, argument: str, requested: str, device: torch.device,
+                        usable: Callable[[], tuple[bool, str]]) -> str:
+    """The CPU dispatch every op with a compiled kernel and an eager chunked fallback shares, for
+    `requested` "auto" or "compiled" (`argument` is the op's keyword, e.g. "scan"): "compiled" on
+    CPU where `usable()` says the kernel loads, else "chunked" with a one-time notice saying why.
+    An explicit "compiled" that cannot run raises, naming the reason."""
+    if device.type != "cpu":
+        if requested == "compiled":
+            raise ValueError(f"{op}: {argument}='compiled' is a CPU kernel; inputs are on {device}")
+        notify_once(f"{op}:chunked:{device.type}", f"{op} on {device.type} runs the eager chunked PyTorch path")
+        return "chunked"
+    ok, reason = usable()
+    if ok:
+        notify_once(f"{op}:compiled", f"{op} runs the compiled C++ CPU kernel")
+        return "compiled"
+    if requested == "compiled":
+        raise RuntimeError(f"{op}: {argument}='compiled' was requested but the kernel is unavailable: {reason}")
+    notify_once(f"{op}:chunked", f"{op} runs the eager chunked PyTorch path ({reason})")
+    return "chunked"

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import seqarch.backends as backends
 import seqarch.ops.selective_scan as scan_module
 from seqarch.ops.selective_scan import resolve_scan, selective_scan, selective_scan_ref
 from tests.tolerance import assert_close
@@ -219,7 +220,7 @@ def test_auto_on_cpu_picks_compiled_kernel_when_it_builds():
 
 def test_auto_falls_back_to_chunked_with_a_notice_when_no_compiler(monkeypatch, capsys):
     monkeypatch.setattr(scan_module, "compiled_kernel_usable", lambda: (False, "no C++ compiler on PATH"))
-    monkeypatch.setattr(scan_module, "notify_once", lambda key, message: print(message))
+    monkeypatch.setattr(backends, "notify_once", lambda key, message: print(message))
     assert resolve_scan("auto", "cpu") == "chunked"
     assert "eager chunked PyTorch path (no C++ compiler on PATH)" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="scan='compiled' was requested but the kernel is unavailable: no C"):

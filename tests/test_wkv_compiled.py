@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import seqarch.backends as backends
 import seqarch.ops.wkv as wkv_module
 from seqarch.backends import cpp_compiler_available
 from seqarch.ops.wkv import resolve_path, wkv6, wkv6_ref
@@ -162,7 +163,7 @@ def test_auto_on_cpu_picks_the_compiled_kernel():
 
 def test_auto_falls_back_to_chunked_with_a_notice_when_no_compiler(monkeypatch, capsys):
     monkeypatch.setattr(wkv_module, "compiled_kernel_usable", lambda: (False, "no C++ compiler on PATH"))
-    monkeypatch.setattr(wkv_module, "notify_once", lambda key, message: print(message))
+    monkeypatch.setattr(backends, "notify_once", lambda key, message: print(message))
     assert resolve_path("auto", "cpu") == "chunked"
     assert "eager chunked PyTorch path (no C++ compiler on PATH)" in capsys.readouterr().out
     inputs = make_inputs(9, torch.float64)

@@ -36,7 +36,13 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from seqarch.backends import cuda_kernels_usable, load_cpp_extension, notify_once
+from seqarch.backends import (
+    compiled_or_chunked,
+    cpp_extension_usable,
+    cuda_kernels_usable,
+    load_cpp_extension,
+    notify_once,
+)
 
 SCANS = ("auto", "compiled", "chunked", "sequential")
 CHUNK_SIZE = 64  # steps between state checkpoints; the chunk of the eager path
@@ -218,11 +224,7 @@ def compiled_kernel():
 
 def compiled_kernel_usable() -> tuple[bool, str]:
     """(True, "") when the compiled kernel loads here, else (False, the reason). Builds it if needed."""
-    try:
-        compiled_kernel()
-    except RuntimeError as error:
-        return False, str(error)
-    return True, ""
+    return cpp_extension_usable(_KERNEL_NAME, _KERNEL_SOURCE, _KERNEL_FLAGS)
 
 
 class _CompiledScan(torch.autograd.Function):
@@ -281,20 +283,7 @@ def resolve_scan(scan: str, device: torch.device | str, has_initial_state: bool 
     if scan == "auto" and cuda_kernels_usable("mamba_ssm", device) and not has_initial_state:
         notify_once("selective_scan:cuda", "selective_scan runs mamba-ssm's CUDA kernel")
         return "cuda"
-    if device.type != "cpu":
-        if scan == "compiled":
-            raise ValueError(f"selective_scan: scan='compiled' is a CPU kernel; inputs are on {device}")
-        notify_once(f"selective_scan:chunked:{device.type}",
-                    f"selective_scan on {device.type} runs the eager chunked PyTorch path")
-        return "chunked"
-    usable, reason = compiled_kernel_usable()
-    if usable:
-        notify_once("selective_scan:compiled", "selective_scan runs the compiled C++ CPU kernel")
-        return "compiled"
-    if scan == "compiled":
-        raise RuntimeError(f"selective_scan: scan='compiled' was requested but the kernel is unavailable: {reason}")
-    notify_once("selective_scan:chunked", f"selective_scan runs the eager chunked PyTorch path ({reason})")
-    return "chunked"
+    return compiled_or_chunked("selective_scan", "scan", scan, device, compiled_kernel_usable)
 
 
 def _cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):

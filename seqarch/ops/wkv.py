@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.autograd.function import once_differentiable
 
-from seqarch.backends import load_cpp_extension, notify_once
+from seqarch.backends import compiled_or_chunked, cpp_extension_usable, load_cpp_extension
 
 DEFAULT_CHUNK_SIZE = 32
 DEFAULT_SUBCHUNK_SIZE = 8
@@ -246,11 +246,7 @@ def compiled_kernel():
 
 def compiled_kernel_usable() -> tuple[bool, str]:
     """(True, "") when the compiled kernel loads here, else (False, the reason). Builds it if needed."""
-    try:
-        compiled_kernel()
-    except RuntimeError as error:
-        return False, str(error)
-    return True, ""
+    return cpp_extension_usable(_KERNEL_NAME, _KERNEL_SOURCE, _KERNEL_FLAGS)
 
 
 class _CompiledWkv6(torch.autograd.Function):
@@ -300,16 +296,4 @@ def resolve_path(path: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if path == "chunked":
         return path
-    if device.type != "cpu":
-        if path == "compiled":
-            raise ValueError(f"wkv6: path='compiled' is a CPU kernel; inputs are on {device}")
-        notify_once(f"wkv6:chunked:{device.type}", f"wkv6 on {device.type} runs the eager chunked PyTorch path")
-        return "chunked"
-    usable, reason = compiled_kernel_usable()
-    if usable:
-        notify_once("wkv6:compiled", "wkv6 runs the compiled C++ CPU kernel")
-        return "compiled"
-    if path == "compiled":
-        raise RuntimeError(f"wkv6: path='compiled' was requested but the kernel is unavailable: {reason}")
-    notify_once("wkv6:chunked", f"wkv6 runs the eager chunked PyTorch path ({reason})")
-    return "chunked"
+    return compiled_or_chunked("wkv6", "path", path, device, compiled_kernel_usable)

@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from seqarch.evals.command import evaluate, parse_eval_options
 from seqarch.evals.results import passkey_grid
 from seqarch.train.fit import fit
@@ -83,7 +81,6 @@ def main() -> None:
                              "training one (its summary.json gives the reported parameters, steps and time)")
     parser.add_argument("--passkey-only", action="store_true", help="skip the perplexity part")
     cli = parser.parse_args()
-    torch.set_num_threads(1)  # the evals run in this process; `fit` sets and restores its own threads
     out = cli.out or Path(tempfile.mkdtemp(prefix="seqarch-long-context-"))
     out.mkdir(parents=True, exist_ok=cli.out is None)
     trained = 128

@@ -172,6 +172,23 @@ def test_eval_passkey_writes_a_fresh_results_folder(runs, capsys):
     assert "| depth \\ length |" in capsys.readouterr().out
 
 
+def test_evaluate_runs_on_the_requested_threads_and_restores_them(runs, monkeypatch):
+    """evaluate() itself honours num_threads (scripts call it without the CLI), and puts it back."""
+    import seqarch.evals.command as command
+
+    seen = []
+    original = command._evaluate
+    monkeypatch.setattr(command, "_evaluate", lambda contents, options: seen.append(torch.get_num_threads())
+                        or original(contents, options))
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    options = command.parse_eval_options([f"ckpt={runs['attention']}", "task=passkey", "depths=[0]", "trials=1",
+                                          "lengths=[96]", f"num_threads={wanted}"])
+    command.evaluate(command.read_checkpoint(str(runs["attention"]))[1], options)
+    assert seen == [wanted]
+    assert torch.get_num_threads() == before
+
+
 def test_eval_ppl_rescales_attention_and_ignores_scaling_for_other_mixers(runs, tmp_path, capsys):
     rows = {}
     for scaling in ("keep", "linear"):

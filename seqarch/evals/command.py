@@ -125,7 +125,18 @@ def validation_stream(config: dict) -> tuple[torch.Tensor, str]:
 
 
 def evaluate(contents: dict, options: dict) -> tuple[dict, list[dict]]:
-    """(meta, rows) of one eval of checkpoint `contents` with validated `options`."""
+    """(meta, rows) of one eval of checkpoint `contents` with validated `options`, on
+    `options["num_threads"]` torch threads (0: as they are); the thread count is restored after."""
+    threads_before = torch.get_num_threads()
+    if options["num_threads"]:
+        torch.set_num_threads(options["num_threads"])
+    try:
+        return _evaluate(contents, options)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _evaluate(contents: dict, options: dict) -> tuple[dict, list[dict]]:
     config = contents["hyper_parameters"]["config"]
     trained_length = config["data"]["seq_len"]
     lengths = options["lengths"] or default_lengths(options, trained_length)
@@ -166,13 +177,7 @@ def eval_command(args: list[str]) -> tuple[Path, dict, list[dict]]:
         raise ConfigError(f"out={options['out']} already exists; results never overwrite others: choose a new "
                           "folder, or leave out unset for <run>/evals/<task>-<scaling>/<timestamp>/")
     path, contents = read_checkpoint(str(options["ckpt"]))
-    threads_before = torch.get_num_threads()
-    if options["num_threads"]:
-        torch.set_num_threads(options["num_threads"])
-    try:
-        meta, rows = evaluate(contents, options)
-    finally:
-        torch.set_num_threads(threads_before)
+    meta, rows = evaluate(contents, options)
     if options["out"] is not None:
         folder = claim_run_dir("", "", str(options["out"]))
     else:

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import seqarch.backends as backends
 import seqarch.ops.selective_scan as scan_module
 from seqarch.ops.selective_scan import resolve_scan, selective_scan, selective_scan_ref
 from tests.tolerance import assert_close
@@ -214,24 +213,8 @@ def test_auto_picks_cuda_kernel_only_when_usable_and_without_initial_state(monke
 
 
 def test_auto_on_cpu_picks_compiled_kernel_when_it_builds():
+    """Here, where it builds (the dispatch itself is tested in tests/test_backends.py)."""
     assert resolve_scan("auto", "cpu") == "compiled"
-    assert resolve_scan("compiled", "cpu") == "compiled"
-
-
-def test_auto_falls_back_to_chunked_with_a_notice_when_no_compiler(monkeypatch, capsys):
-    monkeypatch.setattr(scan_module, "compiled_kernel_usable", lambda: (False, "no C++ compiler on PATH"))
-    monkeypatch.setattr(backends, "notify_once", lambda key, message: print(message))
-    assert resolve_scan("auto", "cpu") == "chunked"
-    assert "eager chunked PyTorch path (no C++ compiler on PATH)" in capsys.readouterr().out
-    with pytest.raises(RuntimeError, match="scan='compiled' was requested but the kernel is unavailable: no C"):
-        resolve_scan("compiled", "cpu")
-
-
-def test_non_cpu_devices_without_kernels_run_chunked(monkeypatch):
-    monkeypatch.setattr(scan_module, "cuda_kernels_usable", lambda module, device: False)
-    assert resolve_scan("auto", "meta") == "chunked"
-    with pytest.raises(ValueError, match="scan='compiled' is a CPU kernel"):
-        resolve_scan("compiled", "meta")
 
 
 @pytest.mark.cuda

@@ -39,8 +39,8 @@ def _layer_overrides(overrides: dict | None, n_layers: int) -> dict[int, dict]:
     """{layer index (int or digit string, as YAML and key=value give it): {config key: value}}."""
     checked = {}
     for key, value in (overrides or {}).items():
-        index = int(key) if isinstance(key, int) or (isinstance(key, str) and key.lstrip("-").isdigit()) else None
-        if index is None or not 0 <= index < n_layers:
+        index = int(key) if str(key).isdigit() else -1
+        if not 0 <= index < n_layers:
             raise ValueError(f"layer_overrides: key {key!r} must be a layer index in 0..{n_layers - 1}")
         if not isinstance(value, dict):
             raise ValueError(f"layer_overrides[{key!r}] must be a dict of config keys, got {value!r}")

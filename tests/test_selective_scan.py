@@ -9,11 +9,28 @@ import torch
 import torch.nn.functional as F
 
 import seqarch.ops.selective_scan as scan_module
+from seqarch.backends import load_cpp_extension
 from seqarch.ops.selective_scan import resolve_scan, selective_scan, selective_scan_ref
 from tests.tolerance import assert_close
 
-FAST_SCANS = ["compiled", "chunked"]
+# "compiled-portable" is the compiled kernel built with -DSEQARCH_PORTABLE_KERNELS: the plain loops
+# that CPUs without AVX-512 run, checked here on machines that have it as well.
+FAST_SCANS = ["compiled", "compiled-portable", "chunked"]
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def portable_kernel():
+    return load_cpp_extension(f"{scan_module._KERNEL_NAME}_portable", scan_module._KERNEL_SOURCE,
+                              (*scan_module._KERNEL_FLAGS, "-DSEQARCH_PORTABLE_KERNELS"))
+
+
+def use(scan: str, monkeypatch) -> str:
+    """The `scan` argument for the test variant `scan`, loading the portable kernel in place of the
+    native one for "compiled-portable"."""
+    if scan == "compiled-portable":
+        monkeypatch.setattr(scan_module, "compiled_kernel", portable_kernel)
+        return "compiled"
+    return scan
 
 
 def make_inputs(batch=2, dim=6, length=67, state=5, groups=None, dtype=torch.float32, seed=0):
@@ -45,9 +62,9 @@ def run(fn, inputs, used, softplus, layout=None, **kwargs):
     args = {k: passed.get(k) for k in ("D", "z", "delta_bias")}
     out, last = fn(passed["u"], passed["delta"], passed["A"], passed["B"], passed["C"], args["D"], args["z"],
                    args["delta_bias"], softplus, True, initial_state=passed.get("initial_state"), **kwargs)
-    gen = torch.Generator().manual_seed(7)
-    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
-    loss = loss + (last * torch.randn(last.shape, generator=gen, dtype=last.dtype)).sum()
+    gen = torch.Generator().manual_seed(7)  # drawn in float64 whatever the dtype: one loss for every dtype
+    loss = (out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)).sum()
+    loss = loss + (last * torch.randn(last.shape, generator=gen, dtype=torch.float64).to(last.dtype)).sum()
     loss.backward()
     return out, last, {k: leaf.grad for k, leaf in leaves.items()}
 
@@ -65,10 +82,10 @@ OPTIONS = {  # name: (inputs used, delta_softplus)
 @pytest.mark.parametrize("groups", [None, 1, 2], ids=["shared", "g1", "g2"])
 @pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("scan", FAST_SCANS)
-def test_fast_paths_match_reference(scan, options, groups, dtype):
+def test_fast_paths_match_reference(scan, options, groups, dtype, monkeypatch):
     inputs = make_inputs(groups=groups, dtype=dtype)
     used, softplus = OPTIONS[options]
-    out, last, grads = run(selective_scan, inputs, used, softplus, scan=scan, chunk_size=16)
+    out, last, grads = run(selective_scan, inputs, used, softplus, scan=use(scan, monkeypatch), chunk_size=16)
     out_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, used, softplus)
     assert out.dtype == dtype and last.dtype == dtype
     assert_close(out, out_ref, f"{scan} out")
@@ -80,9 +97,9 @@ def test_fast_paths_match_reference(scan, options, groups, dtype):
 
 @pytest.mark.parametrize("scan", FAST_SCANS)
 @pytest.mark.parametrize(("length", "chunk_size"), [(1, 16), (16, 16), (17, 16), (33, 1), (40, 64)])
-def test_lengths_around_the_chunk(scan, length, chunk_size):
+def test_lengths_around_the_chunk(scan, length, chunk_size, monkeypatch):
     inputs = make_inputs(length=length, dtype=torch.float64)
-    out, last, grads = run(selective_scan, inputs, NAMES, True, scan=scan, chunk_size=chunk_size)
+    out, last, grads = run(selective_scan, inputs, NAMES, True, scan=use(scan, monkeypatch), chunk_size=chunk_size)
     out_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, NAMES, True)
     assert_close(out, out_ref, f"{scan} out L={length} K={chunk_size}")
     assert_close(last, last_ref, f"{scan} last state L={length} K={chunk_size}")
@@ -119,6 +136,38 @@ def test_compiled_reads_channel_last_inputs_over_several_tiles(groups, dtype):
         assert_close(grads[name], grads_ref[name], f"compiled d{name}, channel-last inputs")
 
 
+@pytest.mark.parametrize("scan", ["compiled", "compiled-portable"])
+@pytest.mark.parametrize("groups", [None, 2], ids=["shared", "g2"])
+@pytest.mark.parametrize(("length", "chunk_size"), [(45, 16), (45, 40), (7, 64)])
+def test_compiled_float32_full_tiles_against_float64(scan, groups, length, chunk_size, monkeypatch):
+    """The float kernel where its fast paths apply: contiguous (B, D, L) rows with full tiles of 16
+    channels (moved in 16 x 16 blocks, plus ragged step remainders), 13 states (a group of 8, one of
+    4 and a single one), softplus over delta from about -25 to 25. Forward and gradients in float32
+    against the reference in float64."""
+    inputs = make_inputs(batch=2, dim=48, length=length, state=13, groups=groups, dtype=torch.float64)
+    inputs["delta"] = inputs["delta"] * 16
+    out64, last64, grads64 = run(selective_scan_ref, inputs, NAMES, True)
+    inputs32 = {k: v.float() for k, v in inputs.items()}
+    out, last, grads = run(selective_scan, inputs32, NAMES, True, scan=use(scan, monkeypatch), chunk_size=chunk_size)
+    assert_close(out, out64, f"{scan} out", dtype=torch.float32)
+    assert_close(last, last64, f"{scan} last state", dtype=torch.float32)
+    for name in NAMES:
+        assert_close(grads[name], grads64[name], f"{scan} d{name}", dtype=torch.float32)
+
+
+def cpu_has_avx512() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return "avx512f" in flags and "avx512dq" in flags
+
+
+def test_native_kernel_takes_the_avx512_path_where_the_cpu_has_it():
+    assert scan_module.compiled_kernel().avx512 == cpu_has_avx512()
+    assert portable_kernel().avx512 is False
+
+
 def test_reference_is_the_recurrence():
     """The oracle itself against the equations written out for one channel and two steps."""
     inputs = make_inputs(batch=1, dim=1, length=2, state=3, dtype=torch.float64)
@@ -137,7 +186,7 @@ def test_reference_is_the_recurrence():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scan", FAST_SCANS)
-def test_large_dt_and_16k_steps_stay_exact(scan):
+def test_large_dt_and_16k_steps_stay_exact(scan, monkeypatch):
     """dt up to 10 with |A| up to 16 (decays down to exp(-160)) over 16k steps: no overflow, no
     underflow-to-NaN, and the fast paths match the reference in float64."""
     length = 16384
@@ -145,20 +194,21 @@ def test_large_dt_and_16k_steps_stay_exact(scan):
     delta = torch.rand(1, 2, length, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 10
     A = -torch.tensor([[1.0, 4.0, 9.0, 16.0], [0.01, 0.1, 1.0, 16.0]], dtype=torch.float64)
     args = (inputs["u"], delta, A, inputs["B"], inputs["C"])
-    out, last = selective_scan(*args, return_last_state=True, scan=scan)
+    path = use(scan, monkeypatch)
+    out, last = selective_scan(*args, return_last_state=True, scan=path)
     out_ref, last_ref = selective_scan_ref(*args, return_last_state=True)
     assert_close(out, out_ref, f"{scan} out at L=16k, dt<=10")
     assert_close(last, last_ref, f"{scan} last state at L=16k, dt<=10")
-    out32 = selective_scan(*(t.float() for t in args), scan=scan)
+    out32 = selective_scan(*(t.float() for t in args), scan=path)
     assert_close(out32, out_ref.float(), f"{scan} float32 out at L=16k, dt<=10", dtype=torch.float32)
 
 
 @pytest.mark.parametrize("scan", FAST_SCANS)
-def test_half_precision_inputs_compute_in_float32(scan):
+def test_half_precision_inputs_compute_in_float32(scan, monkeypatch):
     inputs = make_inputs(dtype=torch.float32)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     low = [t.bfloat16() for t in args]
-    out, last = selective_scan(*low, delta_softplus=True, return_last_state=True, scan=scan)
+    out, last = selective_scan(*low, delta_softplus=True, return_last_state=True, scan=use(scan, monkeypatch))
     expected, expected_last = selective_scan_ref(*(t.float() for t in low), delta_softplus=True,
                                                  return_last_state=True)
     assert out.dtype == torch.bfloat16 and last.dtype == torch.float32

@@ -229,8 +229,8 @@ def compiled_kernel_usable() -> tuple[bool, str]:
 
 class _CompiledScan(torch.autograd.Function):
     """The whole selective scan (delta_bias, softplus, D skip and SiLU(z) gate fused) through the
-    C++ kernel; D, z, delta_bias and h0 may be None. The forward kernel reads u, delta, z with any
-    strides; the backward kernel walks rows of (B, D, L), so it gets contiguous copies."""
+    C++ kernel; D, z, delta_bias and h0 may be None. Both kernels take u, delta, z and dout with any
+    strides (the portable backward copies them into (B, D, L) rows itself)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk):
@@ -243,8 +243,7 @@ class _CompiledScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dh_last):
         u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
-        u, delta, z = (_dense(t) for t in (u, delta, z))
-        dout = dout.contiguous() if dout is not None else torch.zeros_like(u)
+        dout = dout if dout is not None else torch.zeros_like(u)
         dh_last = dh_last.contiguous() if dh_last is not None else None
         du, ddelta, dA, dB, dC, dh0, dD, dbias, dz = compiled_kernel().backward(
             u, delta, A, B, C, D, z, delta_bias, ctx.softplus, checkpoints, dout, dh_last, ctx.chunk

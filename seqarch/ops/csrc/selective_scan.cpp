@@ -451,6 +451,211 @@ void backward_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Ten
   });
 }
 
+#if SEQARCH_AVX512
+// The forward of S states of a float tile over a chunk again (as scan_states), keeping every state
+// and decay at [step][n][lane] (rows of `padded` states) for the backward.
+template <int S>
+void recompute_states(const float* h, const float* rates, int64_t nstate, int64_t padded, const float* dts,
+                      const float* dus, const float* b, const float* c, int64_t steps, float* ys, float* states,
+                      float* decays) {
+  __m512 state[S], rate[S];
+  for (int s = 0; s < S; ++s) {
+    state[s] = _mm512_loadu_ps(h + s * kTile);
+    rate[s] = _mm512_mul_ps(_mm512_loadu_ps(rates + s * kTile), _mm512_set1_ps(seqarch_kernels::kLog2e));
+  }
+  for (int64_t k = 0; k < steps; ++k) {
+    const __m512 dt = _mm512_loadu_ps(dts + k * kTile), du = _mm512_loadu_ps(dus + k * kTile);
+    __m512 y = _mm512_loadu_ps(ys + k * kTile);
+    for (int s = 0; s < S; ++s) {
+      const __m512 decay = seqarch_kernels::exp2_ps(_mm512_mul_ps(dt, rate[s]));
+      state[s] = _mm512_fmadd_ps(decay, state[s], _mm512_mul_ps(du, _mm512_set1_ps(b[k * nstate + s])));
+      _mm512_storeu_ps(decays + (k * padded + s) * kTile, decay);
+      _mm512_storeu_ps(states + (k * padded + s) * kTile, state[s]);
+      y = _mm512_fmadd_ps(_mm512_set1_ps(c[k * nstate + s]), state[s], y);
+    }
+    _mm512_storeu_ps(ys + k * kTile, y);
+  }
+}
+
+// Backward in float with AVX-512, on the forward's tiles (16 channels of one (batch, group); u,
+// delta, z, dout read and du, ddelta, dz written with any strides), chunk by chunk in reverse:
+// gather the chunk, recompute dt, every state and decay ([step][n][lane], from the checkpoint) and
+// the pre-gate outputs, then run the adjoint recurrence backwards over the steps. All of it is
+// lane-wise (per channel) except dB and dC, which sum over the tile's channels: a step's per-lane
+// products for 16 states are reduced together by lane_sums16.
+void backward_tiles(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& Bm,
+                    const at::Tensor& Cm, const Elementwise<float>& ew, const at::Tensor& z,
+                    const at::Tensor& checkpoints, const at::Tensor& dout, const at::Tensor& dh_last, at::Tensor& du,
+                    at::Tensor& ddelta, at::Tensor& dA_per_batch, at::Tensor& dB_per_thread,
+                    at::Tensor& dC_per_thread, at::Tensor& dh0, at::Tensor& dD_per_batch,
+                    at::Tensor& dbias_per_batch, at::Tensor& dz, int64_t chunk) {
+  const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), nstate = A.size(1), groups = Bm.size(1);
+  const int64_t per_group = dim / groups, nchunks = checkpoints.size(2);
+  const int64_t tiles_per_group = (per_group + kTile - 1) / kTile;
+  const int64_t blocks = (nstate + kTile - 1) / kTile, padded = blocks * kTile;
+  const int64_t thread_stride = batch * groups * len * nstate, max_threads = dB_per_thread.size(0);
+  const Strides u_st = strides_of(u), delta_st = strides_of(delta), dout_st = strides_of(dout);
+  const Strides z_st = z.defined() ? strides_of(z) : Strides{0, 0, 0};
+  const Strides du_st = strides_of(du), ddelta_st = strides_of(ddelta);
+  const Strides dz_st = dz.defined() ? strides_of(dz) : Strides{0, 0, 0};
+  const float* u_p = u.data_ptr<float>();
+  const float* delta_p = delta.data_ptr<float>();
+  const float* dout_p = dout.data_ptr<float>();
+  const float* A_p = A.data_ptr<float>();
+  const float* B_p = Bm.data_ptr<float>();
+  const float* C_p = Cm.data_ptr<float>();
+  const float* ck_p = checkpoints.data_ptr<float>();
+  const float* dhl_p = data_or_null<float>(dh_last);
+  float* du_p = du.data_ptr<float>();
+  float* ddelta_p = ddelta.data_ptr<float>();
+  float* dz_p = ew.z ? dz.data_ptr<float>() : nullptr;
+  float* dA_p = dA_per_batch.data_ptr<float>();
+  float* dBt_p = dB_per_thread.data_ptr<float>();
+  float* dCt_p = dC_per_thread.data_ptr<float>();
+  float* dh0_p = dh0.data_ptr<float>();
+  float* dD_p = dD_per_batch.data_ptr<float>();
+  float* dbias_p = dbias_per_batch.data_ptr<float>();
+  const __m512 zero = _mm512_setzero_ps();
+
+  at::parallel_for(0, batch * groups * tiles_per_group, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = std::min<int64_t>(at::get_thread_num(), max_threads - 1);
+    // [n][lane]: rates A, the adjoint g, dA, the state entering the chunk
+    std::vector<float> rates(padded * kTile), adjoint(padded * kTile), dA_acc(padded * kTile), entry(padded * kTile);
+    // [step][lane]
+    std::vector<float> us(chunk * kTile), deltas(chunk * kTile), dts(chunk * kTile), slopes(chunk * kTile);
+    std::vector<float> dus(chunk * kTile), zs(chunk * kTile), douts(chunk * kTile), ys(chunk * kTile);
+    std::vector<float> dys(chunk * kTile), du_out(chunk * kTile), ddelta_out(chunk * kTile), dz_out(chunk * kTile);
+    // [step][n][lane]
+    std::vector<float> states(chunk * padded * kTile), decays(chunk * padded * kTile);
+    float biases[kTile], skips[kTile];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (groups * tiles_per_group), g = task / tiles_per_group % groups;
+      const int64_t first = g * per_group + task % tiles_per_group * kTile;
+      const int64_t width = std::min(kTile, g * per_group + per_group - first);
+      const int64_t rows = (b * groups + g) * len * nstate;
+      const float* B_rows = B_p + rows;
+      const float* C_rows = C_p + rows;
+      float* dB_rows = dBt_p + thread * thread_stride + rows;
+      float* dC_rows = dCt_p + thread * thread_stride + rows;
+      for (auto* buffer : {&us, &deltas, &zs, &douts, &rates, &adjoint, &dA_acc, &entry})
+        std::fill(buffer->begin(), buffer->end(), 0.0f);
+      for (int64_t c = 0; c < kTile; ++c) {
+        const bool lane = c < width;
+        biases[c] = lane && ew.delta_bias ? ew.delta_bias[first + c] : 0.0f;
+        skips[c] = lane && ew.D ? ew.D[first + c] : 0.0f;
+        if (!lane) continue;
+        for (int64_t n = 0; n < nstate; ++n) {
+          rates[n * kTile + c] = A_p[(first + c) * nstate + n];
+          if (dhl_p) adjoint[n * kTile + c] = dhl_p[(b * dim + first + c) * nstate + n];
+        }
+      }
+      __m512 dD_acc = zero, dbias_acc = zero;
+      for (int64_t ci = nchunks - 1; ci >= 0; --ci) {
+        const int64_t start = ci * chunk, steps = std::min(len, start + chunk) - start;
+        const auto at = [&](const Strides& st) { return b * st.batch + first * st.channel + start * st.time; };
+        gather_tile(u_p + at(u_st), u_st, width, steps, us.data());
+        gather_tile(delta_p + at(delta_st), delta_st, width, steps, deltas.data());
+        gather_tile(dout_p + at(dout_st), dout_st, width, steps, douts.data());
+        if (ew.z) gather_tile(ew.z + at(z_st), z_st, width, steps, zs.data());
+        for (int64_t c = 0; c < width; ++c) {
+          const float* ck = ck_p + ((b * dim + first + c) * nchunks + ci) * nstate;
+          for (int64_t n = 0; n < nstate; ++n) entry[n * kTile + c] = ck[n];
+        }
+        // dt, softplus' (sigmoid) and dt u per step; y starts at the skip term D u.
+        const __m512 bias = _mm512_loadu_ps(biases), skip = _mm512_loadu_ps(skips);
+        for (int64_t k = 0; k < steps; ++k) {
+          const __m512 shifted = _mm512_add_ps(_mm512_loadu_ps(deltas.data() + k * kTile), bias);
+          const __m512 dt = ew.use_softplus ? seqarch_kernels::softplus_ps(shifted) : shifted;
+          const __m512 uv = _mm512_loadu_ps(us.data() + k * kTile);
+          if (ew.use_softplus) _mm512_storeu_ps(slopes.data() + k * kTile, seqarch_kernels::sigmoid_ps(shifted));
+          _mm512_storeu_ps(dts.data() + k * kTile, dt);
+          _mm512_storeu_ps(dus.data() + k * kTile, _mm512_mul_ps(dt, uv));
+          _mm512_storeu_ps(ys.data() + k * kTile, _mm512_mul_ps(skip, uv));
+        }
+        int64_t n = 0;
+        const float* B_chunk = B_rows + start * nstate;
+        const float* C_chunk = C_rows + start * nstate;
+        for (; n + 8 <= nstate; n += 8)
+          recompute_states<8>(entry.data() + n * kTile, rates.data() + n * kTile, nstate, padded, dts.data(), dus.data(),
+                              B_chunk + n, C_chunk + n, steps, ys.data(), states.data() + n * kTile,
+                              decays.data() + n * kTile);
+        for (; n < nstate; ++n)
+          recompute_states<1>(entry.data() + n * kTile, rates.data() + n * kTile, nstate, padded, dts.data(), dus.data(),
+                              B_chunk + n, C_chunk + n, steps, ys.data(), states.data() + n * kTile,
+                              decays.data() + n * kTile);
+        // The gate: dz = dout y sigmoid(z) (1 + z (1 - sigmoid(z))), dy = dout SiLU(z); dD sums dy u.
+        for (int64_t k = 0; k < steps; ++k) {
+          __m512 dy = _mm512_loadu_ps(douts.data() + k * kTile);
+          if (ew.z) {
+            const __m512 zv = _mm512_loadu_ps(zs.data() + k * kTile), sig = seqarch_kernels::sigmoid_ps(zv);
+            const __m512 slope = _mm512_fmadd_ps(zv, _mm512_sub_ps(_mm512_set1_ps(1.0f), sig), _mm512_set1_ps(1.0f));
+            const __m512 y = _mm512_loadu_ps(ys.data() + k * kTile);
+            _mm512_storeu_ps(dz_out.data() + k * kTile, _mm512_mul_ps(_mm512_mul_ps(dy, y), _mm512_mul_ps(sig, slope)));
+            dy = _mm512_mul_ps(dy, _mm512_mul_ps(zv, sig));
+          }
+          _mm512_storeu_ps(dys.data() + k * kTile, dy);
+          dD_acc = _mm512_fmadd_ps(dy, _mm512_loadu_ps(us.data() + k * kTile), dD_acc);
+        }
+        // The adjoint, backwards over the chunk; adjoint holds exp(dt_{t+1} A) g_{t+1} on entry.
+        for (int64_t k = steps - 1; k >= 0; --k) {
+          const int64_t t = start + k;
+          const __m512 dt = _mm512_loadu_ps(dts.data() + k * kTile), uv = _mm512_loadu_ps(us.data() + k * kTile);
+          const __m512 dtu = _mm512_loadu_ps(dus.data() + k * kTile), dy = _mm512_loadu_ps(dys.data() + k * kTile);
+          const float* prev_states = k ? states.data() + (k - 1) * padded * kTile : entry.data();
+          __m512 du_acc = zero, ddt_acc = zero;
+          for (int64_t block = 0; block < blocks; ++block) {
+            __m512 to_dB[kTile], to_dC[kTile];
+            for (int64_t j = 0; j < kTile; ++j) {
+              const int64_t m = block * kTile + j;
+              if (m >= nstate) {
+                to_dB[j] = to_dC[j] = zero;
+                continue;
+              }
+              const __m512 bn = _mm512_set1_ps(B_rows[t * nstate + m]), cn = _mm512_set1_ps(C_rows[t * nstate + m]);
+              const __m512 gn = _mm512_fmadd_ps(dy, cn, _mm512_loadu_ps(adjoint.data() + m * kTile));
+              const __m512 decay = _mm512_loadu_ps(decays.data() + (k * padded + m) * kTile);
+              const __m512 decayed_prev = _mm512_mul_ps(decay, _mm512_loadu_ps(prev_states + m * kTile));
+              to_dB[j] = _mm512_mul_ps(gn, dtu);
+              to_dC[j] = _mm512_mul_ps(dy, _mm512_loadu_ps(states.data() + (k * padded + m) * kTile));
+              du_acc = _mm512_fmadd_ps(gn, bn, du_acc);
+              const __m512 rate = _mm512_loadu_ps(rates.data() + m * kTile);
+              ddt_acc = _mm512_fmadd_ps(gn, _mm512_fmadd_ps(rate, decayed_prev, _mm512_mul_ps(bn, uv)), ddt_acc);
+              float* dA_m = dA_acc.data() + m * kTile;
+              _mm512_storeu_ps(dA_m, _mm512_fmadd_ps(_mm512_mul_ps(gn, dt), decayed_prev, _mm512_loadu_ps(dA_m)));
+              _mm512_storeu_ps(adjoint.data() + m * kTile, _mm512_mul_ps(decay, gn));
+            }
+            const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(kTile, nstate - block * kTile)) - 1u);
+            float* dB_t = dB_rows + t * nstate + block * kTile;
+            float* dC_t = dC_rows + t * nstate + block * kTile;
+            _mm512_mask_storeu_ps(dB_t, valid, _mm512_add_ps(_mm512_maskz_loadu_ps(valid, dB_t), seqarch_kernels::lane_sums16(to_dB)));
+            _mm512_mask_storeu_ps(dC_t, valid, _mm512_add_ps(_mm512_maskz_loadu_ps(valid, dC_t), seqarch_kernels::lane_sums16(to_dC)));
+          }
+          _mm512_storeu_ps(du_out.data() + k * kTile, _mm512_fmadd_ps(du_acc, dt, _mm512_mul_ps(skip, dy)));
+          const __m512 ddelta_k = ew.use_softplus ? _mm512_mul_ps(ddt_acc, _mm512_loadu_ps(slopes.data() + k * kTile)) : ddt_acc;
+          _mm512_storeu_ps(ddelta_out.data() + k * kTile, ddelta_k);
+          dbias_acc = _mm512_add_ps(dbias_acc, ddelta_k);
+        }
+        scatter_tile(du_out.data(), du_st, width, steps, du_p + at(du_st));
+        scatter_tile(ddelta_out.data(), ddelta_st, width, steps, ddelta_p + at(ddelta_st));
+        if (ew.z) scatter_tile(dz_out.data(), dz_st, width, steps, dz_p + at(dz_st));
+      }
+      float dD_lanes[kTile], dbias_lanes[kTile];
+      _mm512_storeu_ps(dD_lanes, dD_acc);
+      _mm512_storeu_ps(dbias_lanes, dbias_acc);
+      for (int64_t c = 0; c < width; ++c) {
+        const int64_t row = b * dim + first + c;
+        for (int64_t n = 0; n < nstate; ++n) {
+          dh0_p[row * nstate + n] = adjoint[n * kTile + c];
+          dA_p[row * nstate + n] = dA_acc[n * kTile + c];
+        }
+        dD_p[row] = dD_lanes[c];
+        dbias_p[row] = dbias_lanes[c];
+      }
+    }
+  });
+}
+#endif
+
 int64_t num_chunks(int64_t len, int64_t chunk) { return (len + chunk - 1) / chunk; }
 
 at::Tensor value_or_undefined(const c10::optional<at::Tensor>& t) { return t.has_value() ? t.value() : at::Tensor(); }
@@ -480,6 +685,14 @@ std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta, co
   return {out, h_last, checkpoints};
 }
 
+// (B, D, L) gradients laid out like `like`: channel-last when it is, so the layer's backward needs no
+// transposing copy.
+at::Tensor empty_in_layout(const at::Tensor& like) {
+  const bool channel_last = like.size(1) > 1 && like.stride(1) == 1;
+  return channel_last ? at::empty({like.size(0), like.size(2), like.size(1)}, like.options()).transpose(1, 2)
+                      : at::empty(like.sizes(), like.options());
+}
+
 std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& Bm, const at::Tensor& Cm, const c10::optional<at::Tensor>& D,
                                  const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
@@ -487,23 +700,41 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta, c
                                  const c10::optional<at::Tensor>& dh_last, int64_t chunk) {
   const int64_t batch = u.size(0), dim = u.size(1), nstate = A.size(1);
   const int64_t threads = at::get_num_threads();
-  auto du = at::empty_like(u);
-  auto ddelta = at::empty_like(u);
+  const at::Tensor D_t = value_or_undefined(D), bias_t = value_or_undefined(delta_bias);
+  const at::Tensor dhl = value_or_undefined(dh_last);
   auto dA_per_batch = at::empty({batch, dim, nstate}, u.options());
   auto dh0 = at::empty({batch, dim, nstate}, u.options());
   auto dD_per_batch = at::empty({batch, dim}, u.options());
   auto dbias_per_batch = at::empty({batch, dim}, u.options());
-  const at::Tensor D_t = value_or_undefined(D), z_t = value_or_undefined(z), bias_t = value_or_undefined(delta_bias);
-  auto dz = z_t.defined() ? at::empty_like(u) : at::Tensor();
   std::vector<int64_t> per_thread_shape{threads};
   for (auto size : Bm.sizes()) per_thread_shape.push_back(size);
   auto dB_per_thread = at::zeros(per_thread_shape, u.options());
   auto dC_per_thread = at::zeros(per_thread_shape, u.options());
-  const at::Tensor dhl = value_or_undefined(dh_last);
+  at::Tensor du, ddelta, dz;
+#if SEQARCH_AVX512
+  if (u.scalar_type() == at::kFloat) {
+    const at::Tensor z_t = value_or_undefined(z);
+    du = empty_in_layout(u);
+    ddelta = empty_in_layout(u);
+    dz = z_t.defined() ? empty_in_layout(u) : at::Tensor();
+    const auto ew = elementwise<float>(D_t, z_t, bias_t, use_softplus);
+    backward_tiles(u, delta, A, Bm, Cm, ew, z_t, checkpoints, dout, dhl, du, ddelta, dA_per_batch, dB_per_thread,
+                   dC_per_thread, dh0, dD_per_batch, dbias_per_batch, dz, chunk);
+    return {du, ddelta, dA_per_batch.sum(0), dB_per_thread.sum(0), dC_per_thread.sum(0), dh0,
+            dD_per_batch.sum(0), dbias_per_batch.sum(0), dz};
+  }
+#endif
+  // The portable backward walks contiguous rows of (B, D, L).
+  const at::Tensor u_rows = u.contiguous(), delta_rows = delta.contiguous(), dout_rows = dout.contiguous();
+  const at::Tensor z_rows = z.has_value() ? z.value().contiguous() : at::Tensor();
+  du = at::empty_like(u_rows);
+  ddelta = at::empty_like(u_rows);
+  dz = z_rows.defined() ? at::empty_like(u_rows) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_backward", [&] {
-    const auto ew = elementwise<scalar_t>(D_t, z_t, bias_t, use_softplus);
-    backward_kernel<scalar_t>(u, delta, A, Bm, Cm, ew, checkpoints, dout, dhl, du, ddelta, dA_per_batch,
-                              dB_per_thread, dC_per_thread, dh0, dD_per_batch, dbias_per_batch, dz, chunk);
+    const auto ew = elementwise<scalar_t>(D_t, z_rows, bias_t, use_softplus);
+    backward_kernel<scalar_t>(u_rows, delta_rows, A, Bm, Cm, ew, checkpoints, dout_rows, dhl, du, ddelta,
+                              dA_per_batch, dB_per_thread, dC_per_thread, dh0, dD_per_batch, dbias_per_batch, dz,
+                              chunk);
   });
   return {du, ddelta, dA_per_batch.sum(0), dB_per_thread.sum(0), dC_per_thread.sum(0), dh0,
           dD_per_batch.sum(0), dbias_per_batch.sum(0), dz};

@@ -92,21 +92,23 @@ def cpp_extension_usable(name: str, source: str, extra_cflags: tuple[str, ...] =
 
 
 def compiled_or_chunked(op: str, argument: str, requested: str, device: torch.device,
-                        usable: Callable[[], tuple[bool, str]]) -> str:
-    """The CPU dispatch every op with a compiled kernel and an eager chunked fallback shares, for
+                        usable: Callable[[], tuple[bool, str]], fallback: str = "chunked") -> str:
+    """The CPU dispatch every op with a compiled kernel and an eager fallback path shares, for
     `requested` "auto" or "compiled" (`argument` is the op's keyword, e.g. "scan"): "compiled" on
-    CPU where `usable()` says the kernel loads, else "chunked" with a one-time notice saying why.
-    An explicit "compiled" that cannot run raises, naming the reason."""
+    CPU where `usable()` says the kernel loads, else `fallback` (the op's name for its eager path,
+    "chunked" for the scans) with a one-time notice saying why. An explicit "compiled" that cannot
+    run raises, naming the reason."""
+    label = "eager chunked" if fallback == "chunked" else fallback
     if device.type != "cpu":
         if requested == "compiled":
             raise ValueError(f"{op}: {argument}='compiled' is a CPU kernel; inputs are on {device}")
-        notify_once(f"{op}:chunked:{device.type}", f"{op} on {device.type} runs the eager chunked PyTorch path")
-        return "chunked"
+        notify_once(f"{op}:{fallback}:{device.type}", f"{op} on {device.type} runs the {label} PyTorch path")
+        return fallback
     ok, reason = usable()
     if ok:
         notify_once(f"{op}:compiled", f"{op} runs the compiled C++ CPU kernel")
         return "compiled"
     if requested == "compiled":
         raise RuntimeError(f"{op}: {argument}='compiled' was requested but the kernel is unavailable: {reason}")
-    notify_once(f"{op}:chunked", f"{op} runs the eager chunked PyTorch path ({reason})")
-    return "chunked"
+    notify_once(f"{op}:{fallback}", f"{op} runs the {label} PyTorch path ({reason})")
+    return fallback

@@ -1,4 +1,5 @@
-"""fftconv and causal_conv1d: fast path vs reference, forward and backward, odd lengths."""
+"""fftconv and causal_conv1d: fast paths vs reference, forward and backward, odd lengths; causal_conv1d
+on both of its paths (the compiled kernel and the eager PyTorch ops)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch
 from seqarch.ops.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
 from seqarch.ops.fftconv import fftconv, fftconv_ref
 from tests.tolerance import assert_close
+
+CONV_PATHS = ["compiled", "eager"]
 
 
 def grads(fn, *inputs):
@@ -36,12 +39,13 @@ def test_fftconv_matches_direct_convolution(length, filter_length, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("length", [1, 7, 63])
-def test_causal_conv1d_matches_reference(length, activation, dtype, with_history):
+@pytest.mark.parametrize("path", CONV_PATHS)
+def test_causal_conv1d_matches_reference(path, length, activation, dtype, with_history):
     x = torch.randn(2, 6, length, dtype=dtype)
     weight = torch.randn(6, 4, dtype=dtype)
     bias = torch.randn(6, dtype=dtype)
     history = torch.randn(2, 6, 3, dtype=dtype) if with_history else None
-    out, g = grads(lambda a, w, b, h: causal_conv1d(a, w, b, activation, h), x, weight, bias, history)
+    out, g = grads(lambda a, w, b, h: causal_conv1d(a, w, b, activation, h, path=path), x, weight, bias, history)
     out_ref, g_ref = grads(lambda a, w, b, h: causal_conv1d_ref(a, w, b, activation, h), x, weight, bias, history)
     assert_close(out, out_ref, "causal_conv1d output")
     for name, a, b in zip(("dx", "dweight", "dbias", "dinitial_states"), g, g_ref, strict=False):
@@ -49,28 +53,31 @@ def test_causal_conv1d_matches_reference(length, activation, dtype, with_history
 
 
 @pytest.mark.parametrize("width", [1, 3])
-def test_causal_conv1d_channel_last_input_without_bias(width):
+@pytest.mark.parametrize("path", CONV_PATHS)
+def test_causal_conv1d_channel_last_input_without_bias(path, width):
     """The mixers pass a (B, D, L) view of a (B, L, D) projection; no bias; other widths."""
     x = torch.randn(2, 37, 10, dtype=torch.float64)[..., :6].transpose(1, 2)  # (B, D, L) view, L = 37
     weight = torch.randn(6, width, dtype=torch.float64)
     history = torch.randn(2, 6, width - 1, dtype=torch.float64)
-    out, g = grads(lambda a, w, h: causal_conv1d(a, w, None, "silu", h), x, weight, history)
+    out, g = grads(lambda a, w, h: causal_conv1d(a, w, None, "silu", h, path=path), x, weight, history)
     out_ref, g_ref = grads(lambda a, w, h: causal_conv1d_ref(a, w, None, "silu", h), x, weight, history)
     assert_close(out, out_ref, "causal_conv1d output")
     for name, a, b in zip(("dx", "dweight", "dinitial_states"), g, g_ref, strict=True):
         assert_close(a, b, f"causal_conv1d {name}")
-    with torch.no_grad():  # the inference path (shifted multiply-adds)
-        assert_close(causal_conv1d(x, weight, None, "silu", history), out_ref, "causal_conv1d no-grad output")
+    with torch.no_grad():  # eager: the inference path (shifted multiply-adds)
+        out = causal_conv1d(x, weight, None, "silu", history, path=path)
+    assert_close(out, out_ref, "causal_conv1d no-grad output")
 
 
 @pytest.mark.parametrize("with_history", [False, True])
 @pytest.mark.parametrize("length", [1, 7, 63])
-def test_causal_conv1d_inference_path_matches_reference(length, with_history):
+@pytest.mark.parametrize("path", CONV_PATHS)
+def test_causal_conv1d_inference_path_matches_reference(path, length, with_history):
     x = torch.randn(2, 6, length, dtype=torch.float64)
     weight, bias = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     history = torch.randn(2, 6, 3, dtype=torch.float64) if with_history else None
     with torch.no_grad():
-        out = causal_conv1d(x, weight, bias, "silu", history)
+        out = causal_conv1d(x, weight, bias, "silu", history, path=path)
     assert_close(out, causal_conv1d_ref(x, weight, bias, "silu", history), "causal_conv1d no-grad output")
 
 
@@ -90,3 +97,9 @@ def test_causal_conv1d_update_steps_the_convolution():
 def test_unknown_activation_is_named():
     with pytest.raises(ValueError, match="unknown activation 'relu'"):
         causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 4), activation="relu")
+
+
+def test_causal_conv1d_bad_path_is_named():
+    x, weight = torch.randn(1, 3, 5), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="causal_conv1d: path='fast'; valid: 'auto', 'compiled', 'eager'"):
+        causal_conv1d(x, weight, path="fast")

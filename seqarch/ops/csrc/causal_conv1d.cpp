@@ -24,12 +24,7 @@
 namespace {
 
 using seqarch_kernels::data_or_null;
-using seqarch_kernels::decay_exp;
-
-template <typename scalar_t>
-inline scalar_t sigmoid(scalar_t x) {
-  return scalar_t(1) / (scalar_t(1) + decay_exp(-x));
-}
+using seqarch_kernels::sigmoid;
 
 // Rows of x with W - 1 rows of history in front: row(b, s) for s in [-(W - 1), L), (D,) contiguous.
 template <typename scalar_t>

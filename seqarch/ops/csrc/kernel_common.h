@@ -37,6 +37,12 @@ inline float decay_exp(float x) {
 
 inline double decay_exp(double x) { return std::exp(x); }
 
+// sigmoid through the inlined exp, so loops that evaluate it vectorise.
+template <typename scalar_t>
+inline scalar_t sigmoid(scalar_t x) {
+  return scalar_t(1) / (scalar_t(1) + decay_exp(-x));
+}
+
 template <typename scalar_t>
 const scalar_t* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<scalar_t>() : nullptr;

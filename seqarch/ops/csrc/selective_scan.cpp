@@ -49,13 +49,10 @@ namespace {
 
 using seqarch_kernels::data_or_null;
 using seqarch_kernels::decay_exp;
+using seqarch_kernels::sigmoid;
 
 // sigmoid and softplus use the inlined exp and std::log so that the per-chunk loops over time
 // that evaluate them vectorise (scalar libm calls per step cost twice the whole scan).
-template <typename scalar_t>
-inline scalar_t sigmoid(scalar_t x) {
-  return scalar_t(1) / (scalar_t(1) + decay_exp(-x));
-}
 
 // torch.nn.functional.softplus with its default threshold: x itself above 20.
 template <typename scalar_t>
@@ -96,6 +93,27 @@ constexpr int64_t kTile = 16;
 
 struct Strides {
   int64_t batch, channel, time;
+};
+
+// How (B, D) splits into tasks: tiles of up to kTile channels inside one (batch, group).
+struct Tiles {
+  int64_t batch, dim, len, nstate, groups, per_group, per_group_tiles;
+
+  Tiles(const at::Tensor& u, const at::Tensor& A, const at::Tensor& Bm)
+      : batch(u.size(0)), dim(u.size(1)), len(u.size(2)), nstate(A.size(1)), groups(Bm.size(1)),
+        per_group(dim / groups), per_group_tiles((per_group + kTile - 1) / kTile) {}
+
+  int64_t count() const { return batch * groups * per_group_tiles; }
+
+  struct Tile {
+    int64_t b, g, first, width;  // batch row, group, first channel, channels (<= kTile)
+  };
+
+  Tile operator[](int64_t task) const {
+    const int64_t b = task / (groups * per_group_tiles), g = task / per_group_tiles % groups;
+    const int64_t first = g * per_group + task % per_group_tiles * kTile;
+    return {b, g, first, std::min(kTile, g * per_group + per_group - first)};
+  }
 };
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
@@ -254,9 +272,9 @@ void forward_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tens
                     const at::Tensor& Cm, const Elementwise<scalar_t>& ew, const at::Tensor& z,
                     const at::Tensor& h0, at::Tensor& out, at::Tensor& h_last, at::Tensor& checkpoints,
                     int64_t chunk) {
-  const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), nstate = A.size(1), groups = Bm.size(1);
-  const int64_t per_group = dim / groups, nchunks = checkpoints.size(2);
-  const int64_t tiles_per_group = (per_group + kTile - 1) / kTile;
+  const Tiles tiles(u, A, Bm);
+  const int64_t dim = tiles.dim, len = tiles.len, nstate = tiles.nstate, groups = tiles.groups;
+  const int64_t nchunks = checkpoints.size(2);
   const Strides u_st = strides_of(u), delta_st = strides_of(delta), out_st = strides_of(out);
   const Strides z_st = z.defined() ? strides_of(z) : Strides{0, 0, 0};
   const scalar_t* u_p = u.data_ptr<scalar_t>();
@@ -269,14 +287,13 @@ void forward_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tens
   scalar_t* hl_p = h_last.data_ptr<scalar_t>();
   scalar_t* ck_p = checkpoints.data_ptr<scalar_t>();
 
-  at::parallel_for(0, batch * groups * tiles_per_group, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
     // [n][lane]: states and rates A; [step][lane]: the chunk's per-step scalars.
     std::vector<scalar_t> h(nstate * kTile), rates(nstate * kTile), biases(kTile), skips(kTile);
     std::vector<scalar_t> us(chunk * kTile), dts(chunk * kTile), gates(chunk * kTile), ys(chunk * kTile);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (groups * tiles_per_group), g = task / tiles_per_group % groups;
-      const int64_t first = g * per_group + task % tiles_per_group * kTile;  // first channel of the tile
-      const int64_t width = std::min(kTile, g * per_group + per_group - first);
+      const Tiles::Tile tile = tiles[task];
+      const int64_t b = tile.b, g = tile.g, first = tile.first, width = tile.width;
       const scalar_t* B_rows = B_p + (b * groups + g) * len * nstate;
       const scalar_t* C_rows = C_p + (b * groups + g) * len * nstate;
       std::fill(us.begin(), us.end(), scalar_t(0));
@@ -489,11 +506,11 @@ void backward_tiles(const at::Tensor& u, const at::Tensor& delta, const at::Tens
                     at::Tensor& ddelta, at::Tensor& dA_per_batch, at::Tensor& dB_per_thread,
                     at::Tensor& dC_per_thread, at::Tensor& dh0, at::Tensor& dD_per_batch,
                     at::Tensor& dbias_per_batch, at::Tensor& dz, int64_t chunk) {
-  const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), nstate = A.size(1), groups = Bm.size(1);
-  const int64_t per_group = dim / groups, nchunks = checkpoints.size(2);
-  const int64_t tiles_per_group = (per_group + kTile - 1) / kTile;
+  const Tiles tiles(u, A, Bm);
+  const int64_t dim = tiles.dim, len = tiles.len, nstate = tiles.nstate, groups = tiles.groups;
+  const int64_t nchunks = checkpoints.size(2);
   const int64_t blocks = (nstate + kTile - 1) / kTile, padded = blocks * kTile;
-  const int64_t thread_stride = batch * groups * len * nstate, max_threads = dB_per_thread.size(0);
+  const int64_t thread_stride = tiles.batch * groups * len * nstate, max_threads = dB_per_thread.size(0);
   const Strides u_st = strides_of(u), delta_st = strides_of(delta), dout_st = strides_of(dout);
   const Strides z_st = z.defined() ? strides_of(z) : Strides{0, 0, 0};
   const Strides du_st = strides_of(du), ddelta_st = strides_of(ddelta);
@@ -517,7 +534,7 @@ void backward_tiles(const at::Tensor& u, const at::Tensor& delta, const at::Tens
   float* dbias_p = dbias_per_batch.data_ptr<float>();
   const __m512 zero = _mm512_setzero_ps();
 
-  at::parallel_for(0, batch * groups * tiles_per_group, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = std::min<int64_t>(at::get_thread_num(), max_threads - 1);
     // [n][lane]: rates A, the adjoint g, dA, the state entering the chunk
     std::vector<float> rates(padded * kTile), adjoint(padded * kTile), dA_acc(padded * kTile), entry(padded * kTile);
@@ -529,9 +546,8 @@ void backward_tiles(const at::Tensor& u, const at::Tensor& delta, const at::Tens
     std::vector<float> states(chunk * padded * kTile), decays(chunk * padded * kTile);
     float biases[kTile], skips[kTile];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (groups * tiles_per_group), g = task / tiles_per_group % groups;
-      const int64_t first = g * per_group + task % tiles_per_group * kTile;
-      const int64_t width = std::min(kTile, g * per_group + per_group - first);
+      const Tiles::Tile tile = tiles[task];
+      const int64_t b = tile.b, g = tile.g, first = tile.first, width = tile.width;
       const int64_t rows = (b * groups + g) * len * nstate;
       const float* B_rows = B_p + rows;
       const float* C_rows = C_p + rows;

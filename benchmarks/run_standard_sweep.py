@@ -3,6 +3,7 @@
     python benchmarks/run_standard_sweep.py            # L = 256 .. 16384, <= 15 min of cases
     python benchmarks/run_standard_sweep.py --quick    # L = 256, 1024: about a minute on a quiet 2-core CPU
     python benchmarks/run_standard_sweep.py --name my-run --note "quiet machine" --sweep-minutes 30
+    python benchmarks/run_standard_sweep.py --overwrite  # replace the committed results/standard
 
 Writes benchmarks/results/<name>/ (default name: "standard", or "quick"): report.md with its PNG
 plots, results.json, results.csv, and machine.json (CPU model, cores, load, torch and Python
@@ -54,8 +55,11 @@ def main() -> int:
     parser.add_argument("--sweep-minutes", type=float, default=15.0, help="wall-time bound for all cases")
     parser.add_argument("--case-budget", type=float, default=120.0, help="wall seconds per case, start-up included")
     parser.add_argument("--match-params", action="store_true", help="match parameter counts instead of width")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in the folder")
     args = parser.parse_args()
     out = RESULTS / (args.name or ("quick" if args.quick else "standard"))
+    if (out / "results.json").exists() and not args.overwrite:
+        parser.error(f"{out} already holds a sweep's results; pass --overwrite to replace them, or --name NEW")
     out.mkdir(parents=True, exist_ok=True)
     machine = {**machine_info(), "memory_probe": calibrate_memory_probe()}
     (out / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")

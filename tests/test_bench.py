@@ -299,3 +299,23 @@ def test_bad_overrides_raise_one_clear_error(overrides, message):
 def test_memory_command_rejects_unknown_preset():
     with pytest.raises(ValueError, match="unknown model preset 'llama-3'; valid: llama-2-7b"):
         memory_command(["model=llama-3"])
+
+
+def test_standard_sweep_script_refuses_to_replace_results_without_overwrite(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_standard_sweep.py"
+    spec = importlib.util.spec_from_file_location("run_standard_sweep", script)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    monkeypatch.setattr(sweep, "RESULTS", tmp_path)
+    (tmp_path / "standard").mkdir()
+    (tmp_path / "standard" / "results.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["run_standard_sweep.py"])
+    with pytest.raises(SystemExit) as stop:
+        sweep.main()
+    assert stop.value.code == 2
+    assert "already holds a sweep's results; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "standard" / "results.json").read_text() == "{}"
+    assert not (tmp_path / "standard" / "machine.json").exists()

@@ -228,10 +228,13 @@ void scan_chunk(scalar_t* h, const scalar_t* rates, int64_t nstate, const scalar
 
 #if SEQARCH_AVX512
 // S states of a float tile through the chunk, one register of 16 lanes per state: the S
-// recurrences are independent, so their exp evaluations overlap. y [step][lane] accumulates.
-template <int S>
+// recurrences are independent, so their exp evaluations overlap. y [step][lane] accumulates. The
+// forward advances h in place; the backward (Keep) leaves h, its checkpoint, as it is and keeps every
+// state and decay at [step][n][lane] in rows of `padded` states instead.
+template <int S, bool Keep = false>
 void scan_states(float* h, const float* rates, int64_t nstate, const float* dts, const float* dus,
-                 const float* b, const float* c, int64_t steps, float* ys) {
+                 const float* b, const float* c, int64_t steps, float* ys, float* states = nullptr,
+                 float* decays = nullptr, int64_t padded = 0) {
   __m512 state[S], rate[S];  // rate in log2 units: exp(dt A) = 2^(dt A log2 e)
   for (int s = 0; s < S; ++s) {
     state[s] = _mm512_loadu_ps(h + s * kTile);
@@ -243,11 +246,17 @@ void scan_states(float* h, const float* rates, int64_t nstate, const float* dts,
     for (int s = 0; s < S; ++s) {
       const __m512 decay = seqarch_kernels::exp2_ps(_mm512_mul_ps(dt, rate[s]));
       state[s] = _mm512_fmadd_ps(decay, state[s], _mm512_mul_ps(du, _mm512_set1_ps(b[k * nstate + s])));
+      if constexpr (Keep) {
+        _mm512_storeu_ps(decays + (k * padded + s) * kTile, decay);
+        _mm512_storeu_ps(states + (k * padded + s) * kTile, state[s]);
+      }
       y = _mm512_fmadd_ps(_mm512_set1_ps(c[k * nstate + s]), state[s], y);
     }
     _mm512_storeu_ps(ys + k * kTile, y);
   }
-  for (int s = 0; s < S; ++s) _mm512_storeu_ps(h + s * kTile, state[s]);
+  if constexpr (!Keep) {
+    for (int s = 0; s < S; ++s) _mm512_storeu_ps(h + s * kTile, state[s]);
+  }
 }
 
 // The float chunk walks the states in the outer loop, 8 at a time, so a state's rate stays in a
@@ -469,31 +478,6 @@ void backward_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Ten
 }
 
 #if SEQARCH_AVX512
-// The forward of S states of a float tile over a chunk again (as scan_states), keeping every state
-// and decay at [step][n][lane] (rows of `padded` states) for the backward.
-template <int S>
-void recompute_states(const float* h, const float* rates, int64_t nstate, int64_t padded, const float* dts,
-                      const float* dus, const float* b, const float* c, int64_t steps, float* ys, float* states,
-                      float* decays) {
-  __m512 state[S], rate[S];
-  for (int s = 0; s < S; ++s) {
-    state[s] = _mm512_loadu_ps(h + s * kTile);
-    rate[s] = _mm512_mul_ps(_mm512_loadu_ps(rates + s * kTile), _mm512_set1_ps(seqarch_kernels::kLog2e));
-  }
-  for (int64_t k = 0; k < steps; ++k) {
-    const __m512 dt = _mm512_loadu_ps(dts + k * kTile), du = _mm512_loadu_ps(dus + k * kTile);
-    __m512 y = _mm512_loadu_ps(ys + k * kTile);
-    for (int s = 0; s < S; ++s) {
-      const __m512 decay = seqarch_kernels::exp2_ps(_mm512_mul_ps(dt, rate[s]));
-      state[s] = _mm512_fmadd_ps(decay, state[s], _mm512_mul_ps(du, _mm512_set1_ps(b[k * nstate + s])));
-      _mm512_storeu_ps(decays + (k * padded + s) * kTile, decay);
-      _mm512_storeu_ps(states + (k * padded + s) * kTile, state[s]);
-      y = _mm512_fmadd_ps(_mm512_set1_ps(c[k * nstate + s]), state[s], y);
-    }
-    _mm512_storeu_ps(ys + k * kTile, y);
-  }
-}
-
 // Backward in float with AVX-512, on the forward's tiles (16 channels of one (batch, group); u,
 // delta, z, dout read and du, ddelta, dz written with any strides), chunk by chunk in reverse:
 // gather the chunk, recompute dt, every state and decay ([step][n][lane], from the checkpoint) and
@@ -592,13 +576,13 @@ void backward_tiles(const at::Tensor& u, const at::Tensor& delta, const at::Tens
         const float* B_chunk = B_rows + start * nstate;
         const float* C_chunk = C_rows + start * nstate;
         for (; n + 8 <= nstate; n += 8)
-          recompute_states<8>(entry.data() + n * kTile, rates.data() + n * kTile, nstate, padded, dts.data(), dus.data(),
-                              B_chunk + n, C_chunk + n, steps, ys.data(), states.data() + n * kTile,
-                              decays.data() + n * kTile);
+          scan_states<8, true>(entry.data() + n * kTile, rates.data() + n * kTile, nstate, dts.data(), dus.data(),
+                               B_chunk + n, C_chunk + n, steps, ys.data(), states.data() + n * kTile,
+                               decays.data() + n * kTile, padded);
         for (; n < nstate; ++n)
-          recompute_states<1>(entry.data() + n * kTile, rates.data() + n * kTile, nstate, padded, dts.data(), dus.data(),
-                              B_chunk + n, C_chunk + n, steps, ys.data(), states.data() + n * kTile,
-                              decays.data() + n * kTile);
+          scan_states<1, true>(entry.data() + n * kTile, rates.data() + n * kTile, nstate, dts.data(), dus.data(),
+                               B_chunk + n, C_chunk + n, steps, ys.data(), states.data() + n * kTile,
+                               decays.data() + n * kTile, padded);
         // The gate: dz = dout y sigmoid(z) (1 + z (1 - sigmoid(z))), dy = dout SiLU(z); dD sums dy u.
         for (int64_t k = 0; k < steps; ++k) {
           __m512 dy = _mm512_loadu_ps(douts.data() + k * kTile);

@@ -5,14 +5,21 @@ Models", section 3.3; Massaroli et al. (2023), "Laughing Hyena Distillery". Lege
 convolutions (order - 1), D channels per convolution, L length, F positional features,
 H hidden width of the filter MLP, M complex modes.
 
-Implicit filter, for positions l < max_len with t_l = l / (max_len - 1) in [0, 1]:
+Implicit filter, as safari's `HyenaFilter` (HazyResearch/safari, src/models/sequence/hyena.py:
+`PositionalEmbedding`, `Sin`, `ExponentialModulation`), for positions l < max_len with
+t_l = l / (max_len - 1) in [0, 1]:
 
-    z_l = [t_l, cos(2 pi f_k l / max_len), -sin(2 pi f_k l / max_len)]_k        (F = 1 + 2 bands)
-    h_l = Linear(Sin(Linear(... Sin(Linear(z_l)))))  * exp(-t_l |delta_c|)        (O * D channels)
+    z_l = [t_l, cos(2 pi f_k l / max_len), -sin(2 pi f_k l / max_len)]_k   (F = 1 + 2 bands; the initial z)
+    h_l = Linear(Sin(Linear(... Sin(Linear(z_l)))))  * exp(-t_l |delta_c|)   (O * D channels)
 
-Sin(x) = sin(w * x) with a learnable frequency w per hidden unit. The decay rates |delta_c| are
-spread linearly over the channels between log(target) / slow_pct and log(target) / fast_pct, so
-channel c has fallen to `target` after a fraction between fast_pct and slow_pct of max_len.
+z is a trainable parameter (1, max_len, F), initialised to the features above and trained with its
+own learning rate (safari's lr_pos_emb); t and the decays are fixed. Sin(x) = sin(w * x) with one
+learnable frequency vector w (one entry per hidden unit) shared by every Sin of the MLP (safari builds
+one `Sin` module and reuses it). The filter's tensors carry safari's optimizer tags, `_optim =
+{"lr": ..., "weight_decay": 0.0}`, which seqarch.train's parameter groups honour. The decay rates
+|delta_c| are spread linearly over the channels between log(target) / slow_pct and log(target) /
+fast_pct, so channel c has fallen to `target` after a fraction between fast_pct and slow_pct of
+max_len. Channels are laid out as safari's: c = d * O + o for long convolution o, model channel d.
 
 Modal filter: h_l = 2 Re(sum_m R_m lambda_m^l) (seqarch/ops/modal_fit.py), the impulse response
 of a diagonal recurrence, defined for every l.

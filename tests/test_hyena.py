@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from einops import rearrange
 
 from seqarch import build_mixer
 from seqarch.ops.fftconv import fftconv_ref
@@ -202,3 +203,135 @@ def test_bad_settings_are_named():
     mixer.distill(d_state=4)
     with pytest.raises(ValueError, match="already distilled"):
         mixer.distill(d_state=4)
+
+
+# safari's Hyena (HazyResearch/safari, src/models/sequence/hyena.py: HyenaOperator with HyenaFilter,
+# PositionalEmbedding, Sin, ExponentialModulation) needs safari's repository to import; its module
+# structure and its forward are restated here from that file.
+
+
+def safari_trainable_parameters(d_model: int, order: int, l_max: int, hidden: int, emb_dim: int = 3,
+                                inner_mlps: int = 2, short_width: int = 3) -> dict[str, tuple]:
+    """name -> shape of every trainable parameter of safari's HyenaOperator (named_parameters(),
+    which lists the MLP's one shared `Sin` once, under its first index)."""
+    streams, filters = (order + 1) * d_model, order - 1
+    shapes = {
+        "in_proj.weight": (streams, d_model), "in_proj.bias": (streams,),
+        "out_proj.weight": (d_model, d_model), "out_proj.bias": (d_model,),
+        "short_filter.weight": (streams, 1, short_width), "short_filter.bias": (streams,),
+        "filter_fn.bias": (d_model * filters,),
+        "filter_fn.pos_emb.z": (1, l_max, emb_dim),  # trainable: lr_pos_emb = 1e-5 is not 0
+        "filter_fn.implicit_filter.0.weight": (hidden, emb_dim), "filter_fn.implicit_filter.0.bias": (hidden,),
+        "filter_fn.implicit_filter.1.freq": (1, hidden),  # the shared Sin
+    }
+    for i in range(inner_mlps):
+        shapes[f"filter_fn.implicit_filter.{2 * i + 2}.weight"] = (hidden, hidden)
+        shapes[f"filter_fn.implicit_filter.{2 * i + 2}.bias"] = (hidden,)
+    shapes[f"filter_fn.implicit_filter.{2 * inner_mlps + 2}.weight"] = (d_model * filters, hidden)
+    return shapes
+
+
+def to_safari_names(mixer) -> dict[str, torch.Tensor]:
+    """seqarch's trainable parameters under safari's names (the key mapping on docs/mixers/hyena.md);
+    the skip D^n (O, D) is safari's flat filter bias with channel d * O + o."""
+    renamed = {}
+    for name, parameter in mixer.named_parameters():
+        if name == "skip":
+            renamed["filter_fn.bias"] = parameter.transpose(0, 1).reshape(-1)
+            continue
+        name = name.replace("short_conv.", "short_filter.").replace("filter.z", "filter_fn.pos_emb.z")
+        renamed[name.replace("filter.mlp.", "filter_fn.implicit_filter.")] = parameter
+    return renamed
+
+
+def safari_forward(weights: dict[str, torch.Tensor], u: torch.Tensor, order: int, inner_mlps: int = 2,
+                   fast_decay_pct=0.3, slow_decay_pct=1.5, target=1e-2) -> torch.Tensor:
+    """HyenaOperator.forward of safari (num_heads 1, num_blocks 1, inner_factor 1, no outer mixing,
+    identity activation) with HyenaFilter.filter, on safari-named weights, written out."""
+    batch, length, d_model = u.shape
+    filters = order - 1
+    projected = torch.nn.functional.linear(u, weights["in_proj.weight"], weights["in_proj.bias"]).transpose(1, 2)
+    width = weights["short_filter.weight"].shape[-1]
+    uc = torch.nn.functional.conv1d(projected, weights["short_filter.weight"], weights["short_filter.bias"],
+                                    padding=width - 1, groups=projected.shape[1])[..., :length]
+    *x, v = uc.split(d_model, dim=1)
+    # HyenaFilter.filter: z, t from PositionalEmbedding; MLP with one Sin; ExponentialModulation.
+    z = weights["filter_fn.pos_emb.z"][:, :length]
+    l_max = weights["filter_fn.pos_emb.z"].shape[1]
+    t = torch.linspace(0, 1, l_max, dtype=u.dtype)[None, :length, None]
+    freq = weights["filter_fn.implicit_filter.1.freq"]
+    h = z
+    for i in range(inner_mlps + 1):
+        h = torch.sin(freq * torch.nn.functional.linear(h, weights[f"filter_fn.implicit_filter.{2 * i}.weight"],
+                                                        weights[f"filter_fn.implicit_filter.{2 * i}.bias"]))
+    h = torch.nn.functional.linear(h, weights[f"filter_fn.implicit_filter.{2 * inner_mlps + 2}.weight"])
+    deltas = torch.linspace(math.log(target) / slow_decay_pct, math.log(target) / fast_decay_pct,
+                            d_model * filters, dtype=u.dtype)[None, None]
+    h = h * torch.exp(-t * deltas.abs())
+    k = rearrange(h, "c l (v o) -> c o v l", o=filters)[0]
+    bias = rearrange(weights["filter_fn.bias"], "(v o) -> o v", o=filters)
+    for o, x_i in enumerate(reversed(x[1:])):
+        v = fftconv_ref(v * x_i, k[o], bias[o])
+    y = v * x[0]
+    return torch.nn.functional.linear(y.transpose(1, 2), weights["out_proj.weight"], weights["out_proj.bias"])
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_trainable_parameters_are_safaris(order):
+    """Same names (after the key mapping), shapes and count of trainable tensors as safari's operator:
+    one shared sine frequency vector, trainable positional features z."""
+    mixer = build_mixer("hyena", d_model=8, order=order, max_len=64, filter_hidden=16)
+    ours = {name: tuple(p.shape) for name, p in to_safari_names(mixer).items()}
+    assert ours == safari_trainable_parameters(8, order, 64, 16)
+    assert sum(p.numel() for p in mixer.parameters()) == sum(
+        math.prod(shape) for shape in safari_trainable_parameters(8, order, 64, 16).values())
+    sines = [m for m in mixer.filter.mlp if type(m).__name__ == "Sin"]
+    assert len(sines) == 3 and all(s.freq is sines[0].freq for s in sines)
+
+
+def test_filter_optimizer_settings_are_safaris():
+    """safari's `_optim` tags: the filter MLP at lr 1e-3, z at lr 1e-5, both without weight decay; and
+    seqarch's optimizer groups honour them."""
+    from seqarch.train.module import parameter_groups
+
+    mixer = build_mixer("hyena", d_model=8, max_len=64)
+    filter_params = {id(p) for p in mixer.filter.mlp.parameters()}
+    for name, parameter in mixer.named_parameters():
+        if name == "filter.z":
+            assert parameter._optim == {"lr": 1e-5, "weight_decay": 0.0}
+        elif id(parameter) in filter_params:
+            assert parameter._optim == {"lr": 1e-3, "weight_decay": 0.0}, name
+        else:
+            assert not hasattr(parameter, "_optim"), name
+    groups = parameter_groups(mixer, 0.1)
+    by_id = {id(p): group for group in groups for p in group["params"]}
+    assert len(by_id) == len(list(mixer.parameters()))
+    assert by_id[id(mixer.filter.z)]["lr"] == 1e-5 and by_id[id(mixer.filter.z)]["weight_decay"] == 0.0
+    assert by_id[id(mixer.filter.mlp[0].weight)]["lr"] == 1e-3
+    assert by_id[id(mixer.filter.mlp[1].freq)]["weight_decay"] == 0.0
+    assert by_id[id(mixer.in_proj.weight)] is groups[0] and "lr" not in groups[0]  # the optimizer's lr
+    optimizer = torch.optim.AdamW(groups, lr=3e-3)
+    lrs = sorted(group["lr"] for group in optimizer.param_groups)
+    assert lrs == [1e-5, 1e-3, 3e-3, 3e-3]
+    frozen = build_mixer("hyena", d_model=8, max_len=64, pos_emb_lr=0.0, filter_lr=None)
+    assert "filter.z" not in dict(frozen.named_parameters()) and "z" in dict(frozen.filter.named_buffers())
+    assert frozen.filter.mlp[0].weight._optim == {"weight_decay": 0.0}
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_forward_and_gradients_equal_safari_operator(order):
+    mixer = make(order=order, d_model=8, max_len=64, filter_hidden=16)
+    with torch.no_grad():
+        mixer.filter.z.add_(0.1 * torch.randn_like(mixer.filter.z))  # trained features, not the initial ones
+        mixer.filter.mlp[1].freq.mul_(1.7)
+    x = torch.randn(2, 45, 8, dtype=torch.float64)
+    y = mixer(x)
+    weights = to_safari_names(mixer)
+    y_ref = safari_forward(weights, x, order)
+    assert_close(y, y_ref, f"hyena order {order} vs safari's operator")
+    grad_weight = torch.randn_like(y)
+    grads = torch.autograd.grad((y * grad_weight).sum(), list(mixer.parameters()))
+    grads_ref = torch.autograd.grad((y_ref * grad_weight).sum(), list(mixer.parameters()))
+    for (name, _), grad, grad_ref in zip(mixer.named_parameters(), grads, grads_ref, strict=True):
+        assert_close(grad, grad_ref, f"hyena order {order}: d{name} vs safari's operator")
+        assert grad.abs().max() > 0, f"{name} gets no gradient"

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqarch.ops.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
+from seqarch.ops.causal_conv1d import (
+    causal_conv1d,
+    causal_conv1d_ref,
+    causal_conv1d_update,
+    causal_conv1d_update_ref,
+)
 from seqarch.ops.fftconv import fftconv, fftconv_ref
 from tests.tolerance import assert_close
 
@@ -92,6 +97,72 @@ def test_causal_conv1d_update_steps_the_convolution():
         outputs.append(y)
     assert_close(torch.stack(outputs, -1), expected, "causal_conv1d_update")
     assert_close(state, x[..., -3:], "conv_state holds the last W-1 inputs")
+
+
+@pytest.mark.parametrize("length", [1, 3, 9])
+def test_causal_conv1d_update_rolling_buffer_and_several_tokens(length):
+    """conv_state longer than W - 1 (S = 7 > 3) and L new tokens at once, as the causal-conv1d package."""
+    x = torch.randn(2, 6, length, dtype=torch.float64)
+    weight, bias = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    state = torch.randn(2, 6, 7, dtype=torch.float64)
+    before = state.clone()
+    y, new_state = causal_conv1d_update(x, state, weight, bias, "silu")
+    y_ref, state_ref = causal_conv1d_update_ref(x, state, weight, bias, "silu")
+    assert_close(y, y_ref, f"update L={length} vs loop reference")
+    assert_close(new_state, state_ref, f"update L={length} new state vs loop reference")
+    # Independently: the full convolution from the last W - 1 inputs, and the last S inputs as the state.
+    assert_close(y, causal_conv1d_ref(x, weight, bias, "silu", state[..., -3:]), "update vs causal_conv1d")
+    assert_close(new_state, torch.cat([state, x], -1)[..., -7:], "new state = the last S inputs")
+    assert torch.equal(state, before), "conv_state must not be modified (the new state is returned)"
+    y_one, _ = causal_conv1d_update(x[..., 0], state, weight, bias, "silu")
+    assert y_one.shape == (2, 6) and torch.allclose(y_one, y[..., 0])
+
+
+def test_causal_conv1d_update_in_chunks_equals_the_convolution():
+    x = torch.randn(2, 6, 11, dtype=torch.float64)
+    weight, bias = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    state, outputs = torch.zeros(2, 6, 5, dtype=torch.float64), []
+    for start, stop in ((0, 1), (1, 5), (5, 11)):
+        y, state = causal_conv1d_update(x[..., start:stop], state, weight, bias)
+        outputs.append(y)
+    assert_close(torch.cat(outputs, -1), causal_conv1d_ref(x, weight, bias), "update in chunks of 1, 4, 6")
+
+
+@pytest.mark.parametrize("length", [1, 3, 9])
+def test_causal_conv1d_update_circular_buffer(length):
+    """cache_seqlens: sequence b's buffer holds its inputs from column cache_seqlens[b] mod S on."""
+    x = torch.randn(3, 6, length, dtype=torch.float64)
+    weight, bias = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    state = torch.randn(3, 6, 7, dtype=torch.float64)
+    seqlens = torch.tensor([0, 5, 23], dtype=torch.int32)  # 23 wraps around the 7 columns
+    y, new_state = causal_conv1d_update(x, state, weight, bias, "silu", cache_seqlens=seqlens)
+    y_ref, state_ref = causal_conv1d_update_ref(x, state, weight, bias, "silu", cache_seqlens=seqlens)
+    assert_close(y, y_ref, f"circular update L={length} vs loop reference")
+    assert_close(new_state, state_ref, f"circular update L={length} new state vs loop reference")
+    for b, start in enumerate(seqlens.tolist()):  # unrolled to time order, it is the linear buffer
+        in_order = state[b : b + 1].roll(-start, dims=-1)
+        y_linear, state_linear = causal_conv1d_update(x[b : b + 1], in_order, weight, bias, "silu")
+        assert_close(y[b : b + 1], y_linear, f"circular buffer b={b} vs the same inputs in time order")
+        assert_close(new_state[b : b + 1].roll(-(start + length), dims=-1), state_linear,
+                     f"circular buffer b={b}: new state in time order")
+
+
+def test_causal_conv1d_update_conv_state_indices():
+    x = torch.randn(3, 6, 2, dtype=torch.float64)
+    weight = torch.randn(6, 4, dtype=torch.float64)
+    cache = torch.randn(5, 6, 3, dtype=torch.float64)
+    indices = torch.tensor([4, 0, 2])
+    y, new_cache = causal_conv1d_update(x, cache, weight, conv_state_indices=indices)
+    y_ref, cache_ref = causal_conv1d_update_ref(x, cache, weight, conv_state_indices=indices)
+    assert_close(y, y_ref, "update with conv_state_indices vs loop reference")
+    assert_close(new_cache, cache_ref, "cache lines after the update vs loop reference")
+    assert torch.equal(new_cache[[1, 3]], cache[[1, 3]]), "unused cache lines stay as they were"
+    assert_close(y, causal_conv1d_update(x, cache[indices], weight)[0], "indices select the cache lines")
+
+
+def test_causal_conv1d_update_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="S >= W - 1"):
+        causal_conv1d_update(torch.randn(2, 6), torch.randn(2, 6, 2), torch.randn(6, 4))
 
 
 def test_unknown_activation_is_named():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from seqarch import build_mixer
@@ -35,12 +36,26 @@ def test_float32_kernel_keeps_phase_at_16k():
     assert_close(k32, k64.float(), "float32 kernel at 16k", dtype=torch.float32, tolerance=1e-4)
 
 
+def s4_inv_imag(state_size: int) -> list[float]:
+    """S4D-Inv's imaginary parts as the S4 code evaluates them (state-spaces/s4,
+    src/models/sequence/kernels/dplr.py, `dplr(init="inv", N=state_size)`): N / pi * (N / (1 + 2n) - 1)
+    with N the full state size, for the N // 2 modes n = 0 .. N//2 - 1 it keeps."""
+    return [state_size / math.pi * (state_size / (1 + 2 * n) - 1) for n in range(state_size // 2)]
+
+
+def test_inv_init_is_s4s():
+    for d_state in (2, 8, 64):
+        inv = build_mixer("s4d", d_model=3, d_state=d_state, init="inv")
+        expected = torch.tensor(s4_inv_imag(d_state), dtype=torch.float64).expand(3, -1)
+        assert_close(inv.A_imag.double(), expected, f"S4D-Inv imag(A), d_state={d_state}", dtype=torch.float32)
+    # The value quoted in issue 13: d_state 64, n = 0 gives 64/pi * 63 = 1283.4 (not 315.8 with N = 32).
+    assert build_mixer("s4d", d_state=64).A_imag[0, 0].item() == pytest.approx(1283.4, abs=0.05)
+
+
 def test_initialisations():
     lin = build_mixer("s4d", d_model=2, d_state=8, init="lin")
-    inv = build_mixer("s4d", d_model=2, d_state=8, init="inv")
     n = torch.arange(4, dtype=torch.float32)
     assert_close(lin.A_imag[0], math.pi * n, "S4D-Lin imag(A)")
-    assert_close(inv.A_imag[0], 4 / math.pi * (4 / (2 * n + 1) - 1), "S4D-Inv imag(A)")
     assert_close(-lin.log_A_real.exp(), torch.full((2, 4), -0.5), "real(A) = -1/2")
     dt = lin.log_dt.exp()
     assert (dt >= 1e-3).all() and (dt <= 1e-1).all()

@@ -52,7 +52,9 @@ class HyenaConfig:
     filter_emb_dim: int = 3  # positional features: t and (emb_dim - 1) / 2 cos/sin bands; odd >= 3
     filter_hidden: int = 64  # width of the filter MLP ("filter_order" in the reference code)
     filter_layers: int = 2  # inner Linear + Sin layers of the filter MLP
-    sine_frequency: float = 1.0  # initial frequency w of the Sin activations
+    sine_frequency: float = 1.0  # initial frequency w of the Sin activation (one vector shared by the MLP's Sins)
+    filter_lr: float | None = 1e-3  # lr of the filter MLP (safari's HyenaFilter lr); None: the optimizer's lr
+    pos_emb_lr: float = 1e-5  # lr of the trainable positional features z (safari's lr_pos_emb); 0: not trained
     fast_decay_pct: float = 0.3  # fastest channel decays to decay_target at this fraction of max_len
     slow_decay_pct: float = 1.5  # slowest channel decays to decay_target at this fraction of max_len
     decay_target: float = 1e-2  # envelope value that defines the two decay percentages
@@ -74,6 +76,10 @@ class HyenaConfig:
                              f"{self.fast_decay_pct}, {self.slow_decay_pct}")
         if not 0 < self.decay_target < 1:
             raise ValueError(f"hyena: decay_target must be in (0, 1), got {self.decay_target}")
+        if self.filter_lr is not None and self.filter_lr <= 0:
+            raise ValueError(f"hyena: filter_lr must be positive or None, got {self.filter_lr}")
+        if self.pos_emb_lr < 0:
+            raise ValueError(f"hyena: pos_emb_lr must be >= 0, got {self.pos_emb_lr}")
 
     @property
     def n_streams(self) -> int:
@@ -115,7 +121,7 @@ class HyenaMixer(SequenceMixer):
         self.filter: ImplicitFilter | ModalFilter = ImplicitFilter(
             config.n_filters, width, config.max_len, config.filter_emb_dim, config.filter_hidden,
             config.filter_layers, config.sine_frequency, config.fast_decay_pct, config.slow_decay_pct,
-            config.decay_target, **factory)
+            config.decay_target, config.filter_lr, config.pos_emb_lr, **factory)
         self.skip = nn.Parameter(torch.randn(config.n_filters, width, **factory))  # D^n in h * w + D w
         self.out_proj = nn.Linear(width, width, **factory)
         self._kernel_cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None

@@ -1,19 +1,23 @@
-"""RetNet: multi-scale retention (MSR).
+"""RetNet: multi-scale retention (MSR), as torchscale 0.3.0's `MultiScaleRetention` computes it.
 
 Sun et al. (2023), "Retentive Network: A Successor to Transformer for Large Language Models",
-section 2.2. Legend: B batch, L length, D model width, H heads, K query/key head dim (= D / H),
-V value head dim (= value_factor * D / H).
+section 2.2; the reference implementation is torchscale (torchscale/component/multiscale_retention.py,
+the decays and rotation angles in torchscale/architecture/retnet.py `RetNetRelPos`). Legend: B batch,
+L length, D model width, H heads, K query/key head dim (= D / H), V value head dim (= value_factor * D / H).
 
-    q, k = RoPE(x W_Q), RoPE(x W_K)  per head,   v = x W_V
-    head_h = Retention_γh(q, k, v)               γ_h = 1 - 2^(-5-h), scale K^-1/2 (seqarch.ops.retention)
-    y = (swish(x W_G) ⊙ GroupNorm_H(head_1 .. head_H)) W_O
+    q, k = Rot(x W_Q), Rot(x W_K)  per head,    v = x W_V
+    raw_n = s Σ_{m<=n} γ^(n-m) (q_n·k_m) v_m     γ_h = 1 - 2^(-5-h), s = K^-1/2 (seqarch.ops.retention)
+    r_n   = s Σ_{m<=n} γ^(n-m) (q_n·k_m)         the score row sum (no gradient, as in torchscale)
+    c_n   = Σ_{m<=n} γ^(n-m)                     the decay-mask row sum
+    o_n = raw_n / max(|r_n|, sqrt(c_n))          decay rows / sqrt(c_n), scores / max(|row sum|, 1)
+    y = (swish(x W_G) ⊙ RMSNorm_head(o)) W_O     RMS norm over each head's V channels, no affine
 
-The paper's rotation Θ_n = e^(inθ) on q and conjugated on k is RoPE; the xPos-style decay lives in
-γ, so q and k are only rotated (RoPE of seqarch.positional, "rotate half" pairing). GroupNorm
-normalises each head's V channels per token, so it applies unchanged to one decoding step. The
-paper's extra normalisations (decay-mask rows by sqrt of their sum, scores by max(|row sum|, 1))
-are per-(head, token) scalars that GroupNorm removes up to its eps; they are left out, which keeps
-the parallel, chunkwise and recurrent paths exactly the same function.
+Rot is torchscale's rotation: channel pairs (2i, 2i+1) turned by n θ_i, θ_i = base^(-i / (K/2 - 1)).
+The two normalisations are torchscale's parallel form. They are per-(head, token) scalars, but the
+RMS norm's eps makes them matter: at torchscale's initial weight scale the mean square of o is within
+a few decades of eps. r_n is retention with v = 1, so every form carries one extra value column
+(Σ γ^(n-m) k_m) and the chunkwise, parallel and recurrent forms and one decoding step all compute
+the parallel form's function exactly; c_n depends only on the absolute position.
 """
 
 from __future__ import annotations
@@ -27,9 +31,23 @@ from einops import rearrange
 from torch import nn
 
 from seqarch.mixers.base import MixerState, SequenceMixer, check_input
-from seqarch.ops.retention import retention, retention_step
-from seqarch.positional import apply_rope, rope_cos_sin, rope_frequencies
+from seqarch.ops.retention import default_log_decay, retention, retention_step
 from seqarch.registry import register
+
+
+def rotation_angles(key_dim: int, base: float, device=None) -> torch.Tensor:
+    """torchscale's RetNet rotation angles θ_i = base^(-i / (K/2 - 1)), i = 0..K/2-1 (`RetNetRelPos`:
+    1 / base^linspace(0, 1, K/2)): (K/2,) float64."""
+    return base ** -torch.linspace(0, 1, key_dim // 2, dtype=torch.float64, device=device)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn channel pairs (2i, 2i+1) of x (B, H, L, K) by the angles whose cos, sin are (L, K/2)
+    (torchscale's `theta_shift` with `rotate_every_two`)."""
+    pairs = rearrange(x, "... (k two) -> ... k two", two=2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    turned = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+    return rearrange(turned, "... k two -> ... (k two)")
 
 
 @dataclass(frozen=True)
@@ -38,10 +56,10 @@ class RetNetConfig:
     n_heads: int | None = None  # retention heads; None: d_model // 64, at least 1 (paper: head dim 256)
     value_factor: int = 2  # value and gate width = value_factor * d_model, as in the paper
     decay: tuple[float, ...] | None = None  # per-head γ in (0, 1); None: 1 - 2^(-5-h)
-    rope_base: float = 10000.0  # RoPE base θ of the q/k rotation; frequencies θ^(-2i/K)
+    rope_base: float = 10000.0  # base of the q/k rotation angles base^(-i / (K/2 - 1)), as torchscale
     mode: Literal["parallel", "chunkwise"] = "chunkwise"  # training / prefill form; both exact
     chunk_size: int = 64  # chunkwise form's chunk; fastest of 16..256 on CPU (benchmarks/bench_retention.py)
-    norm_eps: float = 1e-5  # GroupNorm eps
+    norm_eps: float = 1e-6  # eps of the per-head RMS norm (torchscale's layernorm_eps)
     bias: bool = False  # biases in the q/k/v/gate/output projections
 
     def __post_init__(self):
@@ -84,7 +102,7 @@ class RetNetConfig:
 
 @dataclass
 class RetNetState(MixerState):
-    retention: torch.Tensor  # (B, H, K, V): S after the tokens seen so far
+    retention: torch.Tensor  # (B, H, K, V + 1): S after the tokens seen so far; last column Σ γ^(t-m) k_m
     position: int  # tokens seen so far = absolute position of the next token (for RoPE)
 
 
@@ -100,17 +118,12 @@ class RetNet(SequenceMixer):
         self.v_proj = nn.Linear(width, config.value_width, bias=config.bias, **factory)
         self.g_proj = nn.Linear(width, config.value_width, bias=config.bias, **factory)
         self.out_proj = nn.Linear(config.value_width, width, bias=config.bias, **factory)
-        self.norm_weight = nn.Parameter(torch.ones(config.value_width, **factory))
-        self.norm_bias = nn.Parameter(torch.zeros(config.value_width, **factory))
-        self.norm_weight._no_weight_decay = True
-        self.norm_bias._no_weight_decay = True
-        # The reference implementation (torchscale) shrinks the initial projections so that the
-        # un-normalised retention sums start small: gain 2^-2.5 for q, k, v, g and 2^-1 for W_O.
+        # torchscale 0.3.0 (MultiScaleRetention.reset_parameters): Xavier-uniform, gain 2^-2.5 for
+        # q, k, v, g and gain 1 for W_O. The per-head RMS norm has no parameters.
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
             nn.init.xavier_uniform_(proj.weight, gain=2**-2.5)
-        nn.init.xavier_uniform_(self.out_proj.weight, gain=2**-1)
-        inv_freq, _ = rope_frequencies(config.key_dim, config.rope_base)
-        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+
     def _project(self, x: torch.Tensor, start: int):
         """x (B, L, D) at absolute positions start.. -> q, k (B, H, L, K), v (B, H, L, V), gate (B, L, H V)."""
         heads = self.config.heads
@@ -118,37 +131,48 @@ class RetNet(SequenceMixer):
         k = rearrange(self.k_proj(x), "b l (h k) -> b h l k", h=heads)
         v = rearrange(self.v_proj(x), "b l (h v) -> b h l v", h=heads)
         positions = torch.arange(start, start + x.shape[1], device=x.device)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, q.dtype)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, F.silu(self.g_proj(x))
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        angles = rotation_angles(self.config.key_dim, self.config.rope_base, x.device)
+        angle = positions.to(compute)[:, None] * angles.to(compute)  # (L, K/2)
+        cos, sin = angle.cos().to(q.dtype), angle.sin().to(q.dtype)
+        return rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin), v, F.silu(self.g_proj(x))
 
-    def _output(self, heads_out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """heads_out (B, H, L, V), gate (B, L, H V) -> (B, L, D): GroupNorm per head and token, gate, W_O."""
-        batch, heads, length, _ = heads_out.shape
-        flat = rearrange(heads_out, "b h l v -> (b l) (h v)")
-        normed = F.group_norm(flat, heads, self.norm_weight, self.norm_bias, self.config.norm_eps)
-        y = rearrange(normed, "(b l) c -> b l c", b=batch) * gate
-        return self.out_proj(y)
+    def _output(self, retained: torch.Tensor, start: int, gate: torch.Tensor) -> torch.Tensor:
+        """retained (B, H, L, V + 1) = [raw, r] at absolute positions start.., gate (B, L, H V) -> (B, L, D):
+        o = raw / max(|r|, sqrt(c)), RMS norm per head and token, gate, W_O."""
+        raw, row_sum = retained[..., :-1], retained[..., -1:].detach()
+        length = raw.shape[2]
+        positions = torch.arange(start + 1, start + length + 1, device=raw.device, dtype=torch.float64)
+        # c_n = Σ_{m<=n} γ^m = (1 - γ^(n+1)) / (1 - γ), in float64 from log γ.
+        log_gamma = self._log_decay(raw.device)[:, None]
+        mask_sum = torch.expm1(positions * log_gamma) / torch.expm1(log_gamma)  # (H, L)
+        denominator = torch.maximum(row_sum.abs(), mask_sum.sqrt().to(raw.dtype)[..., None])  # (B, H, L, 1)
+        out = raw / denominator
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)
+        return self.out_proj(rearrange(out, "b h l v -> b l (h v)") * gate)
 
-    def _decay(self, device) -> torch.Tensor | None:
-        """The configured γ (H,) in float64, so values near 1 survive a float32 model; None: the op's default."""
+    def _log_decay(self, device) -> torch.Tensor:
+        """log γ (H,) in float64 (not a buffer, so a float32 or bfloat16 model keeps decays near 1 exact)."""
         if self.config.decay is None:
-            return None
-        return torch.tensor(self.config.decay, dtype=torch.float64, device=device)
+            return default_log_decay(self.config.heads, device)
+        return torch.tensor(self.config.decay, dtype=torch.float64, device=device).log()
 
     def _retain(self, q, k, v, state: torch.Tensor | None, output_final_state: bool):
+        """Retention of [v, 1]: the extra value column is the score row sum r and its state Σ γ^(t-m) k_m."""
         cfg = self.config
-        return retention(q, k, v, decay=self._decay(q.device), mode=cfg.mode, chunk_size=cfg.chunk_size,
+        values = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # (B, H, L, V + 1)
+        return retention(q, k, values, decay=self._log_decay(q.device).exp(), mode=cfg.mode, chunk_size=cfg.chunk_size,
                          initial_state=state, output_final_state=output_final_state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.d_model, 3, "retnet.forward")
         q, k, v, gate = self._project(x, 0)
         out, _ = self._retain(q, k, v, None, False)
-        return self._output(out, gate)
+        return self._output(out, 0, gate)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> RetNetState:
         cfg = self.config
-        zeros = torch.zeros(batch_size, cfg.heads, cfg.key_dim, cfg.value_dim, device=device, dtype=dtype)
+        zeros = torch.zeros(batch_size, cfg.heads, cfg.key_dim, cfg.value_dim + 1, device=device, dtype=dtype)
         return RetNetState(retention=zeros, position=0)
 
     def prefill(self, x: torch.Tensor, state: RetNetState) -> tuple[torch.Tensor, RetNetState]:
@@ -156,24 +180,26 @@ class RetNet(SequenceMixer):
         q, k, v, gate = self._project(x, state.position)
         out, final = self._retain(q, k, v, state.retention.to(q.dtype), True)
         new_state = RetNetState(retention=final.to(state.retention.dtype), position=state.position + x.shape[1])
-        return self._output(out, gate), new_state
+        return self._output(out, state.position, gate), new_state
 
     def step(self, x_t: torch.Tensor, state: RetNetState) -> tuple[torch.Tensor, RetNetState]:
         check_input(x_t, self.d_model, 2, "retnet.step")
         q, k, v, gate = self._project(x_t.unsqueeze(1), state.position)
-        out, retained = retention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state.retention.to(q.dtype),
-                                       decay=self._decay(q.device))
+        values = torch.cat([v[:, :, 0], v.new_ones(*v.shape[:2], 1)], dim=-1)  # (B, H, V + 1)
+        out, retained = retention_step(q[:, :, 0], k[:, :, 0], values, state.retention.to(q.dtype),
+                                       decay=self._log_decay(q.device).exp())
         new_state = RetNetState(retention=retained.to(state.retention.dtype), position=state.position + 1)
-        return self._output(out.unsqueeze(2), gate).squeeze(1), new_state
+        return self._output(out.unsqueeze(2), state.position, gate).squeeze(1), new_state
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
         element = torch.empty((), dtype=dtype).element_size()
-        return batch_size * cfg.heads * cfg.key_dim * cfg.value_dim * element
+        return batch_size * cfg.heads * cfg.key_dim * (cfg.value_dim + 1) * element
 
     def flops_per_token(self, seq_len: int) -> int:
         """Decode FLOPs beyond the Linear weights (seqarch.bench.accounting): the retention step, per
-        (head, key, value) S = γ S + k v and o += q S (5 H K V); independent of the context length."""
+        (head, key, value column) S = γ S + k v and o += q S (5 H K (V + 1), the extra column is the score
+        row sum), and the normalisations (about 6 H V); independent of the context length."""
         cfg = self.config
-        return 5 * cfg.heads * cfg.key_dim * cfg.value_dim
+        return 5 * cfg.heads * cfg.key_dim * (cfg.value_dim + 1) + 6 * cfg.heads * cfg.value_dim
 

@@ -11,7 +11,9 @@ diagonal complex (Re A < 0) and B = 1 (absorbed into C). Zero-order hold with st
     h_t = dA * h_{t-1} + dB * u_t,   y_t = 2 Re(sum_n C_n h_{t,n}) + D u_t          (recurrent path)
     K_l = 2 Re(sum_n C_n dB_n dA_n^l),   y = K * u + D u   (causal conv, FFT)  (parallel path)
 
-Initialisation: S4D-Lin A_n = -1/2 + i pi n; S4D-Inv A_n = -1/2 + i (N / pi)(N / (2n + 1) - 1);
+Initialisation, n = 0 .. d_state/2 - 1: S4D-Lin A_n = -1/2 + i pi n; S4D-Inv A_n = -1/2 + i (S / pi)(S / (2n + 1) - 1)
+with S = d_state, the full real state size, as the S4 code evaluates it (state-spaces/s4,
+src/models/sequence/kernels/dplr.py, `dplr(init="inv", N=d_state)`, which keeps N//2 modes);
 log dt uniform in [log dt_min, log dt_max]. The layer then applies GELU and a position-wise GLU
 output projection, as the paper's S4D block does.
 
@@ -70,14 +72,15 @@ class S4D(SequenceMixer):
         modes = config.n_modes
         factory = {"device": device, "dtype": dtype}
         log_dt = torch.rand(width) * (math.log(config.dt_max) - math.log(config.dt_min)) + math.log(config.dt_min)
-        n = torch.arange(modes, dtype=torch.float32)
+        n = torch.arange(modes, dtype=torch.float64)
         if config.init == "lin":
             imag = math.pi * n
         else:
-            imag = modes / math.pi * (modes / (2 * n + 1) - 1)
+            # S4D-Inv: the formula takes the full state size d_state (not the d_state / 2 modes kept).
+            imag = config.d_state / math.pi * (config.d_state / (2 * n + 1) - 1)
         self.log_dt = nn.Parameter(log_dt.to(**factory))
         self.log_A_real = nn.Parameter(torch.full((width, modes), math.log(0.5)).to(**factory))
-        self.A_imag = nn.Parameter(imag.repeat(width, 1).to(**factory))
+        self.A_imag = nn.Parameter(imag.float().repeat(width, 1).to(**factory))
         # C ~ N(0, 1) complex, stored as (real, imag) pairs so optimizers see real tensors.
         self.C = nn.Parameter((torch.randn(width, modes, 2) * 0.5**0.5).to(**factory))
         self.D = nn.Parameter(torch.randn(width).to(**factory))

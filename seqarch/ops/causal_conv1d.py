@@ -4,8 +4,9 @@ Legend: B batch, D channels, L length, W kernel width.
 
     y[b, d, t] = act(bias[d] + sum_{w < W} weight[d, w] * x[b, d, t - (W - 1) + w])
 
-with x zero before t = 0. `causal_conv1d_update` is the one-token recurrent form: it keeps the
-last W - 1 inputs as `conv_state` (B, D, W - 1).
+with x zero before t = 0. `causal_conv1d_update` is the recurrent form for one or a few new tokens:
+it continues from `conv_state` (B, D, S), S >= W - 1, the last inputs in time order or a circular
+buffer (`cache_seqlens`), as the package's `causal_conv1d_update`, and returns the new state.
 
 Paths (`path=`):
 - "compiled": the C++ CPU kernel (seqarch/ops/csrc/causal_conv1d.cpp), forward and backward with
@@ -139,14 +140,87 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
-                         bias: torch.Tensor | None = None, activation: str | None = None):
-    """One token x (B, D) with conv_state (B, D, W - 1) -> (y (B, D), new conv_state).
+                         bias: torch.Tensor | None = None, activation: str | None = None,
+                         cache_seqlens: torch.Tensor | None = None, conv_state_indices: torch.Tensor | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """New tokens x (B, D) or (B, D, L) continuing from conv_state (B, D, S), S >= W - 1 ->
+    (y (B, D) or (B, D, L), new conv_state (B, D, S)), with the causal-conv1d package's semantics:
 
-    Unlike the CUDA package (which updates `conv_state` in place), the new state is returned,
-    so states stay values that prefill / step can pass along.
+    - cache_seqlens None: conv_state holds the last S inputs in time order (the newest last); the
+      convolution reads its last W - 1 columns, and the new state is the last S columns of
+      [conv_state, x].
+    - cache_seqlens (B,) int: conv_state is a circular buffer; sequence b's last inputs sit at
+      columns (cache_seqlens[b] - k) mod S, k = 1 .. W - 1, and x is written at columns
+      (cache_seqlens[b] + t) mod S.
+    - conv_state_indices (B,) int: conv_state is (N, D, S) with N cache lines, and sequence b uses line
+      conv_state_indices[b] (continuous batching); the returned state is the whole (N, D, S) tensor.
+
+    Several tokens (L > 1, e.g. draft tokens in speculative decoding) give L outputs, each the
+    convolution of its own window. The package updates `conv_state` in place and returns only y;
+    here conv_state is left unchanged and the new state is returned, so states stay values that
+    prefill / step can pass along. Computed in weight's dtype, y returned in x's dtype, the new state
+    in conv_state's dtype.
     """
-    window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (B, D, W)
-    y = (window * weight).sum(-1)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid: {_ACTIVATIONS}")
+    single = x.ndim == 2
+    x = x.unsqueeze(-1) if single else x  # (B, D, L)
+    batch, dim, seqlen = x.shape
+    width = weight.shape[-1]
+    states = conv_state if conv_state_indices is None else conv_state[conv_state_indices.long()]  # (B, D, S)
+    state_len = states.shape[-1]
+    if weight.shape != (dim, width) or states.shape[:2] != (batch, dim) or state_len < width - 1:
+        raise ValueError(f"causal_conv1d_update: need x (B, D[, L]), conv_state (B, D, S) with S >= W - 1 and "
+                         f"weight (D, W); got x {tuple(x.shape)}, conv_state {tuple(states.shape)} (after "
+                         f"conv_state_indices), weight {tuple(weight.shape)}")
+    if cache_seqlens is None:
+        history = states[..., state_len - (width - 1):]  # (B, D, W - 1)
+        new_states = torch.cat([states, x.to(states.dtype)], dim=-1)[..., seqlen:]  # the last S inputs
+    else:
+        start = cache_seqlens.long().to(x.device)[:, None]  # (B, 1)
+        read = torch.remainder(torch.arange(-(width - 1), 0, device=x.device) + start, max(state_len, 1))
+        history = states.gather(2, read[:, None].expand(-1, dim, -1))  # (B, D, W - 1)
+        kept = min(seqlen, state_len)  # only the last S tokens survive in the buffer; write each column once
+        write = torch.remainder(torch.arange(seqlen - kept, seqlen, device=x.device) + start, max(state_len, 1))
+        new_states = states.scatter(2, write[:, None].expand(-1, dim, -1), x[..., seqlen - kept:].to(states.dtype))
+    window = torch.cat([history.to(x.dtype), x], dim=-1).to(weight.dtype)  # (B, D, W - 1 + L)
+    y = window[..., :seqlen] * weight[:, :1]
+    for tap in range(1, width):
+        y = y + window[..., tap : tap + seqlen] * weight[:, tap : tap + 1]
     if bias is not None:
-        y = y + bias
-    return _activate(y, activation), window[..., 1:]
+        y = y + bias[:, None]
+    y = _activate(y, activation).to(x.dtype)
+    if conv_state_indices is not None:
+        new_states = conv_state.index_copy(0, conv_state_indices.long(), new_states)
+    return (y.squeeze(-1) if single else y), new_states
+
+
+def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None = None, activation: str | None = None,
+                             cache_seqlens: torch.Tensor | None = None,
+                             conv_state_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`causal_conv1d_update` as a loop over sequences and tokens: unroll each state into its inputs in
+    time order (oldest first; a circular buffer starts at column cache_seqlens mod S), append each token,
+    y_t = act(bias + sum_w weight[:, w] * input[t - (W - 1) + w]), then write the tokens back one by one."""
+    single = x.ndim == 2
+    x = x.unsqueeze(-1) if single else x
+    width, state_len = weight.shape[-1], conv_state.shape[-1]
+    new_state = conv_state.clone()
+    rows = list(range(x.shape[0])) if conv_state_indices is None else [int(i) for i in conv_state_indices]
+    outputs = []
+    for b, row in enumerate(rows):
+        buffer = new_state[row]  # (D, S), written in place below
+        head = 0 if cache_seqlens is None else int(cache_seqlens[b]) % state_len  # column of the oldest input
+        inputs = [buffer[:, (head + k) % state_len].clone() for k in range(state_len)]  # oldest first
+        ys = []
+        for t in range(x.shape[-1]):
+            inputs.append(x[b, :, t].to(conv_state.dtype))
+            y_t = sum(weight[:, w] * inputs[len(inputs) - width + w].to(weight.dtype) for w in range(width))
+            ys.append(y_t + (bias if bias is not None else 0))
+            if cache_seqlens is None and state_len:  # shift left by one, the token enters at the end
+                buffer.copy_(torch.stack(inputs[-state_len:], dim=-1))
+            elif state_len:
+                buffer[:, (int(cache_seqlens[b]) + t) % state_len] = inputs[-1]
+        outputs.append(torch.stack(ys, dim=-1))
+    y = _activate(torch.stack(outputs), activation).to(x.dtype)
+    return (y.squeeze(-1) if single else y), new_state

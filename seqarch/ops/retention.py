@@ -15,7 +15,9 @@ Per head, with decay γ in (0, 1) and scale s (applied to q; default K^-1/2):
 An initial state S_{-1} (the state before token 0) adds s γ^(t+1) q_t S_{-1} to o_t; the final state
 is S_{T-1} = γ^T S_{-1} + Σ_m γ^(T-1-m) k_mᵀ v_m. The scale multiplies q, not k (the paper scales k),
 so the state holds unscaled kᵀv, as in flash-linear-attention's retention; outputs are identical.
-No data-dependent normalisation is applied here: the RetNet layer's per-head GroupNorm follows.
+No data-dependent normalisation is applied here: the RetNet layer (seqarch.mixers.retnet) applies
+torchscale's decay-row and score normalisations and its per-head RMS norm on top, getting the score
+row sums from this op as one extra value column of ones.
 
 Every power of γ is formed as exp(n log γ) with n >= 0, so nothing overflows; the default decays
 γ_h = 1 - 2^(-5-h) are built as log1p(-2^(-5-h)) in float64, exact for any head count.

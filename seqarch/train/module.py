@@ -9,7 +9,8 @@ bits per byte = loss / ln 2.
 
 Weight decay goes to the matrices of linear layers only; embeddings (and the head tied to them),
 norms, biases and every parameter tagged `_no_weight_decay = True` (SSM dynamics such as A_log
-and dt) are not decayed.
+and dt) are not decayed. A parameter tagged with safari's `_optim` dict (Hyena's filter) gets its
+own group with those settings (its lr follows the same warmup and cosine schedule).
 """
 
 from __future__ import annotations
@@ -30,18 +31,26 @@ from seqarch.models.lm import SeqLM
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed linear-layer matrices, and everything else."""
+    """Two AdamW groups: decayed linear-layer matrices, and everything else; then one group per
+    distinct `_optim` dict (safari's convention: `p._optim = {"lr": 1e-5, "weight_decay": 0.0}` gives p
+    those settings; a key it leaves out keeps the value of the group p would otherwise join)."""
     no_decay_ids = {id(p) for p in model.parameters() if getattr(p, "_no_weight_decay", False)}
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay = [], []
+    decay, no_decay, special = [], [], {}
     for parameter in model.parameters():  # unique parameters: a tied head appears once
-        if parameter.ndim >= 2 and id(parameter) not in no_decay_ids:
+        decayed = parameter.ndim >= 2 and id(parameter) not in no_decay_ids
+        overrides = getattr(parameter, "_optim", None)
+        if overrides:
+            settings = {"weight_decay": weight_decay if decayed else 0.0, **overrides}
+            special.setdefault(tuple(sorted(settings.items())), []).append(parameter)
+        elif decayed:
             decay.append(parameter)
         else:
             no_decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return ([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            + [{"params": params, **dict(settings)} for settings, params in special.items()])
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

@@ -19,10 +19,11 @@ from tests.contract_checks import (
 from tests.tolerance import assert_close
 
 VARIANTS = {
-    "parallel": dict(d_model=64, mode="parallel"),
-    "chunkwise": dict(d_model=64, mode="chunkwise"),
-    "chunkwise-C5-2heads": dict(d_model=64, n_heads=2, mode="chunkwise", chunk_size=5),
-    "parallel-custom-decay": dict(d_model=64, n_heads=2, mode="parallel", decay=(0.7, 0.99), value_factor=1),
+    "parallel": dict(d_model=64, backend="parallel"),
+    "chunked": dict(d_model=64, backend="chunked"),
+    "chunked-C5-2heads": dict(d_model=64, n_heads=2, backend="chunked", chunk_size=5),
+    "parallel-custom-decay": dict(d_model=64, n_heads=2, backend="parallel", decay=(0.7, 0.99), value_factor=1),
+    "sequential": dict(d_model=64, backend="sequential"),
 }
 
 
@@ -42,7 +43,7 @@ def test_contract_for_each_form(variant):
 
 def test_parallel_and_chunkwise_are_the_same_function():
     chunkwise = build_mixer("retnet", d_model=128, chunk_size=16)
-    parallel = build_mixer("retnet", d_model=128, mode="parallel")
+    parallel = build_mixer("retnet", d_model=128, backend="parallel")
     parallel.load_state_dict(chunkwise.state_dict())
     x = torch.randn(2, 77, 128)
     with torch.no_grad():
@@ -99,7 +100,7 @@ def test_groupnorm_cancels_per_head_per_token_scaling():
 def test_defaults_and_state_size():
     mixer = build_mixer("retnet", d_model=256)
     cfg = mixer.config
-    assert (cfg.heads, cfg.key_dim, cfg.value_dim, cfg.mode) == (4, 64, 128, "chunkwise")
+    assert (cfg.heads, cfg.key_dim, cfg.value_dim, cfg.backend) == (4, 64, 128, "auto")
     assert mixer.state_nbytes(3, 10_000) == 3 * 4 * 64 * 128 * 4
     assert mixer.state_nbytes(1, 1, torch.float64) == 4 * 64 * 128 * 8
 
@@ -111,13 +112,25 @@ def test_defaults_and_state_size():
         (dict(d_model=66, n_heads=6), "even head dim"),
         (dict(d_model=64, decay=(0.9, 0.8)), "one γ per head"),
         (dict(d_model=64, decay=(1.0,)), r"must lie in \(0, 1\)"),
-        (dict(d_model=64, mode="recurrent"), "mode"),
+        (dict(d_model=64, backend="recurrent"), "'backend' for mixer 'retnet' must be 'auto' \\| 'chunked'"),
+        (dict(d_model=0), "d_model must be >= 1"),
+        (dict(d_model=64, n_heads=0), "n_heads must be >= 1"),
         (dict(d_model=64, chunk_size=0), "chunk_size must be >= 1"),
         (dict(d_model=64, value_factor=0), "value_factor must be >= 1"),
         (dict(d_model=64, heads=2), "unknown config key 'heads'"),
     ],
-    ids=["heads", "odd-head-dim", "decay-count", "decay-range", "mode", "chunk", "value-factor", "unknown-key"],
+    ids=["heads", "odd-head-dim", "decay-count", "decay-range", "backend", "d_model", "n_heads", "chunk",
+         "value-factor", "unknown-key"],
 )
 def test_bad_config_is_named(overrides, message):
     with pytest.raises(ValueError, match=message):
         build_mixer("retnet", **overrides)
+
+
+def test_old_mode_key_and_value_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning) as caught:
+        mixer = build_mixer("retnet", d_model=64, mode="chunkwise")
+    messages = " / ".join(str(w.message) for w in caught)
+    assert "config key 'mode' for mixer 'retnet' is deprecated" in messages and "use 'backend'" in messages
+    assert "backend='chunkwise' for mixer 'retnet' is deprecated" in messages and "use backend='chunked'" in messages
+    assert mixer.config.backend == "chunked"

@@ -19,15 +19,16 @@ the parallel, chunkwise and recurrent paths exactly the same function.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input
-from seqarch.ops.retention import retention, retention_step
+from seqarch.backends import check_backend
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
+from seqarch.ops.retention import BACKENDS, Backend, retention, retention_step
 from seqarch.positional import apply_rope, rope_cos_sin, rope_frequencies
 from seqarch.registry import register
 
@@ -39,14 +40,16 @@ class RetNetConfig:
     value_factor: int = 2  # value and gate width = value_factor * d_model, as in the paper
     decay: tuple[float, ...] | None = None  # per-head γ in (0, 1); None: 1 - 2^(-5-h)
     rope_base: float = 10000.0  # RoPE base θ of the q/k rotation; frequencies θ^(-2i/K)
-    mode: Literal["parallel", "chunkwise"] = "chunkwise"  # training / prefill form; both exact
+    backend: Backend = "auto"  # training / prefill form ("auto" = "chunked"); all exact; see ops/retention.py
     chunk_size: int = 64  # chunkwise form's chunk; fastest of 16..256 on CPU (benchmarks/bench_retention.py)
     norm_eps: float = 1e-5  # GroupNorm eps
     bias: bool = False  # biases in the q/k/v/gate/output projections
 
+    _renamed: ClassVar[dict[str, str]] = {"mode": "backend"}  # accepted for one release, as are the old values:
+    _renamed_values: ClassVar[dict[str, dict[str, str]]] = {"backend": {"chunkwise": "chunked"}}
+
     def __post_init__(self):
-        if self.d_model < 1:
-            raise ValueError(f"retnet: d_model must be positive, got {self.d_model}")
+        check_positive("retnet", d_model=self.d_model, n_heads=self.n_heads)
         if self.heads < 1 or self.d_model % self.heads:
             raise ValueError(f"retnet: d_model={self.d_model} is not divisible by n_heads={self.heads}")
         if self.key_dim % 2:
@@ -58,8 +61,7 @@ class RetNetConfig:
                 raise ValueError(f"retnet: decay needs one γ per head ({self.heads}), got {len(self.decay)}")
             if not all(0 < gamma < 1 for gamma in self.decay):
                 raise ValueError(f"retnet: every decay γ must lie in (0, 1), got {self.decay}")
-        if self.mode not in ("parallel", "chunkwise"):
-            raise ValueError(f"retnet: mode={self.mode!r}; valid: 'parallel', 'chunkwise'")
+        check_backend("retnet", self.backend, BACKENDS)
         if self.chunk_size < 1:
             raise ValueError(f"retnet: chunk_size must be >= 1, got {self.chunk_size}")
         if self.norm_eps <= 0:
@@ -89,7 +91,7 @@ class RetNetState(MixerState):
 
 
 @register("retnet", RetNetConfig)
-class RetNet(SequenceMixer):
+class RetNetMixer(SequenceMixer):
     def __init__(self, config: RetNetConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -137,7 +139,7 @@ class RetNet(SequenceMixer):
 
     def _retain(self, q, k, v, state: torch.Tensor | None, output_final_state: bool):
         cfg = self.config
-        return retention(q, k, v, decay=self._decay(q.device), mode=cfg.mode, chunk_size=cfg.chunk_size,
+        return retention(q, k, v, decay=self._decay(q.device), backend=cfg.backend, chunk_size=cfg.chunk_size,
                          initial_state=state, output_final_state=output_final_state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,11 +150,12 @@ class RetNet(SequenceMixer):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> RetNetState:
         cfg = self.config
-        zeros = torch.zeros(batch_size, cfg.heads, cfg.key_dim, cfg.value_dim, device=device, dtype=dtype)
+        zeros = torch.zeros(batch_size, cfg.heads, cfg.key_dim, cfg.value_dim, **self.state_factory(device, dtype))
         return RetNetState(retention=zeros, position=0)
 
     def prefill(self, x: torch.Tensor, state: RetNetState) -> tuple[torch.Tensor, RetNetState]:
         check_input(x, self.d_model, 3, "retnet.prefill")
+        check_state(state, RetNetState, x.shape[0], "retnet.prefill")
         q, k, v, gate = self._project(x, state.position)
         out, final = self._retain(q, k, v, state.retention.to(q.dtype), True)
         new_state = RetNetState(retention=final.to(state.retention.dtype), position=state.position + x.shape[1])
@@ -160,6 +163,7 @@ class RetNet(SequenceMixer):
 
     def step(self, x_t: torch.Tensor, state: RetNetState) -> tuple[torch.Tensor, RetNetState]:
         check_input(x_t, self.d_model, 2, "retnet.step")
+        check_state(state, RetNetState, x_t.shape[0], "retnet.step")
         q, k, v, gate = self._project(x_t.unsqueeze(1), state.position)
         out, retained = retention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state.retention.to(q.dtype),
                                        decay=self._decay(q.device))
@@ -177,3 +181,6 @@ class RetNet(SequenceMixer):
         cfg = self.config
         return 5 * cfg.heads * cfg.key_dim * cfg.value_dim
 
+
+
+RetNet = RetNetMixer  # the class's earlier name, kept as an alias for one release

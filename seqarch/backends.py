@@ -181,3 +181,10 @@ def describe_compiled_or_eager(requested: str, device: torch.device | str, kerne
     if torch.device(device).type == "cpu" and kernel.available():
         return f"backend=auto: compiled C++ CPU kernel (built on first use, cached); {eager} if the build fails"
     return f"backend=auto: {eager} PyTorch path"
+
+
+def load_cpp_extension(name: str, source: str, extra_cflags: tuple[str, ...] = ()):
+    """Deprecated (removed in the next release): `CompiledKernel(name, source, extra_cflags).load()`."""
+    warnings.warn("seqarch.backends.load_cpp_extension is deprecated; use CompiledKernel(name, source, flags).load()",
+                  DeprecationWarning, stacklevel=2)
+    return CompiledKernel(name, source, tuple(extra_cflags)).load()

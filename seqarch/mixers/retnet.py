@@ -28,7 +28,7 @@ from torch import nn
 
 from seqarch.backends import check_backend
 from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
-from seqarch.ops.retention import BACKENDS, Backend, retention, retention_step
+from seqarch.ops.retention import BACKENDS, Backend, describe_backend, retention, retention_step
 from seqarch.positional import apply_rope, rope_cos_sin, rope_frequencies
 from seqarch.registry import register
 
@@ -141,6 +141,9 @@ class RetNetMixer(SequenceMixer):
         cfg = self.config
         return retention(q, k, v, decay=self._decay(q.device), backend=cfg.backend, chunk_size=cfg.chunk_size,
                          initial_state=state, output_final_state=output_final_state)
+
+    def describe_paths(self, device: torch.device | str = "cpu") -> str:
+        return "retention " + describe_backend(self.config.backend, device) + "; recurrent step"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.d_model, 3, "retnet.forward")

@@ -191,6 +191,11 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return "chunked" if backend == "auto" else backend
 
 
+def describe_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """What `resolve_backend` picks, in words."""
+    return f"backend={backend}: {resolve_backend(backend, device)} form (PyTorch)"
+
+
 def retention_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: torch.Tensor,
                    decay: torch.Tensor | None = None, scale: float | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -337,3 +337,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y = y * F.silu(z.to(compute))
     out = y.to(u.dtype)
     return (out, last_state) if return_last_state else out
+
+
+# Earlier names, kept as aliases for one release (CHANGELOG.md): the backend switch was `scan`.
+SCANS = BACKENDS
+resolve_scan = resolve_backend

@@ -307,3 +307,7 @@ def describe_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """What `resolve_backend` would pick, in words, without building anything."""
     check_backend("wkv6", backend, BACKENDS)
     return describe_compiled_or_eager(backend, device, KERNEL, "eager chunked")
+
+
+# Earlier name, kept as an alias for one release (CHANGELOG.md): the backend switch was `path`.
+resolve_path = resolve_backend

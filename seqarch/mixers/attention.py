@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
 from seqarch.ops.attention import (
     alibi_bias,
     attention_mask,
@@ -411,7 +411,7 @@ class AttentionMixer(SequenceMixer):
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
+        element = element_size(dtype)
         return 2 * batch_size * cfg.kv_heads * self.cached_entries(seq_len) * cfg.head_dim * element
 
     def flops_per_token(self, seq_len: int) -> int:

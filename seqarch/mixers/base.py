@@ -33,6 +33,16 @@ import torch
 from torch import nn
 
 
+def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of `dtype` (for `state_nbytes`, without allocating)."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def complex_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """The complex dtype that follows a real precision: complex128 for float64, else complex64."""
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
 def _tensor_nbytes(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
@@ -48,8 +58,7 @@ def _cast(value: Any, device, dtype):
         if dtype is None or not value.is_floating_point() and not value.is_complex():
             return value.to(device=device)
         if value.is_complex():
-            complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-            return value.to(device=device, dtype=complex_dtype)
+            return value.to(device=device, dtype=complex_dtype(dtype))
         return value.to(device=device, dtype=dtype)
     if isinstance(value, MixerState):
         return value.to(device, dtype)

@@ -35,7 +35,15 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
+from seqarch.mixers.base import (
+    MixerState,
+    SequenceMixer,
+    check_input,
+    check_positive,
+    check_state,
+    complex_dtype,
+    element_size,
+)
 from seqarch.mixers.hyena_filter import ImplicitFilter, ModalFilter
 from seqarch.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqarch.ops.fftconv import fftconv
@@ -223,9 +231,8 @@ class HyenaMixer(SequenceMixer):
         conv = torch.zeros(batch_size, cfg.n_streams * cfg.d_model, cfg.short_conv_width - 1, device=device,
                            dtype=dtype)
         if self.distilled:
-            complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
             modal = torch.zeros(batch_size, cfg.n_filters, cfg.d_model, self.filter.n_modes, device=device,
-                                dtype=complex_dtype)
+                                dtype=complex_dtype(dtype))
             return HyenaModalState(conv=conv, modal=modal, position=0)
         history = torch.zeros(batch_size, cfg.n_filters, cfg.d_model, 0, device=device, dtype=dtype)
         return HyenaState(conv=conv, history=history, position=0)
@@ -323,9 +330,9 @@ class HyenaMixer(SequenceMixer):
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
+        element = element_size(dtype)
         conv = batch_size * cfg.n_streams * cfg.d_model * (cfg.short_conv_width - 1) * element
         if self.distilled:
-            complex_bytes = 16 if dtype == torch.float64 else 8
+            complex_bytes = element_size(complex_dtype(dtype))
             return conv + batch_size * cfg.n_filters * cfg.d_model * self.filter.n_modes * complex_bytes
         return conv + batch_size * cfg.n_filters * cfg.d_model * seq_len * element

@@ -31,7 +31,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from seqarch.backends import check_backend
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
 from seqarch.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqarch.ops.selective_scan import BACKENDS, CHUNK_SIZE, Backend, describe_backend, selective_scan
 from seqarch.registry import register
@@ -202,7 +202,7 @@ class MambaMixer(SequenceMixer):
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
+        element = element_size(dtype)
         return batch_size * cfg.d_inner * (cfg.d_conv - 1 + cfg.d_state) * element
 
 

@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from seqarch.backends import check_backend
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
 from seqarch.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqarch.ops.ssd import BACKENDS, DEFAULT_CHUNK_SIZE, Backend, describe_backend, ssd, ssd_step
 from seqarch.registry import register
@@ -216,7 +216,7 @@ class Mamba2Mixer(SequenceMixer):
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
+        element = element_size(dtype)
         return batch_size * (cfg.conv_dim * (cfg.d_conv - 1) + cfg.n_heads * cfg.head_dim * cfg.d_state) * element
 
 

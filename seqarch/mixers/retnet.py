@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from seqarch.backends import check_backend
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
 from seqarch.ops.retention import BACKENDS, Backend, describe_backend, retention, retention_step
 from seqarch.positional import apply_rope, rope_cos_sin, rope_frequencies
 from seqarch.registry import register
@@ -175,7 +175,7 @@ class RetNetMixer(SequenceMixer):
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
+        element = element_size(dtype)
         return batch_size * cfg.heads * cfg.key_dim * cfg.value_dim * element
 
     def flops_per_token(self, seq_len: int) -> int:

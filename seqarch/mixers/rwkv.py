@@ -34,7 +34,7 @@ from einops import rearrange
 from torch import nn
 
 from seqarch.backends import check_backend
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
 from seqarch.ops.wkv import BACKENDS, Backend, describe_backend, wkv6, wkv6_step
 from seqarch.registry import register
 
@@ -231,7 +231,7 @@ class RWKV6Mixer(SequenceMixer):
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
+        element = element_size(dtype)
         return batch_size * (self.d_model + cfg.n_heads * cfg.head_dim * cfg.head_dim) * element
 
     def own_mlp(self) -> RWKV6ChannelMix:
@@ -281,7 +281,7 @@ class RWKV6ChannelMix(SequenceMixer):
         return self._mix(x_t, state.shift.to(x_t.dtype)), ChannelMixState(shift=x_t.to(state.shift.dtype))
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        return batch_size * self.d_model * torch.empty((), dtype=dtype).element_size()
+        return batch_size * self.d_model * element_size(dtype)
 
     def flops_per_token(self, seq_len: int) -> int:
         """FLOPs beyond the Linear weights: the token shift and two interpolations (5 D), the

@@ -30,7 +30,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
+from seqarch.mixers.base import (
+    MixerState,
+    SequenceMixer,
+    check_input,
+    check_positive,
+    check_state,
+    complex_dtype,
+    element_size,
+)
 from seqarch.ops.fftconv import fftconv
 from seqarch.registry import register
 
@@ -138,9 +146,8 @@ class S4DMixer(SequenceMixer):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> S4DState:
         factory = self.state_factory(device, dtype)
-        complex_dtype = torch.complex128 if factory["dtype"] == torch.float64 else torch.complex64
         return S4DState(ssm=torch.zeros(batch_size, self.d_model, self.config.n_modes, device=factory["device"],
-                                        dtype=complex_dtype))
+                                        dtype=complex_dtype(factory["dtype"])))
 
     def prefill(self, x: torch.Tensor, state: S4DState) -> tuple[torch.Tensor, S4DState]:
         check_input(x, self.d_model, 3, "s4d.prefill")
@@ -179,7 +186,7 @@ class S4DMixer(SequenceMixer):
         return 14 * self.d_model * self.config.n_modes + 2 * self.d_model
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        complex_bytes = 16 if dtype == torch.float64 else 8
+        complex_bytes = element_size(complex_dtype(dtype))
         return batch_size * self.d_model * self.config.n_modes * complex_bytes
 
 

@@ -191,3 +191,14 @@ def test_old_config_names_still_work_with_a_deprecation_warning():
     assert "'mode' for mixer 'rwkv6' is deprecated" in messages and "use 'backend'" in messages
     assert (mixer.config.head_dim, mixer.config.n_heads, mixer.config.backend) == (16, 4, "sequential")
     assert mixer.describe_paths("cpu") == "wkv6 backend=sequential"
+
+
+def test_step_refuses_a_state_of_another_batch_size_or_mixer():
+    """A batch-1 state is not broadcast over a batch of 2 (issue #18 item 8); another mixer's state
+    is named, not an AttributeError."""
+    mixer = build_mixer("rwkv6", d_model=WIDTH)
+    with pytest.raises(ValueError, match="rwkv6.step: the state holds a batch of 1, the input a batch of 2"):
+        mixer.step(torch.randn(2, WIDTH), mixer.init_state(1))
+    other = build_mixer("retnet", d_model=WIDTH).init_state(2)
+    with pytest.raises(ValueError, match="rwkv6.prefill expects a RWKV6State .* got RetNetState"):
+        mixer.prefill(torch.randn(2, 3, WIDTH), other)

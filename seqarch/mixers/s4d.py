@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ from seqarch.registry import register
 class S4DConfig:
     d_model: int = 256
     d_state: int = 64  # real state size per channel; d_state / 2 complex modes
-    init: str = "inv"  # "inv" (S4D-Inv) or "lin" (S4D-Lin) imaginary parts of A
+    init: Literal["inv", "lin"] = "inv"  # S4D-Inv or S4D-Lin imaginary parts of A
     dt_min: float = 1e-3  # log dt is initialised uniformly in [log dt_min, log dt_max]
     dt_max: float = 1e-1
 

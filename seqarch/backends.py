@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from seqarch.configs import outside_stacklevel
+
 _NOTICES_SHOWN: set[str] = set()
 
 
@@ -147,7 +149,7 @@ def renamed_keyword(op: str, backend: str, old_name: str, old_value: str | None,
         return backend
     new_value = (values or {}).get(old_value, old_value)
     warnings.warn(f"{op}: the keyword {old_name}= is deprecated and will be removed in the next release; use "
-                  f"backend={new_value!r}", DeprecationWarning, stacklevel=3)
+                  f"backend={new_value!r}", DeprecationWarning, stacklevel=outside_stacklevel())
     return new_value
 
 

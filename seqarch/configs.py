@@ -14,8 +14,10 @@ values changed name too, `_renamed_values: ClassVar[dict[str, dict]] = {"backend
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import warnings
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 _MISSING_HINT = object()
@@ -108,6 +110,18 @@ def make_config(config_cls: type, owner: str = "", **overrides: Any):
     return config_cls(**converted)
 
 
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def outside_stacklevel() -> int:
+    """The `warnings.warn` stacklevel of the first caller outside seqarch (so the warning names the
+    user's line, whatever path led here: build_mixer, SeqLM, a recipe)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _apply_renames(config_cls: type, owner: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """`overrides` with deprecated keys and values of `config_cls` replaced by their new names."""
     renamed = getattr(config_cls, "_renamed", {})
@@ -119,13 +133,13 @@ def _apply_renames(config_cls: type, owner: str, overrides: dict[str, Any]) -> d
         if new in result:
             raise ValueError(f"config keys {old!r} and {new!r} for {owner} name the same thing; give only {new!r}")
         warnings.warn(f"config key {old!r} for {owner} is deprecated and will be removed in the next release; "
-                      f"use {new!r}", DeprecationWarning, stacklevel=4)
+                      f"use {new!r}", DeprecationWarning, stacklevel=outside_stacklevel())
         result[new] = result.pop(old)
     for key, values in renamed_values.items():
         value = result.get(key)
         if isinstance(value, str) and value in values:
             warnings.warn(f"{key}={value!r} for {owner} is deprecated and will be removed in the next release; "
-                          f"use {key}={values[value]!r}", DeprecationWarning, stacklevel=4)
+                          f"use {key}={values[value]!r}", DeprecationWarning, stacklevel=outside_stacklevel())
             result[key] = values[value]
     return result
 
@@ -136,4 +150,4 @@ def config_fields(config_cls: type) -> dict[str, str]:
     return {f.name: _describe(hints[f.name]) for f in dataclasses.fields(config_cls) if f.init}
 
 
-__all__ = ["make_config", "config_fields"]
+__all__ = ["make_config", "config_fields", "outside_stacklevel"]

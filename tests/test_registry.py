@@ -82,6 +82,9 @@ def test_renamed_keys_warn_once_and_name_the_new_key():
     with pytest.warns(DeprecationWarning, match="config key 'scan' for mixer 'mamba2' is deprecated.*'backend'"):
         config = build_config("mamba2", d_model=64, scan="sequential")
     assert config.backend == "sequential"
+    with pytest.warns(DeprecationWarning) as caught:
+        build_mixer("rwkv6", d_model=64, head_size=32)
+    assert caught[0].filename == __file__, "the warning points at the caller's line, not seqarch's"
 
 
 def test_old_recipe_keys_still_build_a_model():

@@ -31,7 +31,7 @@ from einops import rearrange
 from seqarch import build_mixer
 from seqarch.backends import module_available
 from seqarch.bench.memory import peak_rss_growth_bytes
-from seqarch.ops.selective_scan import compiled_kernel, selective_scan, selective_scan_ref
+from seqarch.ops.selective_scan import KERNEL, selective_scan, selective_scan_ref
 
 D_MODEL, D_INNER, D_STATE = 768, 1536, 16
 # Largest L each (implementation, mode) runs at: beyond it a single call takes minutes (the
@@ -87,7 +87,7 @@ def scan_call(name: str, length: int, mode: str):
             return selective_scan_ref(*args, delta_bias=inputs["delta_bias"], delta_softplus=True)
     else:
         def forward():
-            return selective_scan(*args, delta_bias=inputs["delta_bias"], delta_softplus=True, scan=name)
+            return selective_scan(*args, delta_bias=inputs["delta_bias"], delta_softplus=True, backend=name)
     return _with_mode(forward, inputs.values(), mode)
 
 
@@ -139,7 +139,7 @@ def time_interleaved(calls: dict, repeats: int) -> dict:
 
 def child_peak_memory(kind: str, name: str, length: int, mode: str) -> None:
     """In a fresh process: peak RSS above the RSS just before one call (Linux /proc), as JSON."""
-    compiled_kernel()  # the extension's own pages are not the op's memory
+    KERNEL.load()  # the extension's own pages are not the op's memory
     if name == "mambapy":
         import mambapy.pscan  # noqa: F401
     call = make_call(kind, name, length, mode)
@@ -200,7 +200,7 @@ def main() -> None:
         child_peak_memory(kind, name, int(length), mode)
         return
     lengths, repeats = ([1024], 3) if args.quick else (args.lengths, args.repeats)
-    compiled_kernel()  # build or load once before timing anything
+    KERNEL.load()  # build or load once before timing anything
     print(f"torch {torch.__version__}, {args.threads} threads, batch 1, d_model {D_MODEL}, d_inner {D_INNER}, "
           f"d_state {D_STATE}; medians of {repeats} interleaved runs")
     if not module_available("mambapy"):

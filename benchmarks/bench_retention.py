@@ -30,6 +30,7 @@ from seqarch.ops.retention import retention, retention_ref
 
 HEADS, HEAD_DIM = 12, 64
 FORMS = ("chunkwise", "parallel", "recurrent", "reference")
+BACKEND = {"chunkwise": "chunked", "parallel": "parallel", "recurrent": "sequential"}  # label -> backend
 
 
 def make_inputs(length: int, requires_grad: bool):
@@ -44,7 +45,7 @@ def run(form: str, inputs: list[torch.Tensor], train: bool, chunk_size: int = 64
         if form == "reference":
             out, _ = retention_ref(q, k, v)
         else:
-            out, _ = retention(q, k, v, mode=form, chunk_size=chunk_size)
+            out, _ = retention(q, k, v, backend=BACKEND[form], chunk_size=chunk_size)
         if train:
             out.sum().backward()
 

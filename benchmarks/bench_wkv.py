@@ -1,8 +1,8 @@
 """wkv6 forms vs sequence length: time, tokens/s, peak memory, speed-up over the sequential reference
 and over the eager chunked path.
 
-Forms: "compiled" (the C++ kernel, `wkv6(path="compiled")`), "chunked" (the eager PyTorch path,
-`wkv6(path="chunked")`), "parallel" (`wkv6_parallel`), "sequential" (`wkv6_ref`, the token loop).
+Forms: "compiled" (the C++ kernel, `wkv6(backend="compiled")`), "chunked" (the eager PyTorch path,
+`wkv6(backend="chunked")`), "parallel" (`wkv6_parallel`), "sequential" (`wkv6_ref`, the token loop).
 
 Legend: B batch (1), H heads (12), T length, K head size (64).
 
@@ -29,12 +29,12 @@ import time
 import torch
 
 from seqarch.bench.memory import peak_rss_growth_bytes
-from seqarch.ops.wkv import compiled_kernel_usable, wkv6, wkv6_parallel, wkv6_ref
+from seqarch.ops.wkv import KERNEL, wkv6, wkv6_parallel, wkv6_ref
 
 HEADS, HEAD_SIZE = 12, 64
 FORMS = {
-    "compiled": lambda *inputs, **kwargs: wkv6(*inputs, **kwargs, path="compiled"),
-    "chunked": lambda *inputs, **kwargs: wkv6(*inputs, **kwargs, path="chunked"),
+    "compiled": lambda *inputs, **kwargs: wkv6(*inputs, **kwargs, backend="compiled"),
+    "chunked": lambda *inputs, **kwargs: wkv6(*inputs, **kwargs, backend="chunked"),
     "parallel": wkv6_parallel,
     "sequential": wkv6_ref,
 }
@@ -159,7 +159,7 @@ def main() -> None:
         args.lengths, args.repeats = [256, 1024], 3
         args.max_sequential_length = min(args.max_sequential_length, 1024)
         args.max_parallel_length = 0
-    args.compiled, reason = compiled_kernel_usable()
+    args.compiled, reason = KERNEL.usable()
     if not args.compiled:
         print(f"compiled form skipped: {reason}")
     print(f"wkv6, B=1, H={HEADS}, K=V={HEAD_SIZE}, float32, {args.threads} thread(s), torch {torch.__version__}; "

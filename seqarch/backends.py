@@ -1,8 +1,10 @@
 """Which compute backends exist here, and one-time notices saying which one runs.
 
-Mixers choose an algorithm through a config field (`scan="auto|compiled|chunked|sequential"`);
-"auto" asks the functions below. Nothing here changes behaviour by environment variables, and
-nothing is imported or compiled at import time.
+Every op module (seqarch/ops) owns the choice of its kernel: one entry point with a `backend=`
+switch and one `resolve_backend(backend, device)` saying which path runs; mixers pass their config's
+`backend` through. The pieces those resolvers share live here: the compiled-kernel object
+(`CompiledKernel`), the compiled-or-eager CPU dispatch, one-time notices. Nothing here changes
+behaviour by environment variables, and nothing is imported or compiled at import time.
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ import hashlib
 import importlib.util
 import shutil
 import sys
-from collections.abc import Callable
+import sysconfig
+import warnings
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from seqarch.configs import outside_stacklevel
 
 _NOTICES_SHOWN: set[str] = set()
 
@@ -51,64 +57,136 @@ _EXTENSIONS: dict[str, object] = {}
 _EXTENSION_ERRORS: dict[str, str] = {}
 
 
-def load_cpp_extension(name: str, source: str, extra_cflags: tuple[str, ...] = ()):
-    """Build (once per machine, cached by torch in its extension directory) and import the C++
-    extension `name` from the file `source`; returns the module, or raises RuntimeError naming
-    why it cannot be built here. Called on first use, never at import time."""
-    if name in _EXTENSIONS:
-        return _EXTENSIONS[name]
-    if name in _EXTENSION_ERRORS:
-        raise RuntimeError(_EXTENSION_ERRORS[name])
-    if not cpp_compiler_available():
-        _EXTENSION_ERRORS[name] = "no C++ compiler (c++ or g++) on PATH"
-        raise RuntimeError(_EXTENSION_ERRORS[name])
-    from torch.utils.cpp_extension import load
+def _build_directory(name: str) -> Path:
+    """torch's folder for extension `name` (its cache root, keyed by Python and CUDA versions)."""
+    from torch.utils.cpp_extension import _get_build_directory
 
-    cflags = ["-O3", "-fopenmp", *extra_cflags]
-    # The build folder is named after the source, the headers beside it and the flags, so two
-    # versions of the kernel (an upgrade, two checkouts) never load each other's binary from
-    # torch's shared cache.
-    folder = Path(source).parent
-    hashed = [Path(source), *sorted(folder.glob("*.h"))]
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in hashed) + " ".join(cflags).encode()).hexdigest()[:12]
-    try:
-        module = load(name=f"{name}_{digest}", sources=[source], extra_cflags=cflags,
-                      extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as error:  # the build's own message says what failed (compiler, headers, ninja)
-        _EXTENSION_ERRORS[name] = f"building the C++ extension {name!r} failed: {str(error).strip()[-500:]}"
-        raise RuntimeError(_EXTENSION_ERRORS[name]) from error
-    _EXTENSIONS[name] = module
-    return module
+    return Path(_get_build_directory(name, verbose=False))
 
 
-def cpp_extension_usable(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> tuple[bool, str]:
-    """(True, "") when `load_cpp_extension` succeeds here (building the extension if needed), else
-    (False, the reason)."""
-    try:
-        load_cpp_extension(name, source, extra_cflags)
-    except RuntimeError as error:
-        return False, str(error)
-    return True, ""
+@dataclass(frozen=True)
+class CompiledKernel:
+    """One C++ CPU kernel of seqarch/ops/csrc, built on first use and cached on disk.
+
+    `name` is the extension's name, `source` the .cpp file, `flags` extra compiler flags. The cache
+    folder (`cache_name()`) is keyed by everything that makes a binary unusable elsewhere: the
+    source and the headers beside it, the flags, the torch version, the Python ABI tag and the C++
+    ABI, so two installs or two torch versions on one machine never load each other's binary.
+    Nothing is built at import time: `load()` builds (printing one line while it does) or loads.
+    """
+
+    name: str
+    source: str
+    flags: tuple[str, ...] = ()
+
+    def variant(self, suffix: str, *extra_flags: str) -> CompiledKernel:
+        """The same kernel built under another name with more flags (e.g. a portable build)."""
+        return CompiledKernel(f"{self.name}_{suffix}", self.source, (*self.flags, *extra_flags))
+
+    @property
+    def cflags(self) -> list[str]:
+        return ["-O3", "-fopenmp", *self.flags]
+
+    def cache_name(self) -> str:
+        """The extension's versioned name: `name` plus a digest of source, headers, flags and ABI."""
+        folder = Path(self.source).parent
+        hashed = [Path(self.source), *sorted(folder.glob("*.h"))]
+        abi = (f"torch={torch.__version__};python={sys.implementation.cache_tag}-{sysconfig.get_config_var('SOABI')};"
+               f"cxx11abi={int(torch._C._GLIBCXX_USE_CXX11_ABI)};flags={' '.join(self.cflags)}")
+        digest = hashlib.sha256(b"".join(path.read_bytes() for path in hashed) + abi.encode()).hexdigest()[:12]
+        return f"{self.name}_{digest}"
+
+    def available(self) -> bool:
+        """True when a compiler is present, so `load()` can try; never builds (for descriptions)."""
+        return cpp_compiler_available()
+
+    def load(self):
+        """The extension module, built on first call and cached (per process and on disk); raises
+        RuntimeError naming why it cannot be built here."""
+        key = self.cache_name()
+        if key in _EXTENSIONS:
+            return _EXTENSIONS[key]
+        if key in _EXTENSION_ERRORS:
+            raise RuntimeError(_EXTENSION_ERRORS[key])
+        if not cpp_compiler_available():
+            _EXTENSION_ERRORS[key] = "no C++ compiler (c++ or g++) on PATH"
+            raise RuntimeError(_EXTENSION_ERRORS[key])
+        from torch.utils.cpp_extension import load
+
+        if not any(_build_directory(key).glob(f"{key}*.so")):
+            print(f"seqarch: building the compiled {self.name} kernel (about a minute, once)...", file=sys.stderr)
+        try:
+            module = load(name=key, sources=[self.source], extra_cflags=self.cflags, extra_ldflags=["-fopenmp"],
+                          verbose=False)
+        except Exception as error:  # the build's own message says what failed (compiler, headers, ninja)
+            _EXTENSION_ERRORS[key] = f"building the C++ extension {self.name!r} failed: {str(error).strip()[-500:]}"
+            raise RuntimeError(_EXTENSION_ERRORS[key]) from error
+        _EXTENSIONS[key] = module
+        return module
+
+    def usable(self) -> tuple[bool, str]:
+        """(True, "") when `load()` succeeds here (building the extension if needed), else (False, why)."""
+        try:
+            self.load()
+        except RuntimeError as error:
+            return False, str(error)
+        return True, ""
 
 
-def compiled_or_chunked(op: str, argument: str, requested: str, device: torch.device,
-                        usable: Callable[[], tuple[bool, str]], fallback: str = "chunked") -> str:
+def check_backend(op: str, backend: str, valid: tuple[str, ...]) -> None:
+    """Raise ValueError naming the valid values when `backend` is not one of `valid`."""
+    if backend not in valid:
+        raise ValueError(f"{op}: backend={backend!r}; valid: {', '.join(map(repr, valid))}")
+
+
+def renamed_keyword(op: str, backend: str, old_name: str, old_value: str | None,
+                    values: dict[str, str] | None = None) -> str:
+    """The backend an op was asked for when called with its deprecated keyword `old_name` (e.g.
+    selective_scan's `scan=`): warns once per call with a DeprecationWarning naming `backend=`, maps
+    old values through `values` (e.g. retention's "chunkwise" -> "chunked"). Without the old
+    keyword, returns `backend` unchanged."""
+    if old_value is None:
+        return backend
+    new_value = (values or {}).get(old_value, old_value)
+    warnings.warn(f"{op}: the keyword {old_name}= is deprecated and will be removed in the next release; use "
+                  f"backend={new_value!r}", DeprecationWarning, stacklevel=outside_stacklevel())
+    return new_value
+
+
+def compiled_or_eager(op: str, requested: str, device: torch.device, kernel: CompiledKernel,
+                      fallback: str = "chunked") -> str:
     """The CPU dispatch every op with a compiled kernel and an eager fallback path shares, for
-    `requested` "auto" or "compiled" (`argument` is the op's keyword, e.g. "scan"): "compiled" on
-    CPU where `usable()` says the kernel loads, else `fallback` (the op's name for its eager path,
-    "chunked" for the scans) with a one-time notice saying why. An explicit "compiled" that cannot
-    run raises, naming the reason."""
+    `requested` backend "auto" or "compiled": "compiled" on CPU where `kernel.usable()` says the
+    kernel loads, else `fallback` (the op's name for its eager path, "chunked" for the scans) with a
+    one-time notice saying why. An explicit "compiled" that cannot run raises, naming the reason."""
     label = "eager chunked" if fallback == "chunked" else fallback
     if device.type != "cpu":
         if requested == "compiled":
-            raise ValueError(f"{op}: {argument}='compiled' is a CPU kernel; inputs are on {device}")
+            raise ValueError(f"{op}: backend='compiled' is a CPU kernel; inputs are on {device}")
         notify_once(f"{op}:{fallback}:{device.type}", f"{op} on {device.type} runs the {label} PyTorch path")
         return fallback
-    ok, reason = usable()
+    ok, reason = kernel.usable()
     if ok:
         notify_once(f"{op}:compiled", f"{op} runs the compiled C++ CPU kernel")
         return "compiled"
     if requested == "compiled":
-        raise RuntimeError(f"{op}: {argument}='compiled' was requested but the kernel is unavailable: {reason}")
+        raise RuntimeError(f"{op}: backend='compiled' was requested but the kernel is unavailable: {reason}")
     notify_once(f"{op}:{fallback}", f"{op} runs the {label} PyTorch path ({reason})")
     return fallback
+
+
+def describe_compiled_or_eager(requested: str, device: torch.device | str, kernel: CompiledKernel,
+                               eager: str) -> str:
+    """What `compiled_or_eager` would pick, in words, without building anything (for `seqarch list`)."""
+    if requested != "auto":
+        return f"backend={requested}"
+    if torch.device(device).type == "cpu" and kernel.available():
+        return f"backend=auto: compiled C++ CPU kernel (built on first use, cached); {eager} if the build fails"
+    return f"backend=auto: {eager} PyTorch path"
+
+
+def load_cpp_extension(name: str, source: str, extra_cflags: tuple[str, ...] = ()):
+    """Deprecated (removed in the next release): `CompiledKernel(name, source, extra_cflags).load()`."""
+    warnings.warn("seqarch.backends.load_cpp_extension is deprecated; use CompiledKernel(name, source, flags).load()",
+                  DeprecationWarning, stacklevel=2)
+    return CompiledKernel(name, source, tuple(extra_cflags)).load()

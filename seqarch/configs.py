@@ -4,12 +4,20 @@ Every mixer owns a frozen dataclass config. `make_config(cls, **overrides)` is t
 place where user input (Python kwargs, YAML, `key=value` on the command line) becomes such a
 config, so every unknown key and every ill-typed value fails the same way: a `ValueError`
 naming the key and what is valid.
+
+Renamed keys stay accepted for one release: a config class lists them as
+`_renamed: ClassVar[dict[str, str]] = {"scan": "backend"}` (old key -> new key), and, where old
+values changed name too, `_renamed_values: ClassVar[dict[str, dict]] = {"backend": {"chunkwise":
+"chunked"}}`. `make_config` maps them and emits a DeprecationWarning naming the new spelling.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
+import warnings
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 _MISSING_HINT = object()
@@ -80,6 +88,7 @@ def make_config(config_cls: type, owner: str = "", **overrides: Any):
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     hints = get_type_hints(config_cls)
     owner = owner or config_cls.__name__
+    overrides = _apply_renames(config_cls, owner, overrides)
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise ValueError(
@@ -101,10 +110,44 @@ def make_config(config_cls: type, owner: str = "", **overrides: Any):
     return config_cls(**converted)
 
 
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def outside_stacklevel() -> int:
+    """The `warnings.warn` stacklevel of the first caller outside seqarch (so the warning names the
+    user's line, whatever path led here: build_mixer, SeqLM, a recipe)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _apply_renames(config_cls: type, owner: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` with deprecated keys and values of `config_cls` replaced by their new names."""
+    renamed = getattr(config_cls, "_renamed", {})
+    renamed_values = getattr(config_cls, "_renamed_values", {})
+    result = dict(overrides)
+    for old, new in renamed.items():
+        if old not in result:
+            continue
+        if new in result:
+            raise ValueError(f"config keys {old!r} and {new!r} for {owner} name the same thing; give only {new!r}")
+        warnings.warn(f"config key {old!r} for {owner} is deprecated and will be removed in the next release; "
+                      f"use {new!r}", DeprecationWarning, stacklevel=outside_stacklevel())
+        result[new] = result.pop(old)
+    for key, values in renamed_values.items():
+        value = result.get(key)
+        if isinstance(value, str) and value in values:
+            warnings.warn(f"{key}={value!r} for {owner} is deprecated and will be removed in the next release; "
+                          f"use {key}={values[value]!r}", DeprecationWarning, stacklevel=outside_stacklevel())
+            result[key] = values[value]
+    return result
+
+
 def config_fields(config_cls: type) -> dict[str, str]:
     """Map each init field of `config_cls` to a readable type description."""
     hints = get_type_hints(config_cls)
     return {f.name: _describe(hints[f.name]) for f in dataclasses.fields(config_cls) if f.init}
 
 
-__all__ = ["make_config", "config_fields"]
+__all__ = ["make_config", "config_fields", "outside_stacklevel"]

@@ -1,6 +1,6 @@
 """Registry: mixer name -> (mixer class, config dataclass).
 
-    @register("mamba", MambaMixerConfig)
+    @register("mamba", MambaConfig)
     class MambaMixer(SequenceMixer): ...
 
     mixer = build_mixer("mamba", d_model=256, d_state=16)   # kwargs override the config

@@ -6,11 +6,22 @@ own tests apply them to its variants (another scan, mode, window, or a distilled
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
+from seqarch.mixers.base import MixerState
 from tests.tolerance import assert_close
 
 BATCH = 2
+
+
+@dataclasses.dataclass
+class ForeignState(MixerState):
+    """A state no built-in mixer makes: stands for another mixer's state."""
+
+    hidden: torch.Tensor
 
 
 def run_steps(module, x: torch.Tensor, state):
@@ -83,3 +94,47 @@ def check_state_bytes(mixer, name: str, lengths=(7, 63)) -> None:
         assert sizes[lengths[-1]] > sizes[lengths[0]]
     else:
         assert len(set(sizes.values())) == 1, f"{name}: recurrent state grew with L: {sizes}"
+
+
+def check_state_mismatch_raises(mixer, name: str) -> None:
+    """step / prefill refuse, with a ValueError naming the mismatch, a state of another batch size
+    and a state of another type (instead of broadcasting it or failing inside torch)."""
+    x = torch.randn(BATCH, 3, mixer.d_model)
+    with torch.no_grad():
+        single = mixer.init_state(1)
+        for what, call in (("step", lambda state: mixer.step(x[:, 0], state)),
+                           ("prefill", lambda state: mixer.prefill(x, state))):
+            with pytest.raises(ValueError, match=f"state holds a batch of 1, the input a batch of {BATCH}"):
+                call(single)
+            foreign = ForeignState(hidden=torch.zeros(BATCH, 4))
+            with pytest.raises(ValueError, match=f"{what} expects a .* \\(from init_state\\), got ForeignState"):
+                call(foreign)
+            ints = dataclasses.replace(mixer.init_state(BATCH))
+            field = next(f.name for f in dataclasses.fields(ints) if isinstance(getattr(ints, f.name), torch.Tensor))
+            setattr(ints, field, torch.zeros(getattr(ints, field).shape, dtype=torch.int64))
+            with pytest.raises(ValueError, match=f"state field '{field}' must be"):
+                call(ints)
+
+
+def check_empty_sequence_raises(mixer, name: str) -> None:
+    """A length-0 sequence is refused with a ValueError by forward and prefill."""
+    empty = torch.randn(BATCH, 0, mixer.d_model)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"empty sequence \(L = 0"):
+            mixer(empty)
+        with pytest.raises(ValueError, match=r"empty sequence \(L = 0"):
+            mixer.prefill(empty, mixer.init_state(BATCH))
+
+
+def check_init_state_follows_parameters(mixer, name: str) -> None:
+    """init_state(B) without device / dtype takes the parameters' device and dtype (float64 here;
+    complex states follow it as complex128); an explicit dtype wins."""
+    mixer = mixer.double()
+    for state, real, complex_ in ((mixer.init_state(BATCH), torch.float64, torch.complex128),
+                                  (mixer.init_state(BATCH, dtype=torch.float32), torch.float32, torch.complex64)):
+        for field in dataclasses.fields(state):
+            value = getattr(state, field.name)
+            if isinstance(value, torch.Tensor):
+                expected = complex_ if value.is_complex() else real
+                assert value.dtype == expected, f"{name}: init_state field {field.name} is {value.dtype}"
+                assert value.device == next(mixer.parameters()).device

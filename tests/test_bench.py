@@ -30,25 +30,11 @@ from seqarch.bench.accounting import (
     mixing_flops_per_token,
 )
 from seqarch.bench.analysis import crossover, crossover_length, fit_exponent
-from seqarch.bench.case import run_case as run_case_here
 from seqarch.bench.memory import current_rss_bytes
 from seqarch.bench.runner import COLUMNS, plan_widths, run_case
-from seqarch.bench.settings import BenchSettings
+from tests.bench_helpers import in_process, tiny_settings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-
-
-def in_process(spec, budget_s):
-    """Executor running the case's measurement code in this process (no subprocess start-up).
-    Width 64 below: the contract only promises that every mixer's defaults work at d_model=64."""
-    return {"status": "ok", "wall_s": 0.0, **run_case_here(spec)}
-
-
-def tiny_settings(tmp_path, **overrides) -> BenchSettings:
-    values = {"seq_lens": (8, 13), "d_model": 64, "n_layers": 1, "vocab_size": 11, "warmup": 0, "repeats": 2,
-              "decode_tokens": 2, "threads": torch.get_num_threads(), "out": str(tmp_path / "out"),
-              "extrapolate_lens": (64, 128)}
-    return BenchSettings(**{**values, **overrides})
 
 
 # --- harness and report --------------------------------------------------------------------------

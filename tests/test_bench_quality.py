@@ -12,7 +12,7 @@ from seqarch.bench.quality import GRIDS, QualitySettings, fit_args, run_quality_
 from seqarch.bench.report import write_quality_report
 from seqarch.bench.settings import parse_bench_settings
 from seqarch.registry import list_mixers
-from tests.test_bench import in_process, tiny_settings
+from tests.bench_helpers import in_process, tiny_settings
 
 ROW_KEYS = {"mixer", "d_model", "seq_len", "num_kv_pairs", "accuracy", "chance", "parameters", "steps", "lr",
             "train_seconds", "status", "error"}

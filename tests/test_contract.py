@@ -14,10 +14,13 @@ from seqarch import build_block, build_mixer, list_mixers
 from tests.contract_checks import (
     BATCH,
     check_causal,
+    check_empty_sequence_raises,
     check_gradients,
+    check_init_state_follows_parameters,
     check_paths_agree,
     check_prefill_then_continue,
     check_state_bytes,
+    check_state_mismatch_raises,
     run_steps,
 )
 from tests.tolerance import assert_close
@@ -95,3 +98,27 @@ def test_bad_input_shape_is_named(name):
     mixer = make(name)
     with pytest.raises(ValueError, match=f"D={WIDTH}"):
         mixer(torch.randn(BATCH, 5, WIDTH + 1))
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_state_of_another_batch_size_or_type_is_refused(name):
+    check_state_mismatch_raises(make(name), name)
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_empty_sequence_is_refused(name):
+    check_empty_sequence_raises(make(name), name)
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_init_state_takes_the_parameters_dtype(name):
+    check_init_state_follows_parameters(make(name), name)
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_accounting_is_declared(name):
+    """The contract's accounting: flops_per_token and describe_paths answer without running anything."""
+    mixer = build_mixer(name, d_model=WIDTH, device="meta")
+    flops = mixer.flops_per_token(128)
+    assert isinstance(flops, int) and flops > 0
+    assert isinstance(mixer.describe_paths("cpu"), str) and mixer.describe_paths("cpu")

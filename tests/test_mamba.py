@@ -1,4 +1,4 @@
-"""Mamba specifics: the contract for every scan, scans agree (outputs and gradients), paper
+"""Mamba specifics: the contract for every scan backend, backends agree (outputs and gradients), paper
 initialisation, config validation, mamba-ssm parameter names."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from seqarch import build_mixer
+from tests.compiled import compiled
 from tests.contract_checks import (
     check_causal,
     check_gradients,
@@ -23,26 +24,26 @@ WIDTH = 64
 VARIANTS = ["chunked", "sequential"]
 
 
-@pytest.mark.parametrize("scan", VARIANTS)
-def test_contract_for_scan_variants(scan):
-    mixer = build_mixer("mamba", d_model=WIDTH, scan=scan)
-    name = f"mamba[{scan}]"
+@pytest.mark.parametrize("backend", VARIANTS)
+def test_contract_for_backend_variants(backend):
+    mixer = build_mixer("mamba", d_model=WIDTH, backend=backend)
+    name = f"mamba[{backend}]"
     for length in (1, 7, 63):
         check_paths_agree(mixer, length, name)
     for split in ((1, 6), (13, 9)):
         check_prefill_then_continue(mixer, *split, name)
-    check_paths_agree(build_mixer("mamba", d_model=WIDTH, scan=scan).double(), 33, f"{name} float64",
+    check_paths_agree(build_mixer("mamba", d_model=WIDTH, backend=backend).double(), 33, f"{name} float64",
                       dtype=torch.float64)
     check_causal(mixer, name)
     check_gradients(mixer, name)
     check_state_bytes(mixer, name)
 
 
-@pytest.mark.parametrize("scan", ["compiled", "chunked"])
-def test_scans_agree_with_sequential_forward_and_backward(scan):
+@pytest.mark.parametrize("scan", [compiled("compiled"), "chunked"])
+def test_backends_agree_with_sequential_forward_and_backward(scan):
     torch.manual_seed(1)
-    reference = build_mixer("mamba", d_model=32, d_state=8, scan="sequential", chunk_size=8).double()
-    fast = build_mixer("mamba", d_model=32, d_state=8, scan=scan, chunk_size=8).double()
+    reference = build_mixer("mamba", d_model=32, d_state=8, backend="sequential", chunk_size=8).double()
+    fast = build_mixer("mamba", d_model=32, d_state=8, backend=scan, chunk_size=8).double()
     fast.load_state_dict(reference.state_dict())
     x = torch.randn(2, 45, 32, dtype=torch.float64)
     weights = torch.randn(2, 45, 32, dtype=torch.float64)
@@ -99,7 +100,7 @@ def test_explicit_dt_rank_and_state_size():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"scan": "fast"}, "scan='fast'; valid: 'auto', 'compiled', 'chunked', 'sequential'"),
+        ({"backend": "fast"}, "'backend' for mixer 'mamba' must be 'auto' | 'compiled' | 'chunked' | 'sequential'"),
         ({"dt_rank": "big"}, "dt_rank='big'; valid: a positive int or 'auto'"),
         ({"dt_rank": 0}, "dt_rank must be >= 1"),
         ({"dt_min": 0.2}, "need 0 < dt_min <= dt_max"),
@@ -119,9 +120,23 @@ def test_bad_config_is_named(overrides, message):
 def test_cuda_kernels_match_cpu_path():
     pytest.importorskip("mamba_ssm")
     pytest.importorskip("causal_conv1d")
-    cpu = build_mixer("mamba", d_model=64, scan="sequential")
-    gpu = build_mixer("mamba", d_model=64, scan="auto").cuda()
+    cpu = build_mixer("mamba", d_model=64, backend="sequential")
+    gpu = build_mixer("mamba", d_model=64, backend="auto").cuda()
     gpu.load_state_dict(cpu.state_dict())
     x = torch.randn(2, 100, 64)
     with torch.no_grad():
         assert_close(gpu(x.cuda()).cpu(), cpu(x), "mamba on CUDA kernels", tolerance=1e-4)
+
+
+def test_old_scan_key_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="config key 'scan' for mixer 'mamba' is deprecated.*use 'backend'"):
+        mixer = build_mixer("mamba", d_model=32, scan="sequential")
+    assert mixer.config.backend == "sequential"
+    with pytest.raises(ValueError, match="'scan' and 'backend' .* give only 'backend'"):
+        build_mixer("mamba", d_model=32, scan="sequential", backend="chunked")
+
+
+def test_class_is_mamba_mixer_and_the_old_name_is_an_alias():
+    from seqarch.mixers.mamba import Mamba, MambaMixer
+
+    assert Mamba is MambaMixer and type(build_mixer("mamba", d_model=32)) is MambaMixer

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from seqarch import build_mixer
-from seqarch.mixers.mamba2 import choose_scan, mamba2_cuda_kernels_usable
+from seqarch.backends import cuda_kernels_usable
 from tests.contract_checks import (
     check_causal,
     check_gradients,
@@ -23,7 +23,7 @@ from tests.tolerance import assert_close
 WIDTH = 64
 VARIANTS = {
     "ngroups2": {"ngroups": 2},
-    "sequential": {"scan": "sequential"},
+    "sequential": {"backend": "sequential"},
     "small_chunks": {"chunk_size": 8, "ngroups": 2, "d_state": 16},
 }
 
@@ -48,7 +48,7 @@ def test_variant_keeps_the_contract(variant):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_chunked_and_sequential_mixers_agree_with_gradients(dtype):
     chunked = make(dtype, chunk_size=16, ngroups=2)
-    sequential = make(dtype, chunk_size=16, ngroups=2, scan="sequential")
+    sequential = make(dtype, chunk_size=16, ngroups=2, backend="sequential")
     sequential.load_state_dict(chunked.state_dict())
     x = torch.randn(2, 45, WIDTH, dtype=dtype)
     cotangent = torch.randn(2, 45, WIDTH, dtype=dtype)
@@ -66,39 +66,28 @@ def test_chunked_and_sequential_mixers_agree_with_gradients(dtype):
         assert_close(grads[name], grad_ref, f"mamba2 chunked vs sequential d{name}")
 
 
-def test_dispatch_decision():
-    # CUDA kernels only on a CUDA device where they import; otherwise the PyTorch chunked path.
-    assert choose_scan("auto", "cuda", cuda_kernels=True) == "cuda"
-    assert choose_scan("auto", "cuda:1", cuda_kernels=True) == "cuda"
-    assert choose_scan("auto", "cuda", cuda_kernels=False) == "chunked"
-    assert choose_scan("auto", "cpu", cuda_kernels=True) == "chunked"
-    assert choose_scan("auto", "cpu", cuda_kernels=False) == "chunked"
-    # An explicit choice is kept, whatever is installed.
-    for scan in ("chunked", "sequential"):
-        assert choose_scan(scan, "cuda", cuda_kernels=True) == scan
-        assert choose_scan(scan, "cpu", cuda_kernels=False) == scan
-    with pytest.raises(ValueError, match="scan='triton'; valid: 'auto', 'chunked', 'sequential'"):
-        choose_scan("triton", "cpu", cuda_kernels=False)
-
-
-def test_cpu_never_reports_cuda_kernels_usable():
-    assert not mamba2_cuda_kernels_usable("cpu")
-    assert not mamba2_cuda_kernels_usable(torch.device("cpu"))
-
-
-def test_auto_runs_the_chunked_path_on_cpu_and_says_so(capsys):
+def test_auto_runs_the_chunked_path_on_cpu_and_says_so(capsys, monkeypatch):
     from seqarch import backends
 
-    key = "mamba2-scan-chunked-cpu"
-    backends._NOTICES_SHOWN.discard(key)
+    monkeypatch.setattr(backends, "_NOTICES_SHOWN", set())
     mixer = make()
     with torch.no_grad():
         mixer(torch.randn(1, 5, WIDTH))
-    assert "mamba2 runs the chunked SSD path on cpu" in capsys.readouterr().err
+    assert "ssd runs the chunked path on cpu" in capsys.readouterr().err
+    assert mixer.describe_paths("cpu") == "SSD backend=auto: chunked SSD (PyTorch)"
+
+
+def test_old_config_names_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning) as caught:
+        mixer = make(headdim=16, scan="sequential")
+    messages = sorted(str(w.message) for w in caught)
+    assert "'headdim' for mixer 'mamba2' is deprecated" in messages[0] and "use 'head_dim'" in messages[0]
+    assert "'scan' for mixer 'mamba2' is deprecated" in messages[1] and "use 'backend'" in messages[1]
+    assert (mixer.config.head_dim, mixer.config.n_heads, mixer.config.backend) == (16, 8, "sequential")
 
 
 def test_initialisation_follows_mamba2():
-    mixer = build_mixer("mamba2", d_model=256, headdim=16, dt_min=1e-3, dt_max=1e-1, A_init_range=(1, 16))
+    mixer = build_mixer("mamba2", d_model=256, head_dim=16, dt_min=1e-3, dt_max=1e-1, A_init_range=(1, 16))
     heads = 2 * 256 // 16
     dt = F.softplus(mixer.dt_bias.detach())
     assert dt.shape == (heads,)
@@ -117,7 +106,7 @@ def test_initialisation_follows_mamba2():
 
 def test_defaults_give_several_heads_at_width_64():
     mixer = make()
-    assert mixer.config.nheads >= 2
+    assert mixer.config.n_heads >= 2
     assert mixer.config.d_state == 64 and mixer.config.d_conv == 4 and mixer.config.expand == 2
 
 
@@ -138,9 +127,10 @@ def test_gated_rmsnorm_normalises_each_group():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"headdim": 48}, "expand \\* d_model = 128 is not divisible by headdim=48"),
+        ({"head_dim": 48}, "expand \\* d_model = 128 is not divisible by head_dim=48"),
         ({"ngroups": 3}, "the 4 heads are not divisible into ngroups=3"),
-        ({"scan": "fast"}, "scan='fast'; valid: 'auto', 'chunked', 'sequential'"),
+        ({"backend": "fast"}, "'backend' for mixer 'mamba2' must be 'auto' \\| 'chunked' \\| 'sequential'"),
+        ({"d_state": 0}, "d_state must be >= 1"),
         ({"chunk_size": 0}, "chunk_size must be >= 1"),
         ({"A_init_range": (0.0, 16.0)}, "A_init_range must be"),
         ({"dt_min": 0.5, "dt_max": 0.1}, "dt_min <= dt_max"),
@@ -153,12 +143,12 @@ def test_bad_config_is_named(overrides, message):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or not mamba2_cuda_kernels_usable("cuda"),
+@pytest.mark.skipif(not torch.cuda.is_available() or not cuda_kernels_usable("mamba_ssm", "cuda"),
                     reason="needs a CUDA device with mamba-ssm and causal-conv1d")
 def test_cuda_kernels_match_the_pytorch_path():
     torch.manual_seed(0)
     kernels = build_mixer("mamba2", d_model=256, ngroups=2, device="cuda")
-    pytorch = build_mixer("mamba2", d_model=256, ngroups=2, scan="chunked", device="cuda")
+    pytorch = build_mixer("mamba2", d_model=256, ngroups=2, backend="chunked", device="cuda")
     pytorch.load_state_dict(kernels.state_dict())
     x = torch.randn(2, 333, 256, device="cuda")
     assert_close(kernels(x), pytorch(x), "mamba2 CUDA kernels vs PyTorch chunked", tolerance=1e-4)

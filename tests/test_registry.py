@@ -54,3 +54,43 @@ def test_import_lists_mixers_in_a_fresh_interpreter():
     out = subprocess.run([sys.executable, "-c", "import seqarch; print(seqarch.list_mixers())"],
                          capture_output=True, text=True, check=True).stdout
     assert "'attention'" in out and "'s4d'" in out
+
+
+@pytest.mark.parametrize("d_model", [0, -32])
+@pytest.mark.parametrize("name", list_mixers())
+def test_non_positive_width_is_refused(name, d_model):
+    with pytest.raises(ValueError, match="d_model must be"):
+        build_config(name, d_model=d_model)
+
+
+@pytest.mark.parametrize("name", list_mixers())
+def test_names_are_uniform(name):
+    """Classes are <Name>Mixer and configs <Name>Config; the algorithm switch, where there is one,
+    is `backend`, typed Literal so `seqarch list` and errors show its values."""
+    from seqarch.configs import config_fields
+    from seqarch.registry import get_entry
+
+    entry = get_entry(name)
+    assert entry.mixer_cls.__name__.endswith("Mixer") and entry.config_cls.__name__.endswith("Config")
+    fields = config_fields(entry.config_cls)
+    assert not {"scan", "mode", "path", "headdim", "nheads", "head_size"} & set(fields)
+    if "backend" in fields:
+        assert fields["backend"].startswith("'auto' | ")
+
+
+def test_renamed_keys_warn_once_and_name_the_new_key():
+    with pytest.warns(DeprecationWarning, match="config key 'scan' for mixer 'mamba2' is deprecated.*'backend'"):
+        config = build_config("mamba2", d_model=64, scan="sequential")
+    assert config.backend == "sequential"
+    with pytest.warns(DeprecationWarning) as caught:
+        build_mixer("rwkv6", d_model=64, head_size=32)
+    assert caught[0].filename == __file__, "the warning points at the caller's line, not seqarch's"
+
+
+def test_old_recipe_keys_still_build_a_model():
+    """An old recipe's model section (mixer keys under the mixer's name) keeps working."""
+    from seqarch.models import SeqLM
+
+    with pytest.warns(DeprecationWarning):
+        model = SeqLM(32, d_model=64, n_layers=1, mixer="rwkv6", rwkv6={"mode": "chunked", "head_size": 32})
+    assert model.layers[0].mixer.config.backend == "chunked"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqarch.ops.retention import RETENTION_MODES, retention, retention_ref, retention_step
+from seqarch.ops.retention import BACKENDS, resolve_backend, retention, retention_ref, retention_step
 from tests.tolerance import assert_close
 
 BATCH, HEADS, KEY_DIM, VALUE_DIM = 2, 3, 8, 6
@@ -65,14 +65,14 @@ def run_with_grads(fn, inputs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
 @pytest.mark.parametrize("length", [1, 15, 63, 100])
-@pytest.mark.parametrize("mode", RETENTION_MODES)
-def test_form_matches_reference_forward_and_backward(mode, length, with_state, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_form_matches_reference_forward_and_backward(backend, length, with_state, dtype):
     q, k, v, state = make_inputs(length, dtype, with_state)
     decay = torch.tensor([0.6, 0.9, 0.97], dtype=dtype)
     names = ["q", "k", "v", "decay", "initial_state"]
 
     def fast(q, k, v, decay, state):
-        return retention(q, k, v, decay=decay, mode=mode, chunk_size=16, initial_state=state,
+        return retention(q, k, v, decay=decay, backend=backend, chunk_size=16, initial_state=state,
                          output_final_state=True)
 
     def reference(q, k, v, decay, state):
@@ -82,7 +82,7 @@ def test_form_matches_reference_forward_and_backward(mode, length, with_state, d
     out, final, grads = run_with_grads(fast, [q, k, v, decay, state])
     torch.manual_seed(1)
     out_ref, final_ref, grads_ref = run_with_grads(reference, [q, k, v, decay, state])
-    tag = f"{mode} L={length} {'with' if with_state else 'without'} state"
+    tag = f"{backend} L={length} {'with' if with_state else 'without'} state"
     assert_close(out, out_ref, f"{tag}: output")
     assert_close(final, final_ref, f"{tag}: final state")
     for name, grad, grad_ref in zip(names, grads, grads_ref, strict=True):
@@ -123,8 +123,8 @@ def test_float32_chunkwise_stays_accurate_over_long_sequences():
 
 def test_no_final_state_unless_asked():
     q, k, v, _ = make_inputs(5, torch.float32, with_state=False)
-    for mode in RETENTION_MODES:
-        assert retention(q, k, v, mode=mode)[1] is None
+    for backend in BACKENDS:
+        assert retention(q, k, v, backend=backend)[1] is None
 
 
 @pytest.mark.parametrize(
@@ -135,10 +135,10 @@ def test_no_final_state_unless_asked():
         (lambda q, k, v: dict(decay=torch.tensor([0.5, 1.0, 0.9])), r"decay must lie in \(0, 1\)"),
         (lambda q, k, v: dict(decay=torch.tensor([0.5, 0.9])), r"decay must be \(H,\)"),
         (lambda q, k, v: dict(initial_state=torch.zeros(BATCH, HEADS, KEY_DIM, 2)), "initial_state must be"),
-        (lambda q, k, v: dict(mode="fused"), "valid: 'parallel', 'chunkwise', 'recurrent'"),
+        (lambda q, k, v: dict(backend="fused"), "valid: 'auto', 'chunked', 'parallel', 'sequential'"),
         (lambda q, k, v: dict(chunk_size=0), "chunk_size must be a positive int"),
     ],
-    ids=["qk-shape", "v-shape", "decay-range", "decay-shape", "state-shape", "mode", "chunk-size"],
+    ids=["qk-shape", "v-shape", "decay-range", "decay-shape", "state-shape", "backend", "chunk-size"],
 )
 def test_bad_input_is_named(change, message):
     q, k, v, _ = make_inputs(5, torch.float32, with_state=False)
@@ -146,3 +146,14 @@ def test_bad_input_is_named(change, message):
     arguments.update(change(q, k, v))
     with pytest.raises(ValueError, match=message):
         retention(**arguments)
+
+
+def test_resolve_backend_and_the_old_mode_keyword():
+    assert resolve_backend("auto", "cpu") == "chunked"
+    for backend in ("chunked", "parallel", "sequential"):
+        assert resolve_backend(backend, "cpu") == backend
+    q, k, v, _ = make_inputs(9, torch.float64, with_state=False)
+    for old, new in (("chunkwise", "chunked"), ("recurrent", "sequential"), ("parallel", "parallel")):
+        with pytest.warns(DeprecationWarning, match=f"retention: the keyword mode= is deprecated.*backend='{new}'"):
+            out, _ = retention(q, k, v, mode=old, chunk_size=4)
+        assert torch.equal(out, retention(q, k, v, backend=new, chunk_size=4)[0])

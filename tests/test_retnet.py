@@ -19,10 +19,11 @@ from tests.contract_checks import (
 from tests.tolerance import assert_close
 
 VARIANTS = {
-    "parallel": dict(d_model=64, mode="parallel"),
-    "chunkwise": dict(d_model=64, mode="chunkwise"),
-    "chunkwise-C5-2heads": dict(d_model=64, n_heads=2, mode="chunkwise", chunk_size=5),
-    "parallel-custom-decay": dict(d_model=64, n_heads=2, mode="parallel", decay=(0.7, 0.99), value_factor=1),
+    "parallel": dict(d_model=64, backend="parallel"),
+    "chunked": dict(d_model=64, backend="chunked"),
+    "chunked-C5-2heads": dict(d_model=64, n_heads=2, backend="chunked", chunk_size=5),
+    "parallel-custom-decay": dict(d_model=64, n_heads=2, backend="parallel", decay=(0.7, 0.99), value_factor=1),
+    "sequential": dict(d_model=64, backend="sequential"),
 }
 
 
@@ -42,7 +43,7 @@ def test_contract_for_each_form(variant):
 
 def test_parallel_and_chunkwise_are_the_same_function():
     chunkwise = build_mixer("retnet", d_model=128, chunk_size=16)
-    parallel = build_mixer("retnet", d_model=128, mode="parallel")
+    parallel = build_mixer("retnet", d_model=128, backend="parallel")
     parallel.load_state_dict(chunkwise.state_dict())
     x = torch.randn(2, 77, 128)
     with torch.no_grad():
@@ -86,24 +87,24 @@ def multi_scale_retention(mixer, x):
     return mixer.out_proj(F.silu(mixer.g_proj(x)) * y.reshape(batch, length, heads * value_dim))
 
 
-@pytest.mark.parametrize("mode", ["parallel", "chunkwise"])
-def test_layer_matches_torchscale_equations_at_init_scale(mode):
+@pytest.mark.parametrize("backend", ["parallel", "chunked"])
+def test_layer_matches_torchscale_equations_at_init_scale(backend):
     """At the model's own initialisation (Xavier gain 2^-2.5, so the retention sums are small and the
     RMS norm's eps is not negligible) and with scores large enough to hit the clamp."""
     torch.manual_seed(0)
-    mixer = build_mixer("retnet", d_model=96, n_heads=3, mode=mode, chunk_size=8).double()
+    mixer = build_mixer("retnet", d_model=96, n_heads=3, backend=backend, chunk_size=8).double()
     x = torch.randn(2, 41, 96, dtype=torch.float64)
     with torch.no_grad():
-        assert_close(mixer(x), multi_scale_retention(mixer, x), f"retnet {mode} vs torchscale's equations")
+        assert_close(mixer(x), multi_scale_retention(mixer, x), f"retnet {backend} vs torchscale's equations")
         for proj in (mixer.q_proj, mixer.k_proj):
             proj.weight.mul_(30)  # |row sum| > sqrt(c): the score normalisation acts
-        assert_close(mixer(x), multi_scale_retention(mixer, x), f"retnet {mode} vs equations, large scores")
+        assert_close(mixer(x), multi_scale_retention(mixer, x), f"retnet {backend} vs equations, large scores")
 
 
 def test_defaults_and_state_size():
     mixer = build_mixer("retnet", d_model=256)
     cfg = mixer.config
-    assert (cfg.heads, cfg.key_dim, cfg.value_dim, cfg.mode) == (4, 64, 128, "chunkwise")
+    assert (cfg.heads, cfg.key_dim, cfg.value_dim, cfg.backend) == (4, 64, 128, "auto")
     # S (K x V) per head plus the key sum Σ γ^(t-m) k_m (one more value column) for the score normalisation.
     assert mixer.state_nbytes(3, 10_000) == 3 * 4 * 64 * 129 * 4
     assert mixer.state_nbytes(1, 1, torch.float64) == 4 * 64 * 129 * 8
@@ -116,12 +117,15 @@ def test_defaults_and_state_size():
         (dict(d_model=66, n_heads=6), "even head dim"),
         (dict(d_model=64, decay=(0.9, 0.8)), "one γ per head"),
         (dict(d_model=64, decay=(1.0,)), r"must lie in \(0, 1\)"),
-        (dict(d_model=64, mode="recurrent"), "mode"),
+        (dict(d_model=64, backend="recurrent"), "'backend' for mixer 'retnet' must be 'auto' \\| 'chunked'"),
+        (dict(d_model=0), "d_model must be >= 1"),
+        (dict(d_model=64, n_heads=0), "n_heads must be >= 1"),
         (dict(d_model=64, chunk_size=0), "chunk_size must be >= 1"),
         (dict(d_model=64, value_factor=0), "value_factor must be >= 1"),
         (dict(d_model=64, heads=2), "unknown config key 'heads'"),
     ],
-    ids=["heads", "odd-head-dim", "decay-count", "decay-range", "mode", "chunk", "value-factor", "unknown-key"],
+    ids=["heads", "odd-head-dim", "decay-count", "decay-range", "backend", "d_model", "n_heads", "chunk",
+         "value-factor", "unknown-key"],
 )
 def test_bad_config_is_named(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -213,21 +217,21 @@ def test_initialisation_is_torchscales():
         assert torch.equal(ours[name], theirs[name]), f"{name} differs from torchscale's initialisation"
 
 
-@pytest.mark.parametrize("mode", ["parallel", "chunkwise"])
-def test_forward_and_gradients_equal_torchscale_parallel_form(mode):
+@pytest.mark.parametrize("backend", ["parallel", "chunked"])
+def test_forward_and_gradients_equal_torchscale_parallel_form(backend):
     torch.manual_seed(0)
-    mixer = build_mixer("retnet", d_model=64, n_heads=2, mode=mode, chunk_size=16).double()
+    mixer = build_mixer("retnet", d_model=64, n_heads=2, backend=backend, chunk_size=16).double()
     twin = torchscale_twin(mixer)
     x = torch.randn(2, 48, 64, dtype=torch.float64)
     x_ours, x_theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     y, y_ref = mixer(x_ours), torchscale_forward(twin, x_theirs, "parallel")
-    assert_close(y, y_ref, f"retnet {mode} vs torchscale parallel")
+    assert_close(y, y_ref, f"retnet {backend} vs torchscale parallel")
     weights = torch.randn_like(y)
     (y * weights).sum().backward()
     (y_ref * weights).sum().backward()
-    assert_close(x_ours.grad, x_theirs.grad, f"retnet {mode} vs torchscale parallel: dx")
+    assert_close(x_ours.grad, x_theirs.grad, f"retnet {backend} vs torchscale parallel: dx")
     for (name, param), twin_param in zip(mixer.named_parameters(), twin.parameters(), strict=True):
-        assert_close(param.grad, twin_param.grad, f"retnet {mode} vs torchscale parallel: d{name}")
+        assert_close(param.grad, twin_param.grad, f"retnet {backend} vs torchscale parallel: d{name}")
 
 
 def test_float32_forward_equals_torchscale():
@@ -266,7 +270,7 @@ def test_torchscale_chunkwise_form_is_close_not_equal():
     parallel form (which ours computes in every form): 4.7% (max abs error over max abs) here, at the
     initial weight scale, where the retention output's mean square is within a decade or two of eps."""
     torch.manual_seed(2)
-    mixer = build_mixer("retnet", d_model=64, n_heads=2, mode="chunkwise", chunk_size=16).double()
+    mixer = build_mixer("retnet", d_model=64, n_heads=2, backend="chunked", chunk_size=16).double()
     twin = torchscale_twin(mixer)
     x = torch.randn(2, 64, 64, dtype=torch.float64)
     with torch.no_grad():
@@ -275,3 +279,12 @@ def test_torchscale_chunkwise_form_is_close_not_equal():
         parallel = torchscale_forward(twin, x, "parallel")
     assert relative_error(chunkwise, parallel) == pytest.approx(relative_error(y, chunkwise), rel=1e-3)
     assert 1e-3 < relative_error(y, chunkwise) < 0.1
+
+
+def test_old_mode_key_and_value_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning) as caught:
+        mixer = build_mixer("retnet", d_model=64, mode="chunkwise")
+    messages = " / ".join(str(w.message) for w in caught)
+    assert "config key 'mode' for mixer 'retnet' is deprecated" in messages and "use 'backend'" in messages
+    assert "backend='chunkwise' for mixer 'retnet' is deprecated" in messages and "use backend='chunked'" in messages
+    assert mixer.config.backend == "chunked"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from seqarch import SeqLM, build_block, build_mixer
 from seqarch.mixers.rwkv import RWKV6ChannelMix
+from tests.compiled import compiled
 from tests.contract_checks import (
     check_causal,
     check_gradients,
@@ -24,7 +25,7 @@ WIDTH = 64
 def finch_time_mix(mixer, x):
     """Finch time-mix written token by token from the paper's equations (section 4), float64."""
     p = {name: t.detach().double() for name, t in mixer.named_parameters()}
-    heads, size = mixer.config.heads, mixer.config.head_dim
+    heads, size = mixer.config.n_heads, mixer.config.head_dim
     batch, length, _ = x.shape
     state = torch.zeros(batch, heads, size, size, dtype=torch.float64)
     previous = torch.zeros(batch, WIDTH, dtype=torch.float64)
@@ -71,11 +72,12 @@ def test_channel_mix_matches_the_equations():
         assert_close(mix(x), expected, "channel-mix vs its equations")
 
 
-@pytest.mark.parametrize("mode", ["parallel", "sequential", "compiled", "chunked_odd"])
-def test_wkv_modes_agree_forward_and_backward(mode):
-    """Every mode against the eager chunked one (compiled: the C++ kernel inside the layer)."""
-    overrides = {"mode": "chunked", "chunk_size": 12, "subchunk_size": 4} if mode == "chunked_odd" else {"mode": mode}
-    reference = build_mixer("rwkv6", d_model=WIDTH, mode="chunked").double()
+@pytest.mark.parametrize("mode", ["parallel", "sequential", compiled("compiled"), "chunked_odd"])
+def test_wkv_backends_agree_forward_and_backward(mode):
+    """Every backend against the eager chunked one (compiled: the C++ kernel inside the layer)."""
+    overrides = ({"backend": "chunked", "chunk_size": 12, "subchunk_size": 4} if mode == "chunked_odd"
+                 else {"backend": mode})
+    reference = build_mixer("rwkv6", d_model=WIDTH, backend="chunked").double()
     variant = build_mixer("rwkv6", d_model=WIDTH, **overrides).double()
     variant.load_state_dict(reference.state_dict())
     x = torch.randn(2, 45, WIDTH, dtype=torch.float64)
@@ -88,9 +90,10 @@ def test_wkv_modes_agree_forward_and_backward(mode):
 
 
 @pytest.mark.parametrize("mode", ["parallel", "sequential", "chunked", "chunked_odd"])
-def test_modes_keep_the_contract(mode):
-    """The default ("auto": compiled on CPU) runs in tests/test_contract.py; the other modes here."""
-    overrides = {"mode": "chunked", "chunk_size": 12, "subchunk_size": 4} if mode == "chunked_odd" else {"mode": mode}
+def test_backends_keep_the_contract(mode):
+    """The default ("auto": compiled on CPU) runs in tests/test_contract.py; the other backends here."""
+    overrides = ({"backend": "chunked", "chunk_size": 12, "subchunk_size": 4} if mode == "chunked_odd"
+                 else {"backend": mode})
     mixer = build_mixer("rwkv6", d_model=WIDTH, **overrides)
     check_paths_agree(mixer, 29, f"rwkv6 {mode}")
     check_prefill_then_continue(mixer, 13, 9, f"rwkv6 {mode}")
@@ -101,7 +104,7 @@ def test_strong_decays_stay_exact_in_the_mixer():
     mixer = build_mixer("rwkv6", d_model=WIDTH).double()
     with torch.no_grad():
         mixer.time_decay.fill_(3.0)
-    sequential = build_mixer("rwkv6", d_model=WIDTH, mode="sequential").double()
+    sequential = build_mixer("rwkv6", d_model=WIDTH, backend="sequential").double()
     sequential.load_state_dict(mixer.state_dict())
     x = torch.randn(1, 300, WIDTH, dtype=torch.float64)
     with torch.no_grad():
@@ -153,7 +156,8 @@ def test_language_model_generates_through_the_recurrent_path():
 
 
 def test_default_heads_and_decay_sign():
-    assert build_mixer("rwkv6", d_model=64).config.heads == 2
+    assert build_mixer("rwkv6", d_model=64).config.n_heads == 2
+    assert build_mixer("rwkv6", d_model=64).config.head_dim == 32
     assert build_mixer("rwkv6", d_model=768).config.head_dim == 64
     mixer = build_mixer("rwkv6", d_model=WIDTH)
     x = torch.randn(2, 9, WIDTH)
@@ -165,8 +169,9 @@ def test_default_heads_and_decay_sign():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"head_size": 48}, "not divisible by head_size"),
-        ({"mode": "fast"}, "valid: 'auto', 'compiled', 'chunked', 'parallel', 'sequential'"),
+        ({"head_dim": 48}, "not divisible by head_dim=48"),
+        ({"head_dim": 0}, "head_dim must be >= 1"),
+        ({"backend": "fast"}, "'auto' \\| 'compiled' \\| 'chunked' \\| 'parallel' \\| 'sequential', got 'fast'"),
         ({"chunk_size": 20, "subchunk_size": 8}, "multiple of subchunk_size"),
         ({"depth_ratio": 1.5}, r"depth_ratio must be in \[0, 1\]"),
         ({"ffn_ratio": 0}, "ffn_ratio must be > 0"),
@@ -176,3 +181,24 @@ def test_default_heads_and_decay_sign():
 def test_bad_config_is_named(overrides, message):
     with pytest.raises(ValueError, match=message):
         build_mixer("rwkv6", d_model=WIDTH, **overrides)
+
+
+def test_old_config_names_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning) as caught:
+        mixer = build_mixer("rwkv6", d_model=WIDTH, head_size=16, mode="sequential")
+    messages = " / ".join(sorted(str(w.message) for w in caught))
+    assert "'head_size' for mixer 'rwkv6' is deprecated" in messages and "use 'head_dim'" in messages
+    assert "'mode' for mixer 'rwkv6' is deprecated" in messages and "use 'backend'" in messages
+    assert (mixer.config.head_dim, mixer.config.n_heads, mixer.config.backend) == (16, 4, "sequential")
+    assert mixer.describe_paths("cpu") == "wkv6 backend=sequential"
+
+
+def test_step_refuses_a_state_of_another_batch_size_or_mixer():
+    """A batch-1 state is not broadcast over a batch of 2 (issue #18 item 8); another mixer's state
+    is named, not an AttributeError."""
+    mixer = build_mixer("rwkv6", d_model=WIDTH)
+    with pytest.raises(ValueError, match="rwkv6.step: the state holds a batch of 1, the input a batch of 2"):
+        mixer.step(torch.randn(2, WIDTH), mixer.init_state(1))
+    other = build_mixer("retnet", d_model=WIDTH).init_state(2)
+    with pytest.raises(ValueError, match="rwkv6.prefill expects a RWKV6State .* got RetNetState"):
+        mixer.prefill(torch.randn(2, 3, WIDTH), other)

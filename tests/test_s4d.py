@@ -59,3 +59,17 @@ def test_initialisations():
     assert_close(-lin.log_A_real.exp(), torch.full((2, 4), -0.5), "real(A) = -1/2")
     dt = lin.log_dt.exp()
     assert (dt >= 1e-3).all() and (dt <= 1e-1).all()
+
+
+def test_choices_and_sizes_are_checked():
+    with pytest.raises(ValueError, match="config key 'init' for mixer 's4d' must be 'inv' \\| 'lin', got 'legs'"):
+        build_mixer("s4d", d_model=8, init="legs")
+    with pytest.raises(ValueError, match="s4d: d_model must be >= 1, got 0"):
+        build_mixer("s4d", d_model=0)
+
+
+def test_step_refuses_a_state_of_another_batch_size():
+    """A batch-1 state is not broadcast over a batch of 2 (issue #18 item 8)."""
+    mixer = build_mixer("s4d", d_model=8)
+    with pytest.raises(ValueError, match="s4d.step: the state holds a batch of 1, the input a batch of 2"):
+        mixer.step(torch.randn(2, 8), mixer.init_state(1))

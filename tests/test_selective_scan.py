@@ -9,26 +9,22 @@ import torch
 import torch.nn.functional as F
 
 import seqarch.ops.selective_scan as scan_module
-from seqarch.backends import load_cpp_extension
-from seqarch.ops.selective_scan import resolve_scan, selective_scan, selective_scan_ref
+from seqarch.ops.selective_scan import resolve_backend, selective_scan, selective_scan_ref
+from tests.compiled import compiled, needs_compiler
 from tests.tolerance import assert_close
 
 # "compiled-portable" is the compiled kernel built with -DSEQARCH_PORTABLE_KERNELS: the plain loops
 # that CPUs without AVX-512 run, checked here on machines that have it as well.
-FAST_SCANS = ["compiled", "compiled-portable", "chunked"]
+FAST_SCANS = [compiled("compiled"), compiled("compiled-portable"), "chunked"]
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-
-
-def portable_kernel():
-    return load_cpp_extension(f"{scan_module._KERNEL_NAME}_portable", scan_module._KERNEL_SOURCE,
-                              (*scan_module._KERNEL_FLAGS, "-DSEQARCH_PORTABLE_KERNELS"))
+PORTABLE_KERNEL = scan_module.KERNEL.variant("portable", "-DSEQARCH_PORTABLE_KERNELS")
 
 
 def use(scan: str, monkeypatch) -> str:
-    """The `scan` argument for the test variant `scan`, loading the portable kernel in place of the
-    native one for "compiled-portable"."""
+    """The `backend` argument for the test variant `scan`, loading the portable kernel in place of
+    the native one for "compiled-portable"."""
     if scan == "compiled-portable":
-        monkeypatch.setattr(scan_module, "compiled_kernel", portable_kernel)
+        monkeypatch.setattr(scan_module, "KERNEL", PORTABLE_KERNEL)
         return "compiled"
     return scan
 
@@ -85,7 +81,7 @@ OPTIONS = {  # name: (inputs used, delta_softplus)
 def test_fast_paths_match_reference(scan, options, groups, dtype, monkeypatch):
     inputs = make_inputs(groups=groups, dtype=dtype)
     used, softplus = OPTIONS[options]
-    out, last, grads = run(selective_scan, inputs, used, softplus, scan=use(scan, monkeypatch), chunk_size=16)
+    out, last, grads = run(selective_scan, inputs, used, softplus, backend=use(scan, monkeypatch), chunk_size=16)
     out_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, used, softplus)
     assert out.dtype == dtype and last.dtype == dtype
     assert_close(out, out_ref, f"{scan} out")
@@ -99,7 +95,7 @@ def test_fast_paths_match_reference(scan, options, groups, dtype, monkeypatch):
 @pytest.mark.parametrize(("length", "chunk_size"), [(1, 16), (16, 16), (17, 16), (33, 1), (40, 64)])
 def test_lengths_around_the_chunk(scan, length, chunk_size, monkeypatch):
     inputs = make_inputs(length=length, dtype=torch.float64)
-    out, last, grads = run(selective_scan, inputs, NAMES, True, scan=use(scan, monkeypatch), chunk_size=chunk_size)
+    out, last, grads = run(selective_scan, inputs, NAMES, True, backend=use(scan, monkeypatch), chunk_size=chunk_size)
     out_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, NAMES, True)
     assert_close(out, out_ref, f"{scan} out L={length} K={chunk_size}")
     assert_close(last, last_ref, f"{scan} last state L={length} K={chunk_size}")
@@ -118,6 +114,7 @@ def channel_last_views(inputs):
     return views
 
 
+@needs_compiler
 @pytest.mark.parametrize("groups", [None, 2], ids=["shared", "g2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_compiled_reads_channel_last_inputs_over_several_tiles(groups, dtype):
@@ -126,7 +123,7 @@ def test_compiled_reads_channel_last_inputs_over_several_tiles(groups, dtype):
     views = channel_last_views(inputs)
     assert views["u"].stride(1) == 1 and views["delta"].stride(1) == 1 and views["z"].stride(1) == 1
     assert not views["z"].is_contiguous() and views["z"].stride(2) == 160
-    out, last, grads = run(selective_scan, inputs, NAMES, True, layout=channel_last_views, scan="compiled",
+    out, last, grads = run(selective_scan, inputs, NAMES, True, layout=channel_last_views, backend="compiled",
                            chunk_size=16)
     out_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, NAMES, True)
     assert out.stride(1) == 1, "channel-last inputs give a channel-last output"
@@ -136,7 +133,7 @@ def test_compiled_reads_channel_last_inputs_over_several_tiles(groups, dtype):
         assert_close(grads[name], grads_ref[name], f"compiled d{name}, channel-last inputs")
 
 
-@pytest.mark.parametrize("scan", ["compiled", "compiled-portable"])
+@pytest.mark.parametrize("scan", [compiled("compiled"), compiled("compiled-portable")])
 @pytest.mark.parametrize("groups", [None, 2], ids=["shared", "g2"])
 @pytest.mark.parametrize(("length", "chunk_size"), [(45, 16), (45, 40), (7, 64)])
 def test_compiled_float32_full_tiles_against_float64(scan, groups, length, chunk_size, monkeypatch):
@@ -148,7 +145,7 @@ def test_compiled_float32_full_tiles_against_float64(scan, groups, length, chunk
     inputs["delta"] = inputs["delta"] * 16
     out64, last64, grads64 = run(selective_scan_ref, inputs, NAMES, True)
     inputs32 = {k: v.float() for k, v in inputs.items()}
-    out, last, grads = run(selective_scan, inputs32, NAMES, True, scan=use(scan, monkeypatch), chunk_size=chunk_size)
+    out, last, grads = run(selective_scan, inputs32, NAMES, True, backend=use(scan, monkeypatch), chunk_size=chunk_size)
     assert_close(out, out64, f"{scan} out", dtype=torch.float32)
     assert_close(last, last64, f"{scan} last state", dtype=torch.float32)
     for name in NAMES:
@@ -163,9 +160,10 @@ def cpu_has_avx512() -> bool:
     return "avx512f" in flags and "avx512dq" in flags
 
 
+@needs_compiler
 def test_native_kernel_takes_the_avx512_path_where_the_cpu_has_it():
-    assert scan_module.compiled_kernel().avx512 == cpu_has_avx512()
-    assert portable_kernel().avx512 is False
+    assert scan_module.KERNEL.load().avx512 == cpu_has_avx512()
+    assert PORTABLE_KERNEL.load().avx512 is False
 
 
 def test_reference_is_the_recurrence():
@@ -195,11 +193,11 @@ def test_large_dt_and_16k_steps_stay_exact(scan, monkeypatch):
     A = -torch.tensor([[1.0, 4.0, 9.0, 16.0], [0.01, 0.1, 1.0, 16.0]], dtype=torch.float64)
     args = (inputs["u"], delta, A, inputs["B"], inputs["C"])
     path = use(scan, monkeypatch)
-    out, last = selective_scan(*args, return_last_state=True, scan=path)
+    out, last = selective_scan(*args, return_last_state=True, backend=path)
     out_ref, last_ref = selective_scan_ref(*args, return_last_state=True)
     assert_close(out, out_ref, f"{scan} out at L=16k, dt<=10")
     assert_close(last, last_ref, f"{scan} last state at L=16k, dt<=10")
-    out32 = selective_scan(*(t.float() for t in args), scan=path)
+    out32 = selective_scan(*(t.float() for t in args), backend=path)
     assert_close(out32, out_ref.float(), f"{scan} float32 out at L=16k, dt<=10", dtype=torch.float32)
 
 
@@ -208,7 +206,7 @@ def test_half_precision_inputs_compute_in_float32(scan, monkeypatch):
     inputs = make_inputs(dtype=torch.float32)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     low = [t.bfloat16() for t in args]
-    out, last = selective_scan(*low, delta_softplus=True, return_last_state=True, scan=use(scan, monkeypatch))
+    out, last = selective_scan(*low, delta_softplus=True, return_last_state=True, backend=use(scan, monkeypatch))
     expected, expected_last = selective_scan_ref(*(t.float() for t in low), delta_softplus=True,
                                                  return_last_state=True)
     assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
@@ -219,7 +217,7 @@ def test_half_precision_inputs_compute_in_float32(scan, monkeypatch):
 def test_sequential_scan_is_the_reference():
     inputs = make_inputs(dtype=torch.float64)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    assert torch.equal(selective_scan(*args, True, scan="sequential"), selective_scan_ref(*args, True))
+    assert torch.equal(selective_scan(*args, True, backend="sequential"), selective_scan_ref(*args, True))
 
 
 @pytest.mark.parametrize(
@@ -241,30 +239,39 @@ def test_bad_inputs_are_named(change, message):
     inputs = make_inputs() | change
     with pytest.raises(ValueError, match=message):
         selective_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], inputs["z"],
-                       initial_state=inputs["initial_state"], scan="chunked")
+                       initial_state=inputs["initial_state"], backend="chunked")
 
 
-def test_bad_scan_and_chunk_are_named():
+def test_bad_backend_and_chunk_are_named():
     inputs = make_inputs()
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
-    with pytest.raises(ValueError, match="scan='fast'; valid: 'auto', 'compiled', 'chunked', 'sequential'"):
-        selective_scan(*args, scan="fast")
+    with pytest.raises(ValueError, match="backend='fast'; valid: 'auto', 'compiled', 'chunked', 'sequential'"):
+        selective_scan(*args, backend="fast")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        selective_scan(*args, scan="chunked", chunk_size=0)
+        selective_scan(*args, backend="chunked", chunk_size=0)
+
+
+def test_old_scan_keyword_still_works_with_a_deprecation_warning():
+    inputs = make_inputs(dtype=torch.float64)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    with pytest.warns(DeprecationWarning, match="keyword scan= is deprecated.*backend='sequential'"):
+        out = selective_scan(*args, True, scan="sequential")
+    assert torch.equal(out, selective_scan_ref(*args, True))
 
 
 # --- dispatch ------------------------------------------------------------------------------------
 def test_auto_picks_cuda_kernel_only_when_usable_and_without_initial_state(monkeypatch):
     monkeypatch.setattr(scan_module, "cuda_kernels_usable", lambda module, device: module == "mamba_ssm")
-    assert resolve_scan("auto", "cpu") == "cuda"
-    assert resolve_scan("auto", "cpu", has_initial_state=True) == "compiled"
-    assert resolve_scan("chunked", "cpu") == "chunked"
-    assert resolve_scan("sequential", "cpu") == "sequential"
+    assert resolve_backend("auto", "cpu") == "cuda"
+    assert resolve_backend("chunked", "cpu") == "chunked"
+    assert resolve_backend("sequential", "cpu") == "sequential"
 
 
+@needs_compiler
 def test_auto_on_cpu_picks_compiled_kernel_when_it_builds():
     """Here, where it builds (the dispatch itself is tested in tests/test_backends.py)."""
-    assert resolve_scan("auto", "cpu") == "compiled"
+    assert resolve_backend("auto", "cpu") == "compiled"
+    assert resolve_backend("auto", "cpu", has_initial_state=True) == "compiled"
 
 
 @pytest.mark.cuda
@@ -273,8 +280,8 @@ def test_cuda_kernel_matches_reference():
     pytest.importorskip("mamba_ssm")
     inputs = {k: v.cuda() for k, v in make_inputs(groups=2).items()}
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    assert resolve_scan("auto", "cuda") == "cuda"
-    out, last = selective_scan(*args, True, True, scan="auto")
+    assert resolve_backend("auto", "cuda") == "cuda"
+    out, last = selective_scan(*args, True, True, backend="auto")
     out_ref, last_ref = selective_scan_ref(*args, True, True)
     assert_close(out, out_ref, "cuda out", tolerance=1e-4)
     assert_close(last, last_ref, "cuda last state", tolerance=1e-4)

@@ -1,5 +1,5 @@
 """The chunked SSD op against its sequential reference, forward and backward; the reference against
-the paper's semiseparable-matrix form; the one-step recurrence; numerics; bad input."""
+the paper's semiseparable-matrix form; the one-step recurrence; numerics; bad input; which backend runs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from einops import repeat
 
-from seqarch.ops.ssd import segsum_stable, ssd, ssd_ref, ssd_step
+import seqarch.ops.ssd as ssd_module
+from seqarch.ops.ssd import resolve_backend, segsum_stable, ssd, ssd_chunked, ssd_ref, ssd_step
 from tests.tolerance import assert_close
 
 BATCH, HEADS, HEADDIM, DSTATE = 2, 4, 3, 5
@@ -187,3 +188,35 @@ def test_bad_input_is_named(change, message):
 def test_bad_chunk_size_is_named():
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         ssd(**make_inputs(5, 1, torch.float32, set()), chunk_size=0)
+
+
+# --- dispatch ------------------------------------------------------------------------------------
+def test_auto_takes_the_cuda_kernel_only_where_mamba_ssm_is_usable(monkeypatch):
+    monkeypatch.setattr(ssd_module, "cuda_kernels_usable", lambda name, device: torch.device(device).type == "cuda")
+    assert resolve_backend("auto", "cuda") == "cuda"
+    assert resolve_backend("auto", "cuda:1") == "cuda"
+    assert resolve_backend("auto", "cpu") == "chunked"
+    monkeypatch.setattr(ssd_module, "cuda_kernels_usable", lambda name, device: False)
+    assert resolve_backend("auto", "cuda") == "chunked"
+    for backend in ("chunked", "sequential"):  # an explicit choice is kept, whatever is installed
+        assert resolve_backend(backend, "cuda") == backend
+        assert resolve_backend(backend, "cpu") == backend
+    with pytest.raises(ValueError, match="ssd: backend='triton'; valid: 'auto', 'chunked', 'sequential'"):
+        resolve_backend("triton", "cpu")
+
+
+def test_cpu_never_reports_the_cuda_kernel():
+    assert resolve_backend("auto", "cpu") == "chunked"
+    assert resolve_backend("auto", torch.device("cpu")) == "chunked"
+
+
+@pytest.mark.parametrize("backend", ["auto", "chunked", "sequential"])
+def test_entry_point_runs_the_chosen_path(backend):
+    inputs = make_inputs(13, 2, torch.float64, {"D", "z", "dt_bias", "initial_states"})
+    y, final = ssd(**inputs, chunk_size=4, dt_softplus=True, return_final_states=True, backend=backend)
+    if backend == "sequential":
+        y_expected, final_expected = ssd_ref(**inputs, dt_softplus=True, return_final_states=True)
+        assert torch.equal(y, y_expected) and torch.equal(final, final_expected)
+    else:
+        y_expected, final_expected = ssd_chunked(**inputs, chunk_size=4, dt_softplus=True, return_final_states=True)
+        assert torch.equal(y, y_expected) and torch.equal(final, final_expected)

@@ -10,10 +10,10 @@ moment it registers.
 FLOPs per generated token at context L (forward only) are the sum of
   - matmul FLOPs: 2 x the weights of every `nn.Linear` in the stack, plus the output head
     (the "2N" rule of Kaplan et al., 2020, "Scaling Laws for Neural Language Models", sec. 2.1);
-  - the sequence-mixing FLOPs the weights do not show: for attention 4 L H E per layer (q k^T and
-    the weighted sum of values over L keys); for any other mixer its `flops_per_token(seq_len)`
-    method (every built-in mixer has one: the recurrent step's multiply-adds, plus weights held as
-    Parameters rather than Linear layers), else unknown (reported as such, never guessed).
+  - the sequence-mixing FLOPs the weights do not show: each mixer's `flops_per_token(seq_len)`,
+    part of the contract (for attention 4 L H E per layer: q k^T and the weighted sum of values
+    over L keys; for the recurrent mixers the step's multiply-adds, plus weights held as
+    Parameters rather than Linear layers).
 Linear layers inside a module with `per_token_weights = False` (Hyena's filter MLP, which maps
 positions to taps and is memoised when decoding) are not charged per token.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqarch.mixers.attention import Attention
+from seqarch.mixers.base import SequenceMixer
 from seqarch.models import SeqLM
 
 
@@ -106,14 +106,10 @@ def match_width(mixer: str, target_params: int, n_layers: int, vocab_size: int, 
     return best[1]
 
 
-def mixing_flops_per_token(mixer: nn.Module, seq_len: int) -> int | None:
-    """Sequence-mixing FLOPs of one layer for one token at context `seq_len` (forward), or None."""
-    declared = getattr(mixer, "flops_per_token", None)
-    if callable(declared):
-        return int(declared(seq_len))
-    if isinstance(mixer, Attention):
-        return 4 * seq_len * mixer.config.heads * mixer.config.head_dim
-    return None
+def mixing_flops_per_token(mixer: SequenceMixer, seq_len: int) -> int:
+    """Sequence-mixing FLOPs of one layer for one token at context `seq_len` (forward): the mixer's
+    own `flops_per_token` (declared by the contract, seqarch.mixers.base)."""
+    return int(mixer.flops_per_token(seq_len))
 
 
 def _per_token_linears(module: nn.Module):
@@ -144,8 +140,7 @@ def account(mixer: str, shape: ModelShape, seq_lens: list[int], batch_size: int 
     matmul = matmul_flops_per_token(model)
     rows = []
     for seq_len in seq_lens:
-        mixing = [mixing_flops_per_token(block.mixer, seq_len) for block in model.layers]
-        mixing_total = None if any(value is None for value in mixing) else sum(mixing)
+        mixing_total = sum(mixing_flops_per_token(block.mixer, seq_len) for block in model.layers)
         rows.append({
             "mixer": mixer,
             "seq_len": seq_len,
@@ -159,7 +154,7 @@ def account(mixer: str, shape: ModelShape, seq_lens: list[int], batch_size: int 
             "state_grows_with_length": bool(model.layers[0].state_grows_with_length),
             "matmul_flops_per_token": matmul,
             "mixing_flops_per_token": mixing_total,
-            "flops_per_token": None if mixing_total is None else matmul + mixing_total,
+            "flops_per_token": matmul + mixing_total,
         })
     return rows
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
 from seqarch.ops.attention import (
     alibi_bias,
     attention_mask,
@@ -85,6 +85,7 @@ class AttentionConfig:
     knn_memory_size: int = 8192  # kNN memory: most recent (key, value) pairs of earlier chunks kept
 
     def __post_init__(self):
+        check_positive("attention", d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads)
         if self.d_model % self.heads:
             raise ValueError(f"attention: d_model={self.d_model} is not divisible by n_heads={self.heads}")
         if self.heads % self.kv_heads:
@@ -185,7 +186,7 @@ class MemoryKVCache(KVCache):
 
 
 @register("attention", AttentionConfig)
-class Attention(SequenceMixer):
+class AttentionMixer(SequenceMixer):
     def __init__(self, config: AttentionConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -379,7 +380,7 @@ class Attention(SequenceMixer):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> KVCache:
         cfg = self.config
-        empty = torch.zeros(batch_size, cfg.kv_heads, 0, cfg.head_dim, device=device, dtype=dtype)
+        empty = torch.zeros(batch_size, cfg.kv_heads, 0, cfg.head_dim, **self.state_factory(device, dtype))
         if cfg.knn_top_k is not None:
             return MemoryKVCache(key=empty, value=empty.clone(), position=0, memory_key=empty.clone(),
                                  memory_value=empty.clone())
@@ -387,10 +388,14 @@ class Attention(SequenceMixer):
 
     def prefill(self, x: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         check_input(x, self.d_model, 3, "attention.prefill")
+        check_state(state, MemoryKVCache if self.config.knn_top_k is not None else KVCache, x.shape[0],
+                    "attention.prefill")
         return self._run(x, state)
 
     def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         check_input(x_t, self.d_model, 2, "attention.step")
+        check_state(state, MemoryKVCache if self.config.knn_top_k is not None else KVCache, x_t.shape[0],
+                    "attention.step")
         y, state = self._run(x_t.unsqueeze(1), state)
         return y.squeeze(1), state
 
@@ -406,8 +411,13 @@ class Attention(SequenceMixer):
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
+        element = element_size(dtype)
         return 2 * batch_size * cfg.kv_heads * self.cached_entries(seq_len) * cfg.head_dim * element
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Decode FLOPs beyond the Linear weights (seqarch.bench.accounting): q k^T and the weighted sum
+        of values over the L keys, 4 L H E (full attention at context L, as the accounting reports it)."""
+        return 4 * seq_len * self.config.heads * self.config.head_dim
 
     # --- kNN memory ------------------------------------------------------------------------------------
     def _run_knn(self, x: torch.Tensor, state: MemoryKVCache) -> tuple[torch.Tensor, MemoryKVCache]:
@@ -508,3 +518,6 @@ class Attention(SequenceMixer):
         scores = self._logits_ref(q_t, k_memory, distance, t)
         top = scores.topk(min(self.config.knn_top_k, len(memory)), dim=-1).indices
         return torch.cat([local, memory[top]], dim=-1)
+
+
+Attention = AttentionMixer  # the class's earlier name, kept as an alias for one release

@@ -35,7 +35,15 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input
+from seqarch.mixers.base import (
+    MixerState,
+    SequenceMixer,
+    check_input,
+    check_positive,
+    check_state,
+    complex_dtype,
+    element_size,
+)
 from seqarch.mixers.hyena_filter import ImplicitFilter, ModalFilter
 from seqarch.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqarch.ops.fftconv import fftconv
@@ -60,6 +68,7 @@ class HyenaConfig:
     decay_target: float = 1e-2  # envelope value that defines the two decay percentages
 
     def __post_init__(self):
+        check_positive("hyena", d_model=self.d_model)
         if self.order < 2:
             raise ValueError(f"hyena: order must be >= 2 (order 2 = one long convolution), got {self.order}")
         if self.max_len < 2:
@@ -157,6 +166,12 @@ class HyenaMixer(SequenceMixer):
         return rearrange(fit.relative_error, "(o d) -> o d", o=self.config.n_filters)
 
     # --- filters ------------------------------------------------------------------------------
+    def _check_state(self, state, batch_size: int, what: str) -> None:
+        if self.distilled:
+            check_state(state, HyenaModalState, batch_size, what, complex_fields=("modal",))
+        else:
+            check_state(state, HyenaState, batch_size, what)
+
     def _check_length(self, total: int, what: str) -> None:
         if total > self.config.max_len and not self.distilled:
             raise ValueError(f"hyena.{what}: {total} tokens exceed max_len={self.config.max_len}, the longest "
@@ -194,7 +209,7 @@ class HyenaMixer(SequenceMixer):
         weight, bias = rearrange(self.short_conv.weight, "c 1 w -> c w"), self.short_conv.bias
         # The eager conv: the FFT convolutions after it want (B, D, L) rows, and the compiled
         # kernel's channel-last output made Hyena's training step 1.2-1.3x slower (measured).
-        streams = rearrange(causal_conv1d(projected, weight, bias, initial_states=conv_state, path="eager"),
+        streams = rearrange(causal_conv1d(projected, weight, bias, initial_states=conv_state, backend="parallel"),
                             "b (s d) l -> s b d l", s=self.config.n_streams)
         if conv_state is None:
             return streams, None
@@ -217,18 +232,20 @@ class HyenaMixer(SequenceMixer):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> HyenaState | HyenaModalState:
         cfg = self.config
+        factory = self.state_factory(device, dtype)
+        device, dtype = factory["device"], factory["dtype"]
         conv = torch.zeros(batch_size, cfg.n_streams * cfg.d_model, cfg.short_conv_width - 1, device=device,
                            dtype=dtype)
         if self.distilled:
-            complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
             modal = torch.zeros(batch_size, cfg.n_filters, cfg.d_model, self.filter.n_modes, device=device,
-                                dtype=complex_dtype)
+                                dtype=complex_dtype(dtype))
             return HyenaModalState(conv=conv, modal=modal, position=0)
         history = torch.zeros(batch_size, cfg.n_filters, cfg.d_model, 0, device=device, dtype=dtype)
         return HyenaState(conv=conv, history=history, position=0)
 
     def prefill(self, x: torch.Tensor, state):
         check_input(x, self.d_model, 3, "hyena.prefill")
+        self._check_state(state, x.shape[0], "hyena.prefill")
         self._check_length(state.position + x.shape[1], "prefill")
         streams, conv = self._streams(x, state.conv)
         if self.distilled:
@@ -274,6 +291,7 @@ class HyenaMixer(SequenceMixer):
 
     def step(self, x_t: torch.Tensor, state):
         check_input(x_t, self.d_model, 2, "hyena.step")
+        self._check_state(state, x_t.shape[0], "hyena.step")
         self._check_length(state.position + 1, "step")
         cfg = self.config
         projected = self.in_proj(x_t)  # (B, S * D)
@@ -318,9 +336,9 @@ class HyenaMixer(SequenceMixer):
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
+        element = element_size(dtype)
         conv = batch_size * cfg.n_streams * cfg.d_model * (cfg.short_conv_width - 1) * element
         if self.distilled:
-            complex_bytes = 16 if dtype == torch.float64 else 8
+            complex_bytes = element_size(complex_dtype(dtype))
             return conv + batch_size * cfg.n_filters * cfg.d_model * self.filter.n_modes * complex_bytes
         return conv + batch_size * cfg.n_filters * cfg.d_model * seq_len * element

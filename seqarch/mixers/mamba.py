@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from seqarch.backends import cpp_compiler_available, cuda_kernels_usable, notify_once
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input
+from seqarch.backends import check_backend
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
 from seqarch.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
-from seqarch.ops.selective_scan import CHUNK_SIZE, SCANS, selective_scan
+from seqarch.ops.selective_scan import BACKENDS, CHUNK_SIZE, Backend, describe_backend, selective_scan
 from seqarch.registry import register
 
 
@@ -49,13 +50,14 @@ class MambaConfig:
     dt_scale: float = 1.0  # dt_proj weights start uniform in +-dt_scale / sqrt(R)
     conv_bias: bool = True  # bias of the depthwise convolution, as the paper
     bias: bool = False  # biases of in_proj / out_proj, off as the paper
-    scan: str = "auto"  # "auto" | "compiled" | "chunked" | "sequential"; see seqarch.ops.selective_scan
+    backend: Backend = "auto"  # the selective scan's path; see seqarch.ops.selective_scan.resolve_backend
     chunk_size: int = CHUNK_SIZE  # K: backward checkpoints every K steps; the chunk of the eager scan
 
+    _renamed: ClassVar[dict[str, str]] = {"scan": "backend"}  # old key -> new key, accepted for one release
+
     def __post_init__(self):
-        for name in ("d_model", "d_state", "d_conv", "expand", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"mamba: {name} must be >= 1, got {getattr(self, name)}")
+        check_positive("mamba", d_model=self.d_model, d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                       chunk_size=self.chunk_size)
         if isinstance(self.dt_rank, str) and self.dt_rank != "auto":
             raise ValueError(f"mamba: dt_rank={self.dt_rank!r}; valid: a positive int or 'auto'")
         if isinstance(self.dt_rank, int) and self.dt_rank < 1:
@@ -64,8 +66,7 @@ class MambaConfig:
             raise ValueError(f"mamba: need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
         if self.dt_init_floor <= 0:
             raise ValueError(f"mamba: dt_init_floor must be > 0, got {self.dt_init_floor}")
-        if self.scan not in SCANS:
-            raise ValueError(f"mamba: scan={self.scan!r}; valid: {', '.join(map(repr, SCANS))}")
+        check_backend("mamba", self.backend, BACKENDS)
 
     @property
     def d_inner(self) -> int:
@@ -83,7 +84,7 @@ class MambaState(MixerState):
 
 
 @register("mamba", MambaConfig)
-class Mamba(SequenceMixer):
+class MambaMixer(SequenceMixer):
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -127,16 +128,9 @@ class Mamba(SequenceMixer):
         # exp of A_log in at least float32: in half precision the decays exp(dt A) lose the state.
         return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
 
-    def _uses_cuda_conv(self, device: torch.device) -> bool:
-        return self.config.scan == "auto" and cuda_kernels_usable("causal_conv1d", device)
-
     def _convolve(self, x: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
-        """x (B, E, L) -> SiLU(causal conv) (B, E, L), continuing from `history` (B, E, W - 1)."""
-        if history is None and self._uses_cuda_conv(x.device):
-            from causal_conv1d import causal_conv1d_fn
-
-            notify_once("mamba:cuda-conv", "mamba's convolution runs the causal-conv1d CUDA kernel")
-            return causal_conv1d_fn(x, self._conv_weight(), self.conv1d.bias, activation="silu")
+        """x (B, E, L) -> SiLU(causal conv) (B, E, L), continuing from `history` (B, E, W - 1); the
+        op picks its kernel ("auto")."""
         return causal_conv1d(x, self._conv_weight(), self.conv1d.bias, "silu", history)
 
     def _mix(self, u: torch.Tensor, state: MambaState | None):
@@ -150,7 +144,7 @@ class Mamba(SequenceMixer):
             x_conv, rearrange(dt, "b l e -> b e l"), self._A(),
             rearrange(Bs, "b l n -> b n l"), rearrange(Cs, "b l n -> b n l"), self.D,
             z=z, delta_bias=self.dt_proj.bias, delta_softplus=True, return_last_state=state is not None,
-            initial_state=state.ssm if state is not None else None, scan=cfg.scan, chunk_size=cfg.chunk_size,
+            initial_state=state.ssm if state is not None else None, backend=cfg.backend, chunk_size=cfg.chunk_size,
         )
         if state is None:
             return self.out_proj(rearrange(result, "b e l -> b l e")), None
@@ -162,14 +156,7 @@ class Mamba(SequenceMixer):
 
     # --- the contract -------------------------------------------------------------------------
     def describe_paths(self, device: torch.device | str = "cpu") -> str:
-        scan = self.config.scan
-        if scan != "auto":
-            return f"scan={scan}"
-        if cuda_kernels_usable("mamba_ssm", device):
-            return "scan=auto: mamba-ssm CUDA kernel"
-        if torch.device(device).type == "cpu" and cpp_compiler_available():
-            return "scan=auto: compiled C++ CPU kernel (built on first use, cached); chunked if the build fails"
-        return "scan=auto: eager chunked PyTorch scan"
+        return "selective scan " + describe_backend(self.config.backend, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.d_model, 3, "mamba.forward")
@@ -177,20 +164,21 @@ class Mamba(SequenceMixer):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
         cfg = self.config
-        dtype = dtype if dtype is not None else self.in_proj.weight.dtype
-        device = device if device is not None else self.in_proj.weight.device
+        factory = self.state_factory(device, dtype)
         return MambaState(
-            conv=torch.zeros(batch_size, cfg.d_inner, cfg.d_conv - 1, device=device, dtype=dtype),
-            ssm=torch.zeros(batch_size, cfg.d_inner, cfg.d_state, device=device, dtype=dtype),
+            conv=torch.zeros(batch_size, cfg.d_inner, cfg.d_conv - 1, **factory),
+            ssm=torch.zeros(batch_size, cfg.d_inner, cfg.d_state, **factory),
         )
 
     def prefill(self, x: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
         check_input(x, self.d_model, 3, "mamba.prefill")
+        check_state(state, MambaState, x.shape[0], "mamba.prefill")
         return self._mix(x, state)
 
     def step(self, x_t: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
         """One token: causal_conv1d_update, then one step of h = exp(dt A) h + dt x B."""
         check_input(x_t, self.d_model, 2, "mamba.step")
+        check_state(state, MambaState, x_t.shape[0], "mamba.step")
         x, z = self.in_proj(x_t).chunk(2, dim=-1)  # (B, E) each
         x_conv, conv = causal_conv1d_update(x, state.conv.to(x.dtype), self._conv_weight(), self.conv1d.bias,
                                             "silu")
@@ -214,5 +202,8 @@ class Mamba(SequenceMixer):
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
+        element = element_size(dtype)
         return batch_size * cfg.d_inner * (cfg.d_conv - 1 + cfg.d_state) * element
+
+
+Mamba = MambaMixer  # the class's earlier name, kept as an alias for one release

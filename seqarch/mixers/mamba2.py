@@ -4,8 +4,8 @@ Dao and Gu (2024), "Transformers are SSMs: Generalized Models and Efficient Algo
 Structured State Space Duality", Section 7 (the Mamba-2 block), following mamba-ssm's `Mamba2`
 module in parameter names and initialisation, so its checkpoints map one to one.
 
-Legend: B batch, L length, D model width, E inner width (= expand * D), H heads, P head dim
-(E = H * P), G groups of B/C (H % G == 0), N state size, W conv width, F conv channels (= E + 2 G N).
+Legend: B batch, L length, D model width, E inner width (= expand * D), H heads (n_heads), P head dim
+(head_dim, E = H * P), G groups of B/C (H % G == 0), N state size, W conv width, F conv channels (= E + 2 G N).
 
     z, xBC, dt = in_proj(u)                          (B, L, E), (B, L, F), (B, L, H)
     x, B, C    = split(silu(causal_conv1d(xBC)))     (B, L, E), (B, L, G N), (B, L, G N)
@@ -21,19 +21,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from seqarch.backends import cuda_kernels_usable, notify_once
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input
+from seqarch.backends import check_backend
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
 from seqarch.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
-from seqarch.ops.ssd import DEFAULT_CHUNK_SIZE, ssd, ssd_ref, ssd_step
+from seqarch.ops.ssd import BACKENDS, DEFAULT_CHUNK_SIZE, Backend, describe_backend, ssd, ssd_step
 from seqarch.registry import register
-
-SCANS = ("auto", "chunked", "sequential")
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class Mamba2Config:
     d_state: int = 64  # N, state size per head channel (mamba-ssm uses 128 for large models)
     d_conv: int = 4  # W, width of the short causal conv over x, B, C
     expand: int = 2  # inner width E = expand * d_model
-    headdim: int = 32  # P; 32 gives >= 2 heads already at d_model 64 (mamba-ssm's default is 64)
+    head_dim: int = 32  # P; 32 gives >= 2 heads already at d_model 64 (mamba-ssm's default is 64)
     ngroups: int = 1  # G groups of B/C, each shared by H / G heads (as key/value heads in GQA)
     chunk_size: int = DEFAULT_CHUNK_SIZE  # Q of the chunked SSD; measured on CPU, see ops/ssd.py
     A_init_range: tuple[float, ...] = (1.0, 16.0)  # -A per head is drawn uniformly from this range
@@ -52,19 +51,19 @@ class Mamba2Config:
     norm_eps: float = 1e-5  # epsilon of the gated RMSNorm
     bias: bool = False  # biases in in_proj and out_proj (off in Mamba-2)
     conv_bias: bool = True  # bias of the depthwise conv
-    scan: str = "auto"  # "auto" | "chunked" | "sequential"; see choose_scan
+    backend: Backend = "auto"  # the SSD scan's path; see seqarch.ops.ssd.resolve_backend
+
+    _renamed: ClassVar[dict[str, str]] = {"scan": "backend", "headdim": "head_dim"}  # accepted for one release
 
     def __post_init__(self):
-        if self.scan not in SCANS:
-            raise ValueError(f"mamba2: scan={self.scan!r}; valid: {', '.join(map(repr, SCANS))}")
-        for name in ("d_model", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"mamba2: {name} must be >= 1, got {getattr(self, name)}")
-        if self.d_inner % self.headdim:
+        check_backend("mamba2", self.backend, BACKENDS)
+        check_positive("mamba2", d_model=self.d_model, d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                       head_dim=self.head_dim, ngroups=self.ngroups, chunk_size=self.chunk_size)
+        if self.d_inner % self.head_dim:
             raise ValueError(f"mamba2: inner width expand * d_model = {self.d_inner} is not divisible by "
-                             f"headdim={self.headdim}")
-        if self.nheads % self.ngroups:
-            raise ValueError(f"mamba2: the {self.nheads} heads are not divisible into ngroups={self.ngroups}")
+                             f"head_dim={self.head_dim}")
+        if self.n_heads % self.ngroups:
+            raise ValueError(f"mamba2: the {self.n_heads} heads are not divisible into ngroups={self.ngroups}")
         if len(self.A_init_range) != 2 or not 0 < self.A_init_range[0] <= self.A_init_range[1]:
             raise ValueError(f"mamba2: A_init_range must be (low, high) with 0 < low <= high, got {self.A_init_range}")
         if not 0 < self.dt_min <= self.dt_max:
@@ -75,8 +74,8 @@ class Mamba2Config:
         return self.expand * self.d_model
 
     @property
-    def nheads(self) -> int:
-        return self.d_inner // self.headdim
+    def n_heads(self) -> int:
+        return self.d_inner // self.head_dim
 
     @property
     def conv_dim(self) -> int:
@@ -87,23 +86,6 @@ class Mamba2Config:
 class Mamba2State(MixerState):
     conv: torch.Tensor  # (B, F, W - 1): the last W - 1 inputs of the conv
     ssm: torch.Tensor  # (B, H, P, N)
-
-
-def choose_scan(scan: str, device: torch.device | str, cuda_kernels: bool) -> str:
-    """The SSD path that runs: "cuda" (mamba-ssm + causal-conv1d kernels), "chunked" or "sequential".
-
-    "auto" takes the CUDA kernels only when the tensors are on a CUDA device and `cuda_kernels`
-    (both packages import there); everywhere else the chunked PyTorch path. An explicit choice is kept.
-    """
-    if scan not in SCANS:
-        raise ValueError(f"mamba2: scan={scan!r}; valid: {', '.join(map(repr, SCANS))}")
-    if scan != "auto":
-        return scan
-    return "cuda" if torch.device(device).type == "cuda" and cuda_kernels else "chunked"
-
-
-def mamba2_cuda_kernels_usable(device: torch.device | str) -> bool:
-    return cuda_kernels_usable("mamba_ssm", device) and cuda_kernels_usable("causal_conv1d", device)
 
 
 class GatedRMSNorm(nn.Module):
@@ -122,13 +104,13 @@ class GatedRMSNorm(nn.Module):
 
 
 @register("mamba2", Mamba2Config)
-class Mamba2(SequenceMixer):
+class Mamba2Mixer(SequenceMixer):
     def __init__(self, config: Mamba2Config, device=None, dtype=None):
         super().__init__()
         self.config = config
         self.d_model = config.d_model
         factory = {"device": device, "dtype": dtype}
-        heads = config.nheads
+        heads = config.n_heads
         projected = 2 * config.d_inner + 2 * config.ngroups * config.d_state + heads  # [z, xBC, dt]
         self.in_proj = nn.Linear(config.d_model, projected, bias=config.bias, **factory)
         self.conv1d = nn.Conv1d(config.conv_dim, config.conv_dim, config.d_conv, groups=config.conv_dim,
@@ -148,7 +130,7 @@ class Mamba2(SequenceMixer):
     # --- pieces shared by the paths ---------------------------------------------------------
     def _split_projection(self, u: torch.Tensor):
         cfg = self.config
-        return torch.split(self.in_proj(u), [cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
+        return torch.split(self.in_proj(u), [cfg.d_inner, cfg.conv_dim, cfg.n_heads], dim=-1)
 
     def _split_conv_output(self, xBC: torch.Tensor):
         cfg = self.config
@@ -157,47 +139,28 @@ class Mamba2(SequenceMixer):
     def _conv_weight(self) -> torch.Tensor:
         return rearrange(self.conv1d.weight, "f 1 w -> f w")
 
-    def _scan_path(self, device: torch.device) -> str:
-        cfg = self.config
-        cuda_kernels = cfg.scan == "auto" and device.type == "cuda" and mamba2_cuda_kernels_usable(device)
-        path = choose_scan(cfg.scan, device, cuda_kernels)
-        notify_once(f"mamba2-scan-{path}-{device.type}", f"mamba2 runs the {path} SSD path on {device.type}")
-        return path
-
     def _mix(self, u: torch.Tensor, state: Mamba2State | None):
         """u (B, L, D), continuing from `state` (None: from zeros, and no state is returned)."""
         cfg = self.config
-        path = self._scan_path(u.device)
         z, xBC, dt = self._split_projection(u)
         xBC = rearrange(xBC, "b l f -> b f l")
         history = None if state is None else state.conv.to(u.dtype)
-        if path == "cuda" and history is None:
-            from causal_conv1d import causal_conv1d_fn
-
-            conv_out = causal_conv1d_fn(xBC, self._conv_weight(), self.conv1d.bias, activation="silu")
-        else:
-            conv_out = causal_conv1d(xBC, self._conv_weight(), self.conv1d.bias, "silu", history)
+        conv_out = causal_conv1d(xBC, self._conv_weight(), self.conv1d.bias, "silu", history)
         x, B, C = self._split_conv_output(rearrange(conv_out, "b f l -> b l f"))
-        arguments = {
-            "x": rearrange(x, "b l (h p) -> b l h p", p=cfg.headdim),
-            "dt": dt,
-            "A": -torch.exp(self.A_log),
-            "B": rearrange(B, "b l (g n) -> b l g n", g=cfg.ngroups),
-            "C": rearrange(C, "b l (g n) -> b l g n", g=cfg.ngroups),
-            "D": self.D,
-            "dt_bias": self.dt_bias,
-            "dt_softplus": True,
-            "initial_states": None if state is None else state.ssm.to(u.dtype),
-            "return_final_states": state is not None,
-        }
-        if path == "cuda":
-            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-            result = mamba_chunk_scan_combined(chunk_size=cfg.chunk_size, **arguments)
-        elif path == "chunked":
-            result = ssd(chunk_size=cfg.chunk_size, **arguments)
-        else:
-            result = ssd_ref(**arguments)
+        result = ssd(
+            rearrange(x, "b l (h p) -> b l h p", p=cfg.head_dim),
+            dt,
+            -torch.exp(self.A_log),
+            rearrange(B, "b l (g n) -> b l g n", g=cfg.ngroups),
+            rearrange(C, "b l (g n) -> b l g n", g=cfg.ngroups),
+            chunk_size=cfg.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            initial_states=None if state is None else state.ssm.to(u.dtype),
+            return_final_states=state is not None,
+            backend=cfg.backend,
+        )
         y, final = result if state is not None else (result, None)
         out = self.out_proj(self.norm(rearrange(y, "b l h p -> b l (h p)"), z))
         if state is None:
@@ -209,9 +172,7 @@ class Mamba2(SequenceMixer):
 
     # --- the contract -----------------------------------------------------------------------
     def describe_paths(self, device: torch.device | str = "cpu") -> str:
-        chosen = choose_scan(self.config.scan, device, mamba2_cuda_kernels_usable(device))
-        return f"scan={self.config.scan}: " + {"cuda": "mamba-ssm CUDA kernels", "chunked": "chunked SSD (PyTorch)",
-                                              "sequential": "sequential reference"}[chosen]
+        return "SSD " + describe_backend(self.config.backend, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.d_model, 3, "mamba2.forward")
@@ -219,25 +180,27 @@ class Mamba2(SequenceMixer):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> Mamba2State:
         cfg = self.config
-        factory = {"device": device, "dtype": dtype if dtype is not None else self.out_proj.weight.dtype}
+        factory = self.state_factory(device, dtype)
         return Mamba2State(
             conv=torch.zeros(batch_size, cfg.conv_dim, cfg.d_conv - 1, **factory),
-            ssm=torch.zeros(batch_size, cfg.nheads, cfg.headdim, cfg.d_state, **factory),
+            ssm=torch.zeros(batch_size, cfg.n_heads, cfg.head_dim, cfg.d_state, **factory),
         )
 
     def prefill(self, x: torch.Tensor, state: Mamba2State) -> tuple[torch.Tensor, Mamba2State]:
         check_input(x, self.d_model, 3, "mamba2.prefill")
+        check_state(state, Mamba2State, x.shape[0], "mamba2.prefill")
         return self._mix(x, state)
 
     def step(self, x_t: torch.Tensor, state: Mamba2State) -> tuple[torch.Tensor, Mamba2State]:
         check_input(x_t, self.d_model, 2, "mamba2.step")
+        check_state(state, Mamba2State, x_t.shape[0], "mamba2.step")
         cfg = self.config
         z, xBC, dt = self._split_projection(x_t)
         xBC, conv_state = causal_conv1d_update(xBC, state.conv.to(x_t.dtype), self._conv_weight(),
                                                self.conv1d.bias, "silu")
         x, B, C = self._split_conv_output(xBC)
         y, ssm_state = ssd_step(
-            rearrange(x, "b (h p) -> b h p", p=cfg.headdim), dt, -torch.exp(self.A_log),
+            rearrange(x, "b (h p) -> b h p", p=cfg.head_dim), dt, -torch.exp(self.A_log),
             rearrange(B, "b (g n) -> b g n", g=cfg.ngroups), rearrange(C, "b (g n) -> b g n", g=cfg.ngroups),
             state.ssm.to(x_t.dtype), D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
         )
@@ -249,9 +212,12 @@ class Mamba2(SequenceMixer):
         x, B, C (2 conv_dim W) and the SSD step, per (head, head dim, state) h = decay h + (dt x) B
         and y += C h (5 H P N); independent of the context length."""
         cfg = self.config
-        return 2 * cfg.conv_dim * cfg.d_conv + 5 * cfg.nheads * cfg.headdim * cfg.d_state
+        return 2 * cfg.conv_dim * cfg.d_conv + 5 * cfg.n_heads * cfg.head_dim * cfg.d_state
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
-        return batch_size * (cfg.conv_dim * (cfg.d_conv - 1) + cfg.nheads * cfg.headdim * cfg.d_state) * element
+        element = element_size(dtype)
+        return batch_size * (cfg.conv_dim * (cfg.d_conv - 1) + cfg.n_heads * cfg.head_dim * cfg.d_state) * element
+
+
+Mamba2 = Mamba2Mixer  # the class's earlier name, kept as an alias for one release

@@ -23,15 +23,16 @@ the parallel form's function exactly; c_n depends only on the absolute position.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input
-from seqarch.ops.retention import default_log_decay, retention, retention_step
+from seqarch.backends import check_backend
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
+from seqarch.ops.retention import BACKENDS, Backend, default_log_decay, describe_backend, retention, retention_step
 from seqarch.registry import register
 
 
@@ -57,14 +58,16 @@ class RetNetConfig:
     value_factor: int = 2  # value and gate width = value_factor * d_model, as in the paper
     decay: tuple[float, ...] | None = None  # per-head γ in (0, 1); None: 1 - 2^(-5-h)
     rope_base: float = 10000.0  # base of the q/k rotation angles base^(-i / (K/2 - 1)), as torchscale
-    mode: Literal["parallel", "chunkwise"] = "chunkwise"  # training / prefill form; both exact
+    backend: Backend = "auto"  # training / prefill form ("auto" = "chunked"); all exact; see ops/retention.py
     chunk_size: int = 64  # chunkwise form's chunk; fastest of 16..256 on CPU (benchmarks/bench_retention.py)
     norm_eps: float = 1e-6  # eps of the per-head RMS norm (torchscale's layernorm_eps)
     bias: bool = False  # biases in the q/k/v/gate/output projections
 
+    _renamed: ClassVar[dict[str, str]] = {"mode": "backend"}  # accepted for one release, as are the old values:
+    _renamed_values: ClassVar[dict[str, dict[str, str]]] = {"backend": {"chunkwise": "chunked"}}
+
     def __post_init__(self):
-        if self.d_model < 1:
-            raise ValueError(f"retnet: d_model must be positive, got {self.d_model}")
+        check_positive("retnet", d_model=self.d_model, n_heads=self.n_heads)
         if self.heads < 1 or self.d_model % self.heads:
             raise ValueError(f"retnet: d_model={self.d_model} is not divisible by n_heads={self.heads}")
         if self.key_dim % 2:
@@ -76,8 +79,7 @@ class RetNetConfig:
                 raise ValueError(f"retnet: decay needs one γ per head ({self.heads}), got {len(self.decay)}")
             if not all(0 < gamma < 1 for gamma in self.decay):
                 raise ValueError(f"retnet: every decay γ must lie in (0, 1), got {self.decay}")
-        if self.mode not in ("parallel", "chunkwise"):
-            raise ValueError(f"retnet: mode={self.mode!r}; valid: 'parallel', 'chunkwise'")
+        check_backend("retnet", self.backend, BACKENDS)
         if self.chunk_size < 1:
             raise ValueError(f"retnet: chunk_size must be >= 1, got {self.chunk_size}")
         if self.norm_eps <= 0:
@@ -107,7 +109,7 @@ class RetNetState(MixerState):
 
 
 @register("retnet", RetNetConfig)
-class RetNet(SequenceMixer):
+class RetNetMixer(SequenceMixer):
     def __init__(self, config: RetNetConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -161,8 +163,11 @@ class RetNet(SequenceMixer):
         """Retention of [v, 1]: the extra value column is the score row sum r and its state Σ γ^(t-m) k_m."""
         cfg = self.config
         values = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # (B, H, L, V + 1)
-        return retention(q, k, values, decay=self._log_decay(q.device).exp(), mode=cfg.mode, chunk_size=cfg.chunk_size,
-                         initial_state=state, output_final_state=output_final_state)
+        return retention(q, k, values, decay=self._log_decay(q.device).exp(), backend=cfg.backend,
+                         chunk_size=cfg.chunk_size, initial_state=state, output_final_state=output_final_state)
+
+    def describe_paths(self, device: torch.device | str = "cpu") -> str:
+        return "retention " + describe_backend(self.config.backend, device) + "; recurrent step"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.d_model, 3, "retnet.forward")
@@ -172,11 +177,12 @@ class RetNet(SequenceMixer):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> RetNetState:
         cfg = self.config
-        zeros = torch.zeros(batch_size, cfg.heads, cfg.key_dim, cfg.value_dim + 1, device=device, dtype=dtype)
+        zeros = torch.zeros(batch_size, cfg.heads, cfg.key_dim, cfg.value_dim + 1, **self.state_factory(device, dtype))
         return RetNetState(retention=zeros, position=0)
 
     def prefill(self, x: torch.Tensor, state: RetNetState) -> tuple[torch.Tensor, RetNetState]:
         check_input(x, self.d_model, 3, "retnet.prefill")
+        check_state(state, RetNetState, x.shape[0], "retnet.prefill")
         q, k, v, gate = self._project(x, state.position)
         out, final = self._retain(q, k, v, state.retention.to(q.dtype), True)
         new_state = RetNetState(retention=final.to(state.retention.dtype), position=state.position + x.shape[1])
@@ -184,6 +190,7 @@ class RetNet(SequenceMixer):
 
     def step(self, x_t: torch.Tensor, state: RetNetState) -> tuple[torch.Tensor, RetNetState]:
         check_input(x_t, self.d_model, 2, "retnet.step")
+        check_state(state, RetNetState, x_t.shape[0], "retnet.step")
         q, k, v, gate = self._project(x_t.unsqueeze(1), state.position)
         values = torch.cat([v[:, :, 0], v.new_ones(*v.shape[:2], 1)], dim=-1)  # (B, H, V + 1)
         out, retained = retention_step(q[:, :, 0], k[:, :, 0], values, state.retention.to(q.dtype),
@@ -193,7 +200,7 @@ class RetNet(SequenceMixer):
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
+        element = element_size(dtype)
         return batch_size * cfg.heads * cfg.key_dim * (cfg.value_dim + 1) * element
 
     def flops_per_token(self, seq_len: int) -> int:
@@ -203,3 +210,6 @@ class RetNet(SequenceMixer):
         cfg = self.config
         return 5 * cfg.heads * cfg.key_dim * (cfg.value_dim + 1) + 6 * cfg.heads * cfg.value_dim
 
+
+
+RetNet = RetNetMixer  # the class's earlier name, kept as an alias for one release

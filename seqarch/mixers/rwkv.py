@@ -2,7 +2,7 @@
 
 Peng et al. (2024), "Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence",
 section 4. Parameter names follow RWKV-LM's `RWKV_Tmix_x060` / `RWKV_CMix_x060`.
-Legend: B batch, L length, D model width, H heads, K head size (key = value size), R LoRA rank,
+Legend: B batch, L length, D model width, H heads (n_heads), K head size (head_dim, key = value size), R LoRA rank,
 F channel-mix hidden width.
 
 Time-mix, for token x_t with the previous token x_{t-1} (zeros before the first):
@@ -26,43 +26,47 @@ block's MLP state: the block owns the channel-mix, so it carries its state.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from seqarch.backends import cpp_compiler_available
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input
-from seqarch.ops.wkv import wkv6, wkv6_parallel, wkv6_ref, wkv6_step
+from seqarch.backends import check_backend
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
+from seqarch.ops.wkv import BACKENDS, Backend, describe_backend, wkv6, wkv6_step
 from seqarch.registry import register
 
-_MODES = ("auto", "compiled", "chunked", "parallel", "sequential")
 _MIXED = ("w", "k", "v", "r", "g")  # the five interpolations of the time-mix, in RWKV-LM's order
 
 
 @dataclass(frozen=True)
 class RWKV6Config:
     d_model: int = 256
-    head_size: int | None = None  # K per head; None: 64 (RWKV-6's size) if d_model >= 128, else d_model // 2
+    head_dim: int | None = None  # K per head; None: 64 (as RWKV-6) if d_model >= 128, else d_model // 2
     mix_lora_rank: int = 32  # rank R of the token-shift interpolation MLP (RWKV-LM's TIME_MIX_EXTRA_DIM)
     decay_lora_rank: int = 64  # rank of the decay MLP (RWKV-LM's TIME_DECAY_EXTRA_DIM)
     ffn_ratio: float = 3.5  # channel-mix hidden width F / D, rounded down to a multiple of 32 (as RWKV-6)
     depth_ratio: float = 0.5  # layer position in the stack, 0 first .. 1 last; RWKV's init varies with it
     # wkv algorithm: "auto" (compiled C++ kernel on CPU where it builds, else "chunked"), "compiled",
     # "chunked" (eager PyTorch), "parallel" (O(L^2 K) memory), "sequential" (token loop, reference)
-    mode: str = "auto"
+    backend: Backend = "auto"
     chunk_size: int = 32  # tokens per chunk: state passing of "chunked", state checkpoints of "compiled"
     subchunk_size: int = 8  # tokens whose pairwise decays are formed exactly; divides chunk_size
     norm_eps: float = 64e-5  # GroupNorm eps: RWKV's 1e-5 * head_size_divisor^2 with divisor 8
 
+    _renamed: ClassVar[dict[str, str]] = {"mode": "backend", "head_size": "head_dim"}  # accepted for one release
+
     def __post_init__(self):
         if self.d_model < 2:
             raise ValueError(f"rwkv6: d_model must be >= 2, got {self.d_model}")
+        check_positive("rwkv6", head_dim=self.head_dim)
+        if self.head_dim is None:  # frozen: the resolved default is stored once, so the config says what runs
+            object.__setattr__(self, "head_dim", 64 if self.d_model >= 128 else max(1, self.d_model // 2))
         if self.d_model % self.head_dim:
-            raise ValueError(f"rwkv6: d_model={self.d_model} is not divisible by head_size={self.head_dim}")
-        if self.mode not in _MODES:
-            raise ValueError(f"rwkv6: mode={self.mode!r}; valid: {', '.join(repr(m) for m in _MODES)}")
+            raise ValueError(f"rwkv6: d_model={self.d_model} is not divisible by head_dim={self.head_dim}")
+        check_backend("rwkv6", self.backend, BACKENDS)
         if self.chunk_size < 1 or self.subchunk_size < 1 or self.chunk_size % self.subchunk_size:
             raise ValueError(f"rwkv6: chunk_size={self.chunk_size} must be a positive multiple of "
                              f"subchunk_size={self.subchunk_size}")
@@ -75,13 +79,7 @@ class RWKV6Config:
             raise ValueError(f"rwkv6: depth_ratio must be in [0, 1], got {self.depth_ratio}")
 
     @property
-    def head_dim(self) -> int:
-        if self.head_size is not None:
-            return self.head_size
-        return 64 if self.d_model >= 128 else max(1, self.d_model // 2)
-
-    @property
-    def heads(self) -> int:
+    def n_heads(self) -> int:
         return self.d_model // self.head_dim
 
     @property
@@ -112,14 +110,14 @@ def _depth_profile(width: int, exponent: float) -> torch.Tensor:
 
 
 @register("rwkv6", RWKV6Config)
-class RWKV6(SequenceMixer):
+class RWKV6Mixer(SequenceMixer):
     """The Finch time-mix; `own_mlp()` gives the matching channel-mix."""
 
     def __init__(self, config: RWKV6Config, device=None, dtype=None):
         super().__init__()
         self.config = config
         self.d_model = width = config.d_model
-        heads = config.heads
+        heads = config.n_heads
         factory = {"device": device, "dtype": dtype}
         early, late = config.depth_ratio, 1.0 - config.depth_ratio  # RWKV-LM's ratio_0_to_1, ratio_1_to_almost0
 
@@ -169,20 +167,16 @@ class RWKV6(SequenceMixer):
         xr = x + xx * (self.time_maa_r + mr)
         xg = x + xx * (self.time_maa_g + mg)
         log_decay = -torch.exp(self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2)
-        heads = self.config.heads
+        heads = self.config.n_heads
         r, k, v, w = (rearrange(t, "b l (h k) -> b h l k", h=heads)
                       for t in (self.receptance(xr), self.key(xk), self.value(xv), log_decay))
         return r, k, v, w, F.silu(self.gate(xg))
 
     def _wkv(self, r, k, v, w, initial_state):
         cfg = self.config
-        u = self.time_faaaa
-        output_final_state = initial_state is not None
-        if cfg.mode in ("auto", "compiled", "chunked"):
-            return wkv6(r, k, v, w, u, scale=1.0, initial_state=initial_state, output_final_state=output_final_state,
-                        chunk_size=cfg.chunk_size, subchunk_size=cfg.subchunk_size, path=cfg.mode)
-        op = wkv6_parallel if cfg.mode == "parallel" else wkv6_ref
-        return op(r, k, v, w, u, scale=1.0, initial_state=initial_state, output_final_state=output_final_state)
+        return wkv6(r, k, v, w, self.time_faaaa, scale=1.0, initial_state=initial_state,
+                    output_final_state=initial_state is not None, chunk_size=cfg.chunk_size,
+                    subchunk_size=cfg.subchunk_size, backend=cfg.backend)
 
     def _output(self, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """out (B, H, L, K), gate (B, L, D) -> (B, L, D)."""
@@ -192,12 +186,7 @@ class RWKV6(SequenceMixer):
 
     # --- the contract -----------------------------------------------------------------------
     def describe_paths(self, device: torch.device | str = "cpu") -> str:
-        mode = self.config.mode
-        if mode != "auto":
-            return f"mode={mode}"
-        if torch.device(device).type == "cpu" and cpp_compiler_available():
-            return "mode=auto: compiled C++ CPU wkv6 kernel (built on first use, cached); chunked if the build fails"
-        return "mode=auto: eager chunked PyTorch wkv6"
+        return "wkv6 " + describe_backend(self.config.backend, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.d_model, 3, "rwkv6.forward")
@@ -207,15 +196,15 @@ class RWKV6(SequenceMixer):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> RWKV6State:
         cfg = self.config
+        factory = self.state_factory(device, dtype)
         return RWKV6State(
-            shift=torch.zeros(batch_size, self.d_model, device=device, dtype=dtype),
-            wkv=torch.zeros(batch_size, cfg.heads, cfg.head_dim, cfg.head_dim, device=device, dtype=dtype),
+            shift=torch.zeros(batch_size, self.d_model, **factory),
+            wkv=torch.zeros(batch_size, cfg.n_heads, cfg.head_dim, cfg.head_dim, **factory),
         )
 
     def prefill(self, x: torch.Tensor, state: RWKV6State) -> tuple[torch.Tensor, RWKV6State]:
         check_input(x, self.d_model, 3, "rwkv6.prefill")
-        if x.shape[1] == 0:
-            return x, state
+        check_state(state, RWKV6State, x.shape[0], "rwkv6.prefill")
         r, k, v, w, gate = self._project(x, _token_shift(x, state.shift))
         out, wkv_state = self._wkv(r, k, v, w, state.wkv)
         new_state = RWKV6State(shift=x[:, -1].to(state.shift.dtype), wkv=wkv_state.to(state.wkv.dtype))
@@ -223,6 +212,7 @@ class RWKV6(SequenceMixer):
 
     def step(self, x_t: torch.Tensor, state: RWKV6State) -> tuple[torch.Tensor, RWKV6State]:
         check_input(x_t, self.d_model, 2, "rwkv6.step")
+        check_state(state, RWKV6State, x_t.shape[0], "rwkv6.step")
         r, k, v, w, gate = self._project(x_t.unsqueeze(1), state.shift.to(x_t.dtype).unsqueeze(1))
         out_t, wkv_state = wkv6_step(r[:, :, 0], k[:, :, 0], v[:, :, 0], w[:, :, 0], self.time_faaaa,
                                      state.wkv.to(torch.promote_types(x_t.dtype, torch.float32)), scale=1.0)
@@ -237,12 +227,12 @@ class RWKV6(SequenceMixer):
         cfg = self.config
         lora = sum(weight.numel() for weight in (self.time_maa_w1, self.time_maa_w2, self.time_decay_w1,
                                                    self.time_decay_w2))
-        return 2 * lora + cfg.heads * cfg.head_dim + 5 * cfg.heads * cfg.head_dim * cfg.head_dim
+        return 2 * lora + cfg.n_heads * cfg.head_dim + 5 * cfg.n_heads * cfg.head_dim * cfg.head_dim
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
-        return batch_size * (self.d_model + cfg.heads * cfg.head_dim * cfg.head_dim) * element
+        element = element_size(dtype)
+        return batch_size * (self.d_model + cfg.n_heads * cfg.head_dim * cfg.head_dim) * element
 
     def own_mlp(self) -> RWKV6ChannelMix:
         weight = self.output.weight
@@ -277,18 +267,26 @@ class RWKV6ChannelMix(SequenceMixer):
         return self._mix(x, _token_shift(x, None))
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> ChannelMixState:
-        return ChannelMixState(shift=torch.zeros(batch_size, self.d_model, device=device, dtype=dtype))
+        return ChannelMixState(shift=torch.zeros(batch_size, self.d_model, **self.state_factory(device, dtype)))
 
     def prefill(self, x: torch.Tensor, state: ChannelMixState) -> tuple[torch.Tensor, ChannelMixState]:
         check_input(x, self.d_model, 3, "rwkv6 channel-mix prefill")
-        if x.shape[1] == 0:
-            return x, state
+        check_state(state, ChannelMixState, x.shape[0], "rwkv6 channel-mix prefill")
         y = self._mix(x, _token_shift(x, state.shift))
         return y, ChannelMixState(shift=x[:, -1].to(state.shift.dtype))
 
     def step(self, x_t: torch.Tensor, state: ChannelMixState) -> tuple[torch.Tensor, ChannelMixState]:
         check_input(x_t, self.d_model, 2, "rwkv6 channel-mix step")
+        check_state(state, ChannelMixState, x_t.shape[0], "rwkv6 channel-mix step")
         return self._mix(x_t, state.shift.to(x_t.dtype)), ChannelMixState(shift=x_t.to(state.shift.dtype))
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        return batch_size * self.d_model * torch.empty((), dtype=dtype).element_size()
+        return batch_size * self.d_model * element_size(dtype)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """FLOPs beyond the Linear weights: the token shift and two interpolations (5 D), the
+        squared ReLU (2 F) and the receptance gate's sigmoid and product (2 D)."""
+        return 7 * self.d_model + 2 * self.config.ffn_hidden
+
+
+RWKV6 = RWKV6Mixer  # the class's earlier name, kept as an alias for one release

@@ -26,13 +26,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input
+from seqarch.mixers.base import (
+    MixerState,
+    SequenceMixer,
+    check_input,
+    check_positive,
+    check_state,
+    complex_dtype,
+    element_size,
+)
 from seqarch.ops.fftconv import fftconv
 from seqarch.registry import register
 
@@ -41,11 +50,12 @@ from seqarch.registry import register
 class S4DConfig:
     d_model: int = 256
     d_state: int = 64  # real state size per channel; d_state / 2 complex modes
-    init: str = "inv"  # "inv" (S4D-Inv) or "lin" (S4D-Lin) imaginary parts of A
+    init: Literal["inv", "lin"] = "inv"  # S4D-Inv or S4D-Lin imaginary parts of A
     dt_min: float = 1e-3  # log dt is initialised uniformly in [log dt_min, log dt_max]
     dt_max: float = 1e-1
 
     def __post_init__(self):
+        check_positive("s4d", d_model=self.d_model)
         if self.d_state < 2 or self.d_state % 2:
             raise ValueError(f"s4d: d_state must be an even number >= 2, got {self.d_state}")
         if self.init not in ("inv", "lin"):
@@ -64,7 +74,7 @@ class S4DState(MixerState):
 
 
 @register("s4d", S4DConfig)
-class S4D(SequenceMixer):
+class S4DMixer(SequenceMixer):
     def __init__(self, config: S4DConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -139,12 +149,13 @@ class S4D(SequenceMixer):
         return self._output(rearrange(y, "b d l -> b l d"))
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> S4DState:
-        complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-        return S4DState(ssm=torch.zeros(batch_size, self.d_model, self.config.n_modes, device=device,
-                                        dtype=complex_dtype))
+        factory = self.state_factory(device, dtype)
+        return S4DState(ssm=torch.zeros(batch_size, self.d_model, self.config.n_modes, device=factory["device"],
+                                        dtype=complex_dtype(factory["dtype"])))
 
     def prefill(self, x: torch.Tensor, state: S4DState) -> tuple[torch.Tensor, S4DState]:
         check_input(x, self.d_model, 3, "s4d.prefill")
+        check_state(state, S4DState, x.shape[0], "s4d.prefill", complex_fields=("ssm",))
         u = rearrange(x, "b l d -> b d l")
         length = u.shape[-1]
         dtA_real, dtA_imag64, C, dB = self._discrete()
@@ -165,6 +176,7 @@ class S4D(SequenceMixer):
 
     def step(self, x_t: torch.Tensor, state: S4DState) -> tuple[torch.Tensor, S4DState]:
         check_input(x_t, self.d_model, 2, "s4d.step")
+        check_state(state, S4DState, x_t.shape[0], "s4d.step", complex_fields=("ssm",))
         dtA_real, dtA_imag64, C, dB = self._discrete()
         dA = torch.polar(dtA_real.exp(), dtA_imag64.to(dtA_real.dtype))
         h = dA * state.ssm.to(C.dtype) + dB * x_t[..., None].to(C.dtype)  # (B, D, N)
@@ -178,5 +190,8 @@ class S4D(SequenceMixer):
         return 14 * self.d_model * self.config.n_modes + 2 * self.d_model
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        complex_bytes = 16 if dtype == torch.float64 else 8
+        complex_bytes = element_size(complex_dtype(dtype))
         return batch_size * self.d_model * self.config.n_modes * complex_bytes
+
+
+S4D = S4DMixer  # the class's earlier name, kept as an alias for one release

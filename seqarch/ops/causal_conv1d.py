@@ -8,48 +8,62 @@ with x zero before t = 0. `causal_conv1d_update` is the recurrent form for one o
 it continues from `conv_state` (B, D, S), S >= W - 1, the last inputs in time order or a circular
 buffer (`cache_seqlens`), as the package's `causal_conv1d_update`, and returns the new state.
 
-Paths (`path=`):
+Paths (`backend=`, resolved by `resolve_backend`):
 - "compiled": the C++ CPU kernel (seqarch/ops/csrc/causal_conv1d.cpp), forward and backward with
   the SiLU fused, in the channel-last layout (B, L, D) the mixers' projections produce; built on
   first use;
-- "eager": PyTorch ops (W shifted multiply-adds without autograd, one grouped F.conv1d with it);
-- "auto" (default): "compiled" on CPU where the kernel builds, else "eager" with a one-time notice.
+- "parallel": eager PyTorch ops (W shifted multiply-adds without autograd, one grouped F.conv1d
+  with it);
+- "auto" (default): the causal-conv1d package's CUDA kernel on a CUDA device where it imports (and
+  no `initial_states` are given); on CPU "compiled" where the kernel builds; else "parallel", with
+  a one-time notice.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from seqarch.backends import compiled_or_chunked, cpp_extension_usable, load_cpp_extension
+from seqarch.backends import (
+    CompiledKernel,
+    check_backend,
+    compiled_or_eager,
+    cuda_kernels_usable,
+    describe_compiled_or_eager,
+    notify_once,
+    renamed_keyword,
+)
 
 _ACTIVATIONS = (None, "silu", "swish")
-PATHS = ("auto", "compiled", "eager")
-_KERNEL_NAME = "seqarch_causal_conv1d"
-_KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "causal_conv1d.cpp")
-_KERNEL_FLAGS = ("-march=native", "-ffast-math")
+Backend = Literal["auto", "compiled", "parallel"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+KERNEL = CompiledKernel("seqarch_causal_conv1d", os.path.join(os.path.dirname(__file__), "csrc", "causal_conv1d.cpp"),
+                        ("-march=native", "-ffast-math"))
 
 
-def compiled_kernel():
-    """The C++ causal-conv1d extension, built on first call and cached by torch."""
-    return load_cpp_extension(_KERNEL_NAME, _KERNEL_SOURCE, _KERNEL_FLAGS)
+def resolve_backend(backend: str, device: torch.device | str, has_initial_states: bool = False) -> str:
+    """The path `backend` runs on `device`: "cuda" (the causal-conv1d package), "compiled" or
+    "parallel" (see the module docstring); an explicit "compiled" that cannot run raises."""
+    check_backend("causal_conv1d", backend, BACKENDS)
+    device = torch.device(device)
+    if backend == "parallel":
+        return backend
+    if backend == "auto" and cuda_kernels_usable("causal_conv1d", device) and not has_initial_states:
+        notify_once("causal_conv1d:cuda", "causal_conv1d runs the causal-conv1d package's CUDA kernel")
+        return "cuda"
+    return compiled_or_eager("causal_conv1d", backend, device, KERNEL, fallback="parallel")
 
 
-def compiled_kernel_usable() -> tuple[bool, str]:
-    return cpp_extension_usable(_KERNEL_NAME, _KERNEL_SOURCE, _KERNEL_FLAGS)
-
-
-def resolve_path(path: str, device: torch.device | str) -> str:
-    """"compiled" or "eager" for `path` on `device` (see the module docstring)."""
-    if path not in PATHS:
-        raise ValueError(f"causal_conv1d: path={path!r}; valid: {', '.join(map(repr, PATHS))}")
-    if path == "eager":
-        return path
-    return compiled_or_chunked("causal_conv1d", "path", path, torch.device(device), compiled_kernel_usable,
-                               fallback="eager")
+def describe_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """What `resolve_backend` would pick, in words, without building anything."""
+    check_backend("causal_conv1d", backend, BACKENDS)
+    if backend == "auto" and cuda_kernels_usable("causal_conv1d", device):
+        return "backend=auto: causal-conv1d CUDA kernel"
+    return describe_compiled_or_eager(backend, device, KERNEL, "parallel")
 
 
 class _CompiledConv(torch.autograd.Function):
@@ -60,12 +74,12 @@ class _CompiledConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, initial_states, silu):
         ctx.save_for_backward(x, weight, bias, initial_states)
         ctx.silu = silu
-        return compiled_kernel().forward(x, weight, bias, initial_states, silu)
+        return KERNEL.load().forward(x, weight, bias, initial_states, silu)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, initial_states = ctx.saved_tensors
-        dx, dweight, dbias, dinitial = compiled_kernel().backward(x, weight, bias, initial_states, ctx.silu, dy)
+        dx, dweight, dbias, dinitial = KERNEL.load().backward(x, weight, bias, initial_states, ctx.silu, dy)
         return (dx, dweight, dbias if bias is not None else None,
                 dinitial if initial_states is not None else None, None)
 
@@ -90,18 +104,29 @@ def _shifted_multiply_adds(x_padded: torch.Tensor, weight: torch.Tensor, bias: t
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   activation: str | None = None, initial_states: torch.Tensor | None = None,
-                  path: str = "auto") -> torch.Tensor:
+                  backend: Backend = "auto", *, path: str | None = None) -> torch.Tensor:
     """x (B, D, L), weight (D, W), bias (D,) -> (B, D, L). `initial_states` (B, D, W - 1) are the
-    inputs before t = 0 (zeros when None).
+    inputs before t = 0 (zeros when None). `path=` is the deprecated name of `backend=` (its
+    "eager" is now "parallel").
 
-    "compiled" (the default on CPU, float32 and float64; other dtypes run eager): the fused C++
+    "compiled" (the default on CPU, float32 and float64; other dtypes run "parallel"): the fused C++
     kernel, forward and backward; the result is a (B, D, L) view of a contiguous (B, L, D) tensor.
-    "eager", without autograd: W shifted
+    "parallel", without autograd: W shifted
     multiply-adds in the channel-last layout (B, L, D) (1.4-1.9x faster than F.conv1d on CPU);
-    with autograd: one grouped F.conv1d (docs/mixers/mamba.md)."""
+    with autograd: one grouped F.conv1d (docs/mixers/mamba.md). "cuda" (auto on a CUDA device):
+    the causal-conv1d package's `causal_conv1d_fn`."""
+    backend = renamed_keyword("causal_conv1d", backend, "path", path, {"eager": "parallel"})
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid: {_ACTIVATIONS}")
-    if x.dtype in (torch.float32, torch.float64) and resolve_path(path, x.device) == "compiled":
+    check_backend("causal_conv1d", backend, BACKENDS)
+    # The compiled kernel is for float32 / float64; other dtypes on CPU run "parallel" without asking it.
+    kernel_dtype = x.dtype in (torch.float32, torch.float64) or x.device.type == "cuda"
+    chosen = resolve_backend(backend, x.device, initial_states is not None) if kernel_dtype else "parallel"
+    if chosen == "cuda":
+        from causal_conv1d import causal_conv1d_fn
+
+        return causal_conv1d_fn(x, weight, bias, activation=activation)
+    if chosen == "compiled":
         in_dtype = [t.to(x.dtype) if t is not None else None for t in (weight, bias, initial_states)]
         return _CompiledConv.apply(x, *in_dtype, activation is not None)
     width = weight.shape[-1]

@@ -25,10 +25,16 @@ Every power of γ is formed as exp(n log γ) with n >= 0, so nothing overflows; 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from einops import rearrange
 
-RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
+from seqarch.backends import check_backend, renamed_keyword
+
+Backend = Literal["auto", "chunked", "parallel", "sequential"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+_OLD_MODES = {"chunkwise": "chunked", "recurrent": "sequential"}  # the deprecated `mode=` values
 
 def default_log_decay(n_heads: int, device=None) -> torch.Tensor:
     """log γ_h for RetNet's multi-scale decays γ_h = 1 - 2^(-5-h), h = 0..H-1: (H,) float64."""
@@ -49,7 +55,7 @@ def _powers(exponents: torch.Tensor, log_gamma: torch.Tensor) -> torch.Tensor:
     return torch.exp(exponent * log_gamma.reshape(shape)) * valid
 
 
-def _check(q, k, v, decay, initial_state, mode, chunk_size) -> None:
+def _check(q, k, v, decay, initial_state, backend, chunk_size) -> None:
     if q.ndim != 4 or k.shape != q.shape:
         raise ValueError(f"retention: q and k must both be (B, H, T, K), got {tuple(q.shape)} and {tuple(k.shape)}")
     if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
@@ -64,8 +70,7 @@ def _check(q, k, v, decay, initial_state, mode, chunk_size) -> None:
     if initial_state is not None and initial_state.shape != (batch, heads, key_dim, v.shape[-1]):
         raise ValueError(f"retention: initial_state must be (B, H, K, V) = "
                          f"{(batch, heads, key_dim, v.shape[-1])}, got {tuple(initial_state.shape)}")
-    if mode not in RETENTION_MODES:
-        raise ValueError(f"retention: mode={mode!r}; valid: {', '.join(map(repr, RETENTION_MODES))}")
+    check_backend("retention", backend, BACKENDS)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"retention: chunk_size must be a positive int, got {chunk_size!r}")
 
@@ -139,27 +144,30 @@ def _step(q_t, k_t, v_t, state, gamma):
 
 
 def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None,
-              scale: float | None = None, mode: str = "chunkwise", chunk_size: int = 64,
-              initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+              scale: float | None = None, backend: Backend = "auto", chunk_size: int = 64,
+              initial_state: torch.Tensor | None = None, output_final_state: bool = False, *,
+              mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Retention of q, k (B, H, T, K) and v (B, H, T, V) with per-head decay γ (H,) in (0, 1)
     (default 1 - 2^(-5-h)) and scale on q (default K^-1/2).
 
-    `mode` is "chunkwise" (chunks of `chunk_size`; a ragged tail runs the parallel form from the
-    carried state), "parallel" (O(T^2) memory) or "recurrent" (a loop over tokens, for checks).
+    `backend` (`resolve_backend`) is "chunked" (chunks of `chunk_size`; a ragged tail runs the
+    parallel form from the carried state), "parallel" (O(T^2) memory), "sequential" (a loop over
+    tokens, for checks) or "auto" (= "chunked"). `mode=` is its deprecated name ("chunkwise" is
+    "chunked", "recurrent" is "sequential").
     `initial_state` (B, H, K, V) is the state before token 0. Returns (o (B, H, T, V), final state
     (B, H, K, V) or None); computed in at least float32, returned in q's dtype.
     """
-    _check(q, k, v, decay, initial_state, mode, chunk_size)
+    backend = resolve_backend(renamed_keyword("retention", backend, "mode", mode, _OLD_MODES), q.device)
+    _check(q, k, v, decay, initial_state, backend, chunk_size)
     in_dtype = q.dtype
     dtype = torch.promote_types(in_dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     log_gamma = _log_decay(decay, q.shape[1], dtype, q.device)
     state = None if initial_state is None else initial_state.to(dtype)
-    if mode == "recurrent":
+    if backend == "sequential":
         out, state = _recurrent(q, k, v, log_gamma, scale, state)
-    elif mode == "parallel":
+    elif backend == "parallel":
         out, state = _parallel(q, k, v, log_gamma, scale, state, output_final_state)
     else:
         length = q.shape[2]
@@ -176,6 +184,18 @@ def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Te
         out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
     final = state.to(in_dtype) if output_final_state else None
     return out.to(in_dtype), final
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The path `backend` runs: "chunked", "parallel" or "sequential" ("auto" is "chunked" on every
+    device: the fastest form at training lengths, exact like the others)."""
+    check_backend("retention", backend, BACKENDS)
+    return "chunked" if backend == "auto" else backend
+
+
+def describe_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """What `resolve_backend` picks, in words."""
+    return f"backend={backend}: {resolve_backend(backend, device)} form (PyTorch)"
 
 
 def retention_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: torch.Tensor,

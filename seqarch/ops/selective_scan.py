@@ -11,7 +11,7 @@ Legend: B batch, D channels, L length, N state size, G groups of channels sharin
     y_t  = sum_n C_t,n h_t,n + D u_t
     out  = y * SiLU(z)                            (gate optional)
 
-Paths (`scan=`):
+Paths (`backend=`, resolved by `resolve_backend`):
 - "compiled": a C++ kernel (seqarch/ops/csrc/selective_scan.cpp), state in a local array, one
   task per (batch, channel) on ATen's thread pool, built on first use and cached by torch.
   delta_bias, softplus, the D skip and the SiLU(z) gate are fused into the kernel, forward and
@@ -31,31 +31,33 @@ backward; neither forms a (B, D, L, N) tensor. Inputs in bfloat16 / float16 comp
 from __future__ import annotations
 
 import os
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from seqarch.backends import (
-    compiled_or_chunked,
-    cpp_extension_usable,
+    CompiledKernel,
+    check_backend,
+    compiled_or_eager,
     cuda_kernels_usable,
-    load_cpp_extension,
+    describe_compiled_or_eager,
     notify_once,
+    renamed_keyword,
 )
 
-SCANS = ("auto", "compiled", "chunked", "sequential")
+Backend = Literal["auto", "compiled", "chunked", "sequential"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 CHUNK_SIZE = 64  # steps between state checkpoints; the chunk of the eager path
-_KERNEL_NAME = "seqarch_selective_scan"
-_KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "selective_scan.cpp")
 # -ffast-math lets GCC vectorise the libm calls left in the kernel (log in softplus) with glibc's libmvec.
-_KERNEL_FLAGS = ("-march=native", "-ffast-math")
+KERNEL = CompiledKernel("seqarch_selective_scan", os.path.join(os.path.dirname(__file__), "csrc", "selective_scan.cpp"),
+                        ("-march=native", "-ffast-math"))
 
 
 # --- checks -------------------------------------------------------------------------------------
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, scan) -> None:
-    if scan not in SCANS:
-        raise ValueError(f"selective_scan: scan={scan!r}; valid: {', '.join(map(repr, SCANS))}")
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, backend) -> None:
+    check_backend("selective_scan", backend, BACKENDS)
     if u.ndim != 3:
         raise ValueError(f"selective_scan: u must be (B, D, L), got shape {tuple(u.shape)}")
     batch, dim, length = u.shape
@@ -215,18 +217,7 @@ def _chunked_core(u, dt, A, B, C, h0, chunk):
     return rearrange(y, "b g h l -> b (g h) l"), rearrange(h_last, "b g h n -> b (g h) n")
 
 
-# --- the compiled path --------------------------------------------------------------------------
-def compiled_kernel():
-    """The C++ selective-scan extension, built on first call (about a minute) and cached by torch
-    in its extension directory; raises RuntimeError naming why it cannot be built."""
-    return load_cpp_extension(_KERNEL_NAME, _KERNEL_SOURCE, _KERNEL_FLAGS)
-
-
-def compiled_kernel_usable() -> tuple[bool, str]:
-    """(True, "") when the compiled kernel loads here, else (False, the reason). Builds it if needed."""
-    return cpp_extension_usable(_KERNEL_NAME, _KERNEL_SOURCE, _KERNEL_FLAGS)
-
-
+# --- the compiled path (KERNEL, built on first use) ---------------------------------------------
 class _CompiledScan(torch.autograd.Function):
     """The whole selective scan (delta_bias, softplus, D skip and SiLU(z) gate fused) through the
     C++ kernel; D, z, delta_bias and h0 may be None. Both kernels take u, delta, z and dout with any
@@ -234,7 +225,7 @@ class _CompiledScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk):
-        out, h_last, checkpoints = compiled_kernel().forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, chunk,
+        out, h_last, checkpoints = KERNEL.load().forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, chunk,
                                                              _channel_last(u) or _channel_last(delta))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
         ctx.softplus, ctx.chunk, ctx.has_initial_state = softplus, chunk, h0 is not None
@@ -245,7 +236,7 @@ class _CompiledScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
         dout = dout if dout is not None else torch.zeros_like(u)
         dh_last = dh_last.contiguous() if dh_last is not None else None
-        du, ddelta, dA, dB, dC, dh0, dD, dbias, dz = compiled_kernel().backward(
+        du, ddelta, dA, dB, dC, dh0, dD, dbias, dz = KERNEL.load().backward(
             u, delta, A, B, C, D, z, delta_bias, ctx.softplus, checkpoints, dout, dh_last, ctx.chunk
         )
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
@@ -270,19 +261,26 @@ def _compiled_scan(u, delta, A, B, C, D, z, delta_bias, softplus, h0, chunk):
 
 
 # --- dispatch -----------------------------------------------------------------------------------
-def resolve_scan(scan: str, device: torch.device | str, has_initial_state: bool = False) -> str:
-    """The path `scan` runs on `device`: "cuda" (mamba-ssm's kernel), "compiled", "chunked" or
+def resolve_backend(backend: str, device: torch.device | str, has_initial_state: bool = False) -> str:
+    """The path `backend` runs on `device`: "cuda" (mamba-ssm's kernel), "compiled", "chunked" or
     "sequential". "auto" on CPU builds the compiled kernel if needed and falls back to "chunked"
     with a one-time notice saying why; an explicit "compiled" that cannot run raises."""
-    if scan not in SCANS:
-        raise ValueError(f"selective_scan: scan={scan!r}; valid: {', '.join(map(repr, SCANS))}")
+    check_backend("selective_scan", backend, BACKENDS)
     device = torch.device(device)
-    if scan in ("chunked", "sequential"):
-        return scan
-    if scan == "auto" and cuda_kernels_usable("mamba_ssm", device) and not has_initial_state:
+    if backend in ("chunked", "sequential"):
+        return backend
+    if backend == "auto" and cuda_kernels_usable("mamba_ssm", device) and not has_initial_state:
         notify_once("selective_scan:cuda", "selective_scan runs mamba-ssm's CUDA kernel")
         return "cuda"
-    return compiled_or_chunked("selective_scan", "scan", scan, device, compiled_kernel_usable)
+    return compiled_or_eager("selective_scan", backend, device, KERNEL)
+
+
+def describe_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """What `resolve_backend` would pick, in words, without building anything."""
+    check_backend("selective_scan", backend, BACKENDS)
+    if backend == "auto" and cuda_kernels_usable("mamba_ssm", device):
+        return "backend=auto: mamba-ssm CUDA kernel"
+    return describe_compiled_or_eager(backend, device, KERNEL, "eager chunked")
 
 
 def _cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
@@ -292,8 +290,10 @@ def _cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, re
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, *, initial_state=None, scan="auto", chunk_size=CHUNK_SIZE):
-    """mamba-ssm's `selective_scan_fn`, plus `initial_state`, on the path `scan` picks.
+                   return_last_state=False, *, initial_state=None, backend: Backend = "auto", chunk_size=CHUNK_SIZE,
+                   scan: str | None = None):
+    """mamba-ssm's `selective_scan_fn`, plus `initial_state`, on the path `backend` picks
+    (`resolve_backend`; `scan=` is the deprecated name of `backend=`).
 
     u, delta, z (B, D, L); A (D, N) real; B, C (B, N, L) shared by all channels or (B, G, N, L) in
     G groups; D, delta_bias (D,); initial_state (B, D, N). Returns out (B, D, L) in u's dtype (on the
@@ -302,10 +302,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     float64 for float64 inputs). `chunk_size` is K: the checkpoint interval of backward and the
     chunk of the eager path (memory O(B D K N)).
     """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, scan)
+    backend = renamed_keyword("selective_scan", backend, "scan", scan)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, backend)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"selective_scan: chunk_size must be a positive int, got {chunk_size!r}")
-    path = resolve_scan(scan, u.device, initial_state is not None)
+    path = resolve_backend(backend, u.device, initial_state is not None)
     if path == "sequential":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state=initial_state)
@@ -336,3 +337,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y = y * F.silu(z.to(compute))
     out = y.to(u.dtype)
     return (out, last_state) if return_last_state else out
+
+
+# Earlier names, kept as aliases for one release (CHANGELOG.md): the backend switch was `scan`.
+SCANS = BACKENDS
+resolve_scan = resolve_backend

@@ -28,14 +28,27 @@ total decay). Across chunks, where totals of the whole sequence would be differe
 are accumulated directly from the masked chunk totals (the "stable segsum" of Listing 1).
 Lengths that are not a multiple of Q are padded with dt = 0 (decay 1, no input), which leaves the
 final state unchanged.
+
+Paths (`ssd(..., backend=)`, resolved by `resolve_backend`):
+- "chunked": the algorithm above in PyTorch;
+- "sequential": `ssd_ref`, the recurrence one step at a time (the reference);
+- "auto": mamba-ssm's Triton kernel `mamba_chunk_scan_combined` on a CUDA device where mamba-ssm
+  imports, else "chunked", with a one-time notice.
 """
 
 from __future__ import annotations
+
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch.autograd.function import once_differentiable
+
+from seqarch.backends import check_backend, cuda_kernels_usable, notify_once
+
+Backend = Literal["auto", "chunked", "sequential"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 # Measured on CPU at L = 4096, 48 heads of 32 x 64 (docs/mixers/mamba2.md): 32 and 64 are within
 # noise for the op, 128 and 256 are slower; 64 keeps the (L / Q)^2 state passing 4x cheaper than 32.
@@ -129,16 +142,56 @@ class _DiagonalBlocks(torch.autograd.Function):
         return d_cum, d_scores, dX
 
 
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The path `backend` runs on `device`: "cuda" (mamba-ssm's kernel), "chunked" or "sequential".
+    "auto" takes the CUDA kernel only on a CUDA device where mamba-ssm imports; an explicit choice
+    is kept."""
+    check_backend("ssd", backend, BACKENDS)
+    if backend != "auto":
+        return backend
+    device = torch.device(device)
+    chosen = "cuda" if cuda_kernels_usable("mamba_ssm", device) else "chunked"
+    notify_once(f"ssd:{chosen}:{device.type}", f"ssd runs the {chosen} path on {device.type}")
+    return chosen
+
+
+def describe_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """What `resolve_backend` would pick, in words."""
+    check_backend("ssd", backend, BACKENDS)
+    chosen = "cuda" if backend == "auto" and cuda_kernels_usable("mamba_ssm", device) else backend
+    chosen = "chunked" if chosen == "auto" else chosen
+    return f"backend={backend}: " + {"cuda": "mamba-ssm CUDA kernel", "chunked": "chunked SSD (PyTorch)",
+                                     "sequential": "sequential reference"}[chosen]
+
+
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         chunk_size: int = DEFAULT_CHUNK_SIZE, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
         dt_bias: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
-        dt_softplus: bool = False, return_final_states: bool = False):
-    """The chunked SSD scan.
+        dt_softplus: bool = False, return_final_states: bool = False, *, backend: Backend = "auto"):
+    """The SSD scan, on the path `backend` picks (module docstring); mamba-ssm's
+    `mamba_chunk_scan_combined` signature.
 
     x (B, L, H, P), dt (B, L, H), A (H,), B and C (B, L, G, N), D (H,) or (H, P), z (B, L, H, P),
     dt_bias (H,), initial_states (B, H, P, N). dt <- softplus(dt + dt_bias) when dt_softplus.
     Returns y (B, L, H, P), and the final state (B, H, P, N) when return_final_states.
     """
+    arguments = {"D": D, "z": z, "dt_bias": dt_bias, "initial_states": initial_states, "dt_softplus": dt_softplus,
+                 "return_final_states": return_final_states}
+    chosen = resolve_backend(backend, x.device)
+    if chosen == "cuda":
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, **arguments)
+    if chosen == "sequential":
+        return ssd_ref(x, dt, A, B, C, **arguments)
+    return ssd_chunked(x, dt, A, B, C, chunk_size, **arguments)
+
+
+def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                chunk_size: int = DEFAULT_CHUNK_SIZE, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                dt_bias: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
+                dt_softplus: bool = False, return_final_states: bool = False):
+    """The chunked SSD scan in PyTorch (the module docstring's four steps); arguments as `ssd`."""
     _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
     if chunk_size < 1:
         raise ValueError(f"ssd: chunk_size must be >= 1, got {chunk_size}")

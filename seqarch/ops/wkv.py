@@ -18,7 +18,7 @@ Three forms compute it:
 - `wkv6_ref`       the recurrence above, one token at a time (the reference; also the decode step).
 - `wkv6_parallel`  o_t = r_t (sum_{s<t} diag(exp(b_{t-1} - b_s)) k_s^T v_s + ...) with all (t, s)
                    decays formed pairwise: O(T^2 K) memory, a second reference for short T.
-- `wkv6`           the fast path, on one of two paths (`path=`):
+- `wkv6`           the entry point, on the path `backend=` picks (`resolve_backend`):
     - "compiled": a C++ kernel (seqarch/ops/csrc/wkv6.cpp) running the recurrence itself, one task
       per (batch, head) on ATen's thread pool, the (K, V) state in a local buffer, every token's
       work fused in one pass over the state; backward walks time in reverse with the adjoint of
@@ -26,6 +26,7 @@ Three forms compute it:
       first use and cached by torch.
     - "chunked": eager PyTorch (also what runs on CUDA): inside a chunk the pairwise sums become
       matrix products, between chunks the state is passed on.
+    - "parallel": `wkv6_parallel`; "sequential": `wkv6_ref`.
     - "auto": "compiled" on CPU where the kernel builds, else "chunked", with a one-time notice.
 
 Numerics of the chunked form. With b_i the cumulative log-decay inside a chunk, the weight of key j
@@ -41,21 +42,28 @@ taken, in float32 or float64, for any w <= 0.
 from __future__ import annotations
 
 import os
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch.autograd.function import once_differentiable
 
-from seqarch.backends import compiled_or_chunked, cpp_extension_usable, load_cpp_extension
+from seqarch.backends import (
+    CompiledKernel,
+    check_backend,
+    compiled_or_eager,
+    describe_compiled_or_eager,
+    renamed_keyword,
+)
 
 DEFAULT_CHUNK_SIZE = 32
 DEFAULT_SUBCHUNK_SIZE = 8
-PATHS = ("auto", "compiled", "chunked")
-_KERNEL_NAME = "seqarch_wkv6"
-_KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "wkv6.cpp")
+Backend = Literal["auto", "compiled", "chunked", "parallel", "sequential"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 # -ffast-math lets the compiler vectorise the sums over V (reassociation) and exp over K.
-_KERNEL_FLAGS = ("-march=native", "-ffast-math")
+KERNEL = CompiledKernel("seqarch_wkv6", os.path.join(os.path.dirname(__file__), "csrc", "wkv6.cpp"),
+                        ("-march=native", "-ffast-math"))
 
 
 def _check_inputs(r, k, v, w, u, initial_state) -> None:
@@ -143,23 +151,31 @@ def wkv6_parallel(r, k, v, w, u, scale=None, initial_state=None, output_final_st
 
 
 def wkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False,
-         chunk_size: int = DEFAULT_CHUNK_SIZE, subchunk_size: int = DEFAULT_SUBCHUNK_SIZE, *, path: str = "auto"):
-    """The fast wkv6; arguments and returns as `wkv6_ref`, on the path `path` picks (module docstring).
+         chunk_size: int = DEFAULT_CHUNK_SIZE, subchunk_size: int = DEFAULT_SUBCHUNK_SIZE, *,
+         backend: Backend = "auto", path: str | None = None):
+    """wkv6; arguments and returns as `wkv6_ref`, on the path `backend` picks (module docstring;
+    `path=` is the deprecated name of `backend=`).
 
     r, k, w (B, H, T, K) with w the log-decay (w <= 0), v (B, H, T, V), u (H, K) the bonus of the
     current token, scale (default K^-0.5, as flash-linear-attention; RWKV-6 itself uses 1.0),
     initial_state (B, H, K, V). `chunk_size` (C) is the checkpoint interval of the compiled
     backward (O(B H (T / C) K V) memory) and the chunk of the eager path; `subchunk_size` (E, a
-    divisor of C) is the eager path's sub-chunk. `path` is "auto", "compiled" or "chunked".
+    divisor of C) is the eager path's sub-chunk. `backend` is "auto", "compiled", "chunked",
+    "parallel" (`wkv6_parallel`) or "sequential" (`wkv6_ref`).
     Compiled: O(T K V) time, O(T (K + V) + (T / C) K V) memory. Chunked: O(T (C + E) K + T K V)
     time, O(T (C / 2 + E) K + T K V / C) memory. Both exact for any w <= 0.
     """
     if chunk_size < 1 or subchunk_size < 1 or chunk_size % subchunk_size:
         raise ValueError(f"wkv6: chunk_size ({chunk_size}) must be a positive multiple of subchunk_size "
                          f"({subchunk_size})")
+    backend = renamed_keyword("wkv6", backend, "path", path)
     _check_inputs(r, k, v, w, u, initial_state)
-    if resolve_path(path, r.device) == "compiled":
+    chosen = resolve_backend(backend, r.device)
+    if chosen == "compiled":
         return _wkv6_compiled(r, k, v, w, u, scale, initial_state, output_final_state, chunk_size)
+    if chosen in ("parallel", "sequential"):
+        op = wkv6_parallel if chosen == "parallel" else wkv6_ref
+        return op(r, k, v, w, u, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     return _wkv6_chunked(r, k, v, w, u, scale, initial_state, output_final_state, chunk_size, subchunk_size)
 
 
@@ -237,18 +253,7 @@ def _intra_chunk(queries, keys_to_end, r, k, v, u, local, local_before, through,
     return torch.stack(outputs, dim=3)
 
 
-# --- the compiled path --------------------------------------------------------------------------
-def compiled_kernel():
-    """The C++ wkv6 extension, built on first call (about a minute) and cached by torch in its
-    extension directory; raises RuntimeError naming why it cannot be built."""
-    return load_cpp_extension(_KERNEL_NAME, _KERNEL_SOURCE, _KERNEL_FLAGS)
-
-
-def compiled_kernel_usable() -> tuple[bool, str]:
-    """(True, "") when the compiled kernel loads here, else (False, the reason). Builds it if needed."""
-    return cpp_extension_usable(_KERNEL_NAME, _KERNEL_SOURCE, _KERNEL_FLAGS)
-
-
+# --- the compiled path (KERNEL, built on first use) ---------------------------------------------
 class _CompiledWkv6(torch.autograd.Function):
     """wkv6 through the C++ kernel. r, k, w (B, H, T, K), v (B, H, T, V), u (H, K), initial_state
     (B, H, K, V) or None, contiguous, in one compute dtype -> out (B, H, T, V), final state."""
@@ -256,7 +261,7 @@ class _CompiledWkv6(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, k, v, w, u, initial_state, scale, chunk):
         needs_backward = any(ctx.needs_input_grad[:6])
-        out, final_state, checkpoints = compiled_kernel().forward(r, k, v, w, u, initial_state, scale, chunk,
+        out, final_state, checkpoints = KERNEL.load().forward(r, k, v, w, u, initial_state, scale, chunk,
                                                                   needs_backward)
         ctx.save_for_backward(r, k, v, w, u, checkpoints)
         ctx.scale, ctx.chunk, ctx.has_initial_state = scale, chunk, initial_state is not None
@@ -269,7 +274,7 @@ class _CompiledWkv6(torch.autograd.Function):
         r, k, v, w, u, checkpoints = ctx.saved_tensors
         dout = torch.zeros_like(v) if dout is None else dout.contiguous()
         dfinal_state = None if dfinal_state is None else dfinal_state.contiguous()
-        dr, dk, dv, dw, du, dinitial = compiled_kernel().backward(r, k, v, w, u, ctx.scale, checkpoints, dout,
+        dr, dk, dv, dw, du, dinitial = KERNEL.load().backward(r, k, v, w, u, ctx.scale, checkpoints, dout,
                                                                   dfinal_state, ctx.chunk)
         return dr, dk, dv, dw, du, (dinitial if ctx.has_initial_state else None), None, None
 
@@ -287,13 +292,22 @@ def _wkv6_compiled(r, k, v, w, u, scale, initial_state, output_final_state, chun
 
 
 # --- dispatch -----------------------------------------------------------------------------------
-def resolve_path(path: str, device: torch.device | str) -> str:
-    """The path `path` runs on `device`: "compiled" or "chunked". "auto" on CPU builds the compiled
-    kernel if needed and falls back to "chunked" with a one-time notice saying why; on other
-    devices it is "chunked"; an explicit "compiled" that cannot run raises."""
-    if path not in PATHS:
-        raise ValueError(f"wkv6: path={path!r}; valid: {', '.join(map(repr, PATHS))}")
-    device = torch.device(device)
-    if path == "chunked":
-        return path
-    return compiled_or_chunked("wkv6", "path", path, device, compiled_kernel_usable)
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The path `backend` runs on `device`: "compiled", "chunked", "parallel" or "sequential".
+    "auto" on CPU builds the compiled kernel if needed and falls back to "chunked" with a one-time
+    notice saying why; on other devices it is "chunked"; an explicit "compiled" that cannot run
+    raises."""
+    check_backend("wkv6", backend, BACKENDS)
+    if backend in ("chunked", "parallel", "sequential"):
+        return backend
+    return compiled_or_eager("wkv6", backend, torch.device(device), KERNEL)
+
+
+def describe_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """What `resolve_backend` would pick, in words, without building anything."""
+    check_backend("wkv6", backend, BACKENDS)
+    return describe_compiled_or_eager(backend, device, KERNEL, "eager chunked")
+
+
+# Earlier name, kept as an alias for one release (CHANGELOG.md): the backend switch was `path`.
+resolve_path = resolve_backend

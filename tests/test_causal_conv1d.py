@@ -1,21 +1,22 @@
-"""fftconv and causal_conv1d: fast paths vs reference, forward and backward, odd lengths; causal_conv1d
-on both of its paths (the compiled kernel and the eager PyTorch ops)."""
+"""causal_conv1d and causal_conv1d_update: both backends (the compiled kernel and the parallel PyTorch
+ops) against the reference loop over taps, forward and backward, odd lengths, with and without history."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import seqarch.ops.causal_conv1d as conv_module
 from seqarch.ops.causal_conv1d import (
     causal_conv1d,
     causal_conv1d_ref,
     causal_conv1d_update,
     causal_conv1d_update_ref,
 )
-from seqarch.ops.fftconv import fftconv, fftconv_ref
+from tests.compiled import compiled
 from tests.tolerance import assert_close
 
-CONV_PATHS = ["compiled", "eager"]
+CONV_BACKENDS = [compiled("compiled"), "parallel"]
 
 
 def grads(fn, *inputs):
@@ -27,30 +28,17 @@ def grads(fn, *inputs):
     return out, [t.grad for t in inputs if t is not None]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("length", "filter_length"), [(1, 1), (7, 7), (63, 20), (257, 257)])
-def test_fftconv_matches_direct_convolution(length, filter_length, dtype):
-    u = torch.randn(2, 5, length, dtype=dtype)
-    k = torch.randn(5, filter_length, dtype=dtype) / filter_length**0.5
-    D = torch.randn(5, dtype=dtype)
-    out, g = grads(fftconv, u, k, D)
-    out_ref, g_ref = grads(fftconv_ref, u, k, D)
-    assert_close(out, out_ref, "fftconv output")
-    for name, a, b in zip(("du", "dk", "dD"), g, g_ref, strict=True):
-        assert_close(a, b, f"fftconv {name}")
-
-
 @pytest.mark.parametrize("with_history", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("length", [1, 7, 63])
-@pytest.mark.parametrize("path", CONV_PATHS)
-def test_causal_conv1d_matches_reference(path, length, activation, dtype, with_history):
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+def test_causal_conv1d_matches_reference(backend, length, activation, dtype, with_history):
     x = torch.randn(2, 6, length, dtype=dtype)
     weight = torch.randn(6, 4, dtype=dtype)
     bias = torch.randn(6, dtype=dtype)
     history = torch.randn(2, 6, 3, dtype=dtype) if with_history else None
-    out, g = grads(lambda a, w, b, h: causal_conv1d(a, w, b, activation, h, path=path), x, weight, bias, history)
+    out, g = grads(lambda a, w, b, h: causal_conv1d(a, w, b, activation, h, backend=backend), x, weight, bias, history)
     out_ref, g_ref = grads(lambda a, w, b, h: causal_conv1d_ref(a, w, b, activation, h), x, weight, bias, history)
     assert_close(out, out_ref, "causal_conv1d output")
     for name, a, b in zip(("dx", "dweight", "dbias", "dinitial_states"), g, g_ref, strict=False):
@@ -58,31 +46,31 @@ def test_causal_conv1d_matches_reference(path, length, activation, dtype, with_h
 
 
 @pytest.mark.parametrize("width", [1, 3])
-@pytest.mark.parametrize("path", CONV_PATHS)
-def test_causal_conv1d_channel_last_input_without_bias(path, width):
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+def test_causal_conv1d_channel_last_input_without_bias(backend, width):
     """The mixers pass a (B, D, L) view of a (B, L, D) projection; no bias; other widths."""
     x = torch.randn(2, 37, 10, dtype=torch.float64)[..., :6].transpose(1, 2)  # (B, D, L) view, L = 37
     weight = torch.randn(6, width, dtype=torch.float64)
     history = torch.randn(2, 6, width - 1, dtype=torch.float64)
-    out, g = grads(lambda a, w, h: causal_conv1d(a, w, None, "silu", h, path=path), x, weight, history)
+    out, g = grads(lambda a, w, h: causal_conv1d(a, w, None, "silu", h, backend=backend), x, weight, history)
     out_ref, g_ref = grads(lambda a, w, h: causal_conv1d_ref(a, w, None, "silu", h), x, weight, history)
     assert_close(out, out_ref, "causal_conv1d output")
     for name, a, b in zip(("dx", "dweight", "dinitial_states"), g, g_ref, strict=True):
         assert_close(a, b, f"causal_conv1d {name}")
-    with torch.no_grad():  # eager: the inference path (shifted multiply-adds)
-        out = causal_conv1d(x, weight, None, "silu", history, path=path)
+    with torch.no_grad():  # parallel: the inference path (shifted multiply-adds)
+        out = causal_conv1d(x, weight, None, "silu", history, backend=backend)
     assert_close(out, out_ref, "causal_conv1d no-grad output")
 
 
 @pytest.mark.parametrize("with_history", [False, True])
 @pytest.mark.parametrize("length", [1, 7, 63])
-@pytest.mark.parametrize("path", CONV_PATHS)
-def test_causal_conv1d_inference_path_matches_reference(path, length, with_history):
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+def test_causal_conv1d_inference_path_matches_reference(backend, length, with_history):
     x = torch.randn(2, 6, length, dtype=torch.float64)
     weight, bias = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     history = torch.randn(2, 6, 3, dtype=torch.float64) if with_history else None
     with torch.no_grad():
-        out = causal_conv1d(x, weight, bias, "silu", history, path=path)
+        out = causal_conv1d(x, weight, bias, "silu", history, backend=backend)
     assert_close(out, causal_conv1d_ref(x, weight, bias, "silu", history), "causal_conv1d no-grad output")
 
 
@@ -170,7 +158,23 @@ def test_unknown_activation_is_named():
         causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 4), activation="relu")
 
 
-def test_causal_conv1d_bad_path_is_named():
+def test_causal_conv1d_bad_backend_is_named():
     x, weight = torch.randn(1, 3, 5), torch.randn(3, 4)
-    with pytest.raises(ValueError, match="causal_conv1d: path='fast'; valid: 'auto', 'compiled', 'eager'"):
-        causal_conv1d(x, weight, path="fast")
+    with pytest.raises(ValueError, match="causal_conv1d: backend='fast'; valid: 'auto', 'compiled', 'parallel'"):
+        causal_conv1d(x, weight, backend="fast")
+
+
+def test_old_path_keyword_and_eager_value_still_work_with_a_deprecation_warning():
+    x, weight = torch.randn(1, 3, 5, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match="causal_conv1d: the keyword path= is deprecated.*backend='parallel'"):
+        out = causal_conv1d(x, weight, path="eager")
+    assert_close(out, causal_conv1d_ref(x, weight), "path='eager' output")
+
+
+def test_half_precision_runs_the_parallel_path_without_asking_for_the_kernel(monkeypatch):
+    """The compiled kernel is for float32 / float64: bfloat16 never resolves (so never builds) it."""
+    monkeypatch.setattr(conv_module, "resolve_backend", lambda *args: pytest.fail("resolved for bfloat16"))
+    x, weight = torch.randn(1, 3, 5), torch.randn(3, 4)
+    out = causal_conv1d(x.bfloat16(), weight.bfloat16(), activation="silu")
+    assert_close(out.float(), causal_conv1d_ref(x.bfloat16(), weight.bfloat16(), activation="silu").float(),
+                 "bfloat16 output", dtype=torch.bfloat16)

@@ -36,7 +36,8 @@ token t, G_{t-1} before it; G <= 0 and non-increasing):
 with A_xy[t, j] = sum_d x_t[d] y_j[d] exp(P_t[d] - G_j[d]) for j <= t (P = G, x = q) or j < t
 (P = G_{t-1}, x = a). A_ab is strictly lower triangular, so I - A_ab is unit lower triangular and
 the rank-one corrections of a whole chunk come from one triangular solve. Everything is matrix
-products; across chunks only S_{n+1} = M_n S_n + H_n remains, one small batched product per chunk.
+products; across chunks only the reads of the entering state and the state update remain, two small
+batched products per chunk.
 
 Numerics. Every exponential taken is of a non-positive number. The pairwise factor
 exp(P_t - G_j) is split at the start c_I of the query's sub-chunk I for keys j of earlier
@@ -193,75 +194,89 @@ def _chunked(q, k, v, a, b, gk, scale, initial_state, output_final_state, chunk_
     queries = torch.stack([q, a])  # the two query kinds: q reads S_t (through i), a reads S_{t-1} (before i)
     query_decay = torch.stack([local, local_before])
     keys = torch.stack([k, b])  # (2, B, H, N, S, E, K)
-    scores = _intra_chunk_scores(queries, query_decay, keys, local, through, before)  # (2, 2, B, H, N, C, C)
-    (a_qk, a_qb), (a_ak, a_ab) = scores
+    # Rows rescaled by factors <= 1, shared by the scores and the chunk-level products:
+    scaled_queries = queries * query_decay.exp()  # x_t exp(P_t - c_I), c_I the start of sub-chunk I
+    scaled_keys = keys * (sub_total.unsqueeze(4) - local).exp()  # y_j exp(end_J - G_j)
+    scores = _intra_chunk_scores(queries, query_decay, keys, scaled_queries, scaled_keys, local, through, before)
+    (a_qk, a_qb), (a_ak, a_ab) = scores  # (B, H, N, C, C) each
 
-    # Chunk-level rows, every exponent <= 0.
-    chunk_g = rearrange(before.unsqueeze(4) + local, "b h n s e d -> b h n (s e) d")  # G_t from the chunk start
-    chunk_g_before = rearrange(before.unsqueeze(4) + local_before, "b h n s e d -> b h n (s e) d")
-    q, k, v, a, b = (rearrange(t, "b h n s e d -> b h n (s e) d") for t in (q, k, v, a, b))
-    total = through[:, :, :, -1]  # G_C, (B, H, N, K)
-    # G_C - G_j as (decay of the later sub-chunks) + (decay after j in its own sub-chunk): exactly 0 for the
-    # last token, and the largest factors carry one sub-chunk's rounding (G_C - G_j would carry a chunk's).
+    # Chunk-level rows: x_t exp(P_t) from the chunk start, and y_j exp(G_C - G_j) to its end, each a product
+    # of factors <= 1. G_C - G_j is split as (the later sub-chunks' decay) + (the decay after j in its own
+    # sub-chunk): exactly 0 for the last token, and the largest factors carry one sub-chunk's rounding.
     later = F.pad(sub_total.flip(3).cumsum(3).flip(3)[:, :, :, 1:], (0, 0, 0, 1))  # (B, H, N, S, K)
-    to_end = rearrange((later.unsqueeze(4) + (sub_total.unsqueeze(4) - local)).exp(),
-                       "b h n s e d -> b h n (s e) d")  # exp(G_C - G_j), (B, H, N, C, K)
+    to_chunk = "x b h n s e d -> x b h n (s e) d"
+    chunk_queries = rearrange(scaled_queries * before.exp().unsqueeze(4), to_chunk)  # (2, B, H, N, C, K)
+    keys_to_end = rearrange(scaled_keys * later.exp().unsqueeze(4), to_chunk)
+    v = rearrange(v, "b h n s e d -> b h n (s e) d")
+    total = through[:, :, :, -1]  # G_C, (B, H, N, K)
 
-    # The rank-one reads of the chunk, SA = U + W_t S_0, from one unit-lower-triangular solve.
+    # The rank-one reads of the chunk, SA = U + W_t S_0 with U = T A_ak V, W_t = T (a exp(G_{t-1})) and
+    # T = (I - A_ab)^-1 from one unit-lower-triangular solve (C right-hand sides: cheaper than solving
+    # for the V + K columns, which LAPACK would also want copied to column-major order).
     eye = torch.eye(chunk_size, dtype=q.dtype, device=q.device)
-    lower = eye - a_ab
-    rhs = torch.cat([a_ak @ v, a * chunk_g_before.exp()], dim=-1)  # (B, H, N, C, V + K)
-    solved = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
-    u, w_t = solved.split([v.shape[-1], k.shape[-1]], dim=-1)
+    inverse = torch.linalg.solve_triangular(eye - a_ab, eye.expand_as(a_ab), upper=False, unitriangular=True)
+    u = inverse @ (a_ak @ v)  # (B, H, N, C, V)
+    w_t = inverse @ chunk_queries[1]  # (B, H, N, C, K)
 
-    # Across chunks: S_{n+1} = M_n S_n + H_n with M_n = diag(exp(G_C)) + B~^T W_t, H_n = K~^T V + B~^T U.
-    b_end = (b * to_end).transpose(-1, -2)  # (B, H, N, K, C)
-    transition = torch.diag_embed(total.exp()) + b_end @ w_t  # (B, H, N, K, K)
-    update = (k * to_end).transpose(-1, -2) @ v + b_end @ u  # (B, H, N, K, V)
-    entering = []
+    # Across chunks, one chunk at a time: its reads SA = U + W_t S_n, then
+    # S_{n+1} = exp(G_C) S_n + K~^T V + B~^T SA with K~ = k exp(G_C - G_j), B~ = b exp(G_C - G_j).
+    b_end = keys_to_end[1].transpose(-1, -2)  # (B, H, N, K, C)
+    update = keys_to_end[0].transpose(-1, -2) @ v  # (B, H, N, K, V)
+    chunk_decay = total.exp().unsqueeze(-1)  # (B, H, N, K, 1)
+    entering, reads = [], []
+    state = state.flatten(0, 1)  # (B H, K, V)
     # unbind, not indexing: the backward of one unbind is one stack (indexing would scatter per chunk).
-    for chunk_transition, chunk_update in zip(transition.unbind(2), update.unbind(2), strict=True):
+    per_chunk = (t.flatten(0, 1).unbind(1) for t in (u, w_t, b_end, update, chunk_decay))
+    for chunk_u, chunk_w, chunk_b, chunk_update, decay in zip(*per_chunk, strict=True):
         entering.append(state)
-        state = torch.baddbmm(chunk_update.flatten(0, 1), chunk_transition.flatten(0, 1),
-                              state.flatten(0, 1)).view_as(state)
-    entering = torch.stack(entering, dim=2)  # (B, H, N, K, V)
+        read = torch.baddbmm(chunk_u, chunk_w, state)  # (B H, C, V)
+        reads.append(read)
+        state = torch.baddbmm(torch.addcmul(chunk_update, decay, state), chunk_b, read)
+    entering = torch.stack(entering, dim=1).view(*u.shape[:3], *state.shape[-2:])  # (B, H, N, K, V)
+    reads = torch.stack(reads, dim=1).view_as(u)  # SA, (B, H, N, C, V)
+    state = state.view(*u.shape[:2], *state.shape[-2:])
 
-    reads = u + w_t @ entering  # SA, (B, H, N, C, V)
-    out = (q * chunk_g.exp()) @ entering + torch.cat([a_qk, a_qb], dim=-1) @ torch.cat([v, reads], dim=-2)
+    out = chunk_queries[0] @ entering + a_qk @ v + a_qb @ reads
     out = rearrange(out, "b h n c d -> b (n c) h d")[:, :length]
     return _finish(out, state, dtype, output_final_state)
 
 
-def _intra_chunk_scores(queries, query_decay, keys, local, through, before):
+def _intra_chunk_scores(queries, query_decay, keys, scaled_queries, scaled_keys, local, through, before):
     """A[x, y][t, j] = sum_d x_t[d] y_j[d] exp(P_t[d] - G_j[d]) within each chunk, for the query kinds
     x (q with P = G through t, j <= t; a with P = G before t, j < t) and key kinds y (k, b).
 
-    queries, query_decay, keys (2, B, H, N, S, E, K) (query_decay holds P from the sub-chunk start);
+    queries, query_decay, keys (2, B, H, N, S, E, K) (query_decay holds P from the sub-chunk start), and
+    scaled_queries = queries exp(query_decay), scaled_keys = keys exp(end of sub-chunk - G);
     local (B, H, N, S, E, K) holds G from the sub-chunk start, through / before (B, H, N, S, K) the
     chunk-level G at the end / start of each sub-chunk. Returns (2, 2, B, H, N, C, C).
     """
     subchunks, subchunk_size = local.shape[3], local.shape[4]
     # Within a sub-chunk: exact pairwise factors, one lag d = t - j at a time (no upper-triangle work).
-    lag_blocks = []
-    for lag in range(subchunk_size):
+    # Lag 0 has factor exp(0) = 1 and only q reads it (a reads the state before its own token).
+    diagonal = torch.zeros(2, 2, *local.shape[:-1], subchunk_size, dtype=local.dtype, device=local.device)
+    positions = torch.arange(subchunk_size, device=local.device)
+    diagonal[0, :, ..., positions, positions] = (queries[0].unsqueeze(0) * keys).sum(-1)
+    for lag in range(1, subchunk_size):
         decay = (query_decay[..., lag:, :] - local[..., : subchunk_size - lag, :]).exp()  # (2, .., E - d, K)
-        lag_scores = torch.einsum("xbhnsed,ybhnsed->xybhnse", queries[..., lag:, :] * decay,
-                                  keys[..., : subchunk_size - lag, :])
-        if lag == 0:  # a reads the state before its own token: strictly lower triangular
-            lag_scores = lag_scores * torch.tensor([1.0, 0.0], dtype=lag_scores.dtype).view(2, 1, 1, 1, 1, 1, 1)
-        lag_blocks.append(torch.diag_embed(lag_scores, offset=-lag))
-    diagonal = torch.stack(lag_blocks).sum(0)  # (2, 2, B, H, N, S, E, E)
+        weighted = (queries[..., lag:, :] * decay).unsqueeze(1)  # (2, 1, .., E - d, K)
+        lag_scores = (weighted * keys[..., : subchunk_size - lag, :].unsqueeze(0)).sum(-1)  # (2, 2, .., E - d)
+        diagonal[..., positions[lag:], positions[: subchunk_size - lag]] = lag_scores
 
-    # Earlier sub-chunks J < I of the same chunk: rescaled rows, three factors <= 1, matrix products.
-    scaled_queries = queries * query_decay.exp()  # x_t exp(P_t - c_I)
-    scaled_keys = keys * (local[..., -1:, :] - local).exp()  # y_j exp(end_J - G_j)
+    # Earlier sub-chunks J < I of the same chunk: rescaled rows, three factors <= 1, matrix products with
+    # both query kinds stacked as rows and both key kinds as columns.
+    scaled_queries = rearrange(scaled_queries, "x b h n s e d -> b h n s (x e) d")
+    blocks = [diagonal]
+    for index in range(1, subchunks):
+        gap = (before[:, :, :, index : index + 1] - through[:, :, :, :index]).exp()  # c_I - end_J, (B,H,N,I,K)
+        earlier = rearrange(scaled_keys[:, :, :, :, :index] * gap.unsqueeze(-2), "y b h n s e d -> b h n (y s e) d")
+        scores = scaled_queries[:, :, :, index] @ earlier.transpose(-1, -2)  # (B, H, N, 2E, 2 I E)
+        blocks.append(rearrange(scores, "b h n (x e) (y s f) -> x y b h n s e f", x=2, y=2, s=index))
     rows = []
     for index in range(subchunks):
-        row = [diagonal[:, :, :, :, :, index]]  # (2, 2, B, H, N, E, E)
+        row = []
         if index:
-            gap = (before[:, :, :, index : index + 1] - through[:, :, :, :index]).exp()  # c_I - end_J, (B,H,N,I,K)
-            earlier = rearrange(scaled_keys[:, :, :, :, :index] * gap.unsqueeze(-2), "y b h n s e d -> y b h n (s e) d")
-            row.insert(0, torch.einsum("xbhnid,ybhnjd->xybhnij", scaled_queries[:, :, :, :, index], earlier))
-        row.append(row[0].new_zeros(*row[0].shape[:-1], (subchunks - index - 1) * subchunk_size))
+            row.append(rearrange(blocks[index], "x y b h n s e f -> x y b h n e (s f)"))
+        row.append(diagonal[:, :, :, :, :, index])
+        row.append(diagonal.new_zeros(*diagonal.shape[:5], subchunk_size, (subchunks - index - 1) * subchunk_size))
         rows.append(torch.cat(row, dim=-1))
     return torch.cat(rows, dim=-2)

@@ -91,11 +91,11 @@ def chunked_flops(length: int, chunk: int = DEFAULT_CHUNK_SIZE, sub: int = DEFAU
     per_chunk = (
         4 * 2 * key * (pairs_diagonal + pairs_earlier)  # the four score matrices (q|a) x (k|b)
         + 2 * chunk * chunk * value  # A_ak V
-        + chunk * chunk * (value + key)  # triangular solve, V + K right-hand sides
-        + 2 * key * chunk * key + 2 * 2 * key * chunk * value  # transition M, update H
-        + 2 * key * key * value  # the state passing
-        + 2 * chunk * key * value  # reads W_t S
-        + 2 * chunk * key * value + 2 * chunk * 2 * chunk * value  # output
+        + chunk**3  # (I - A_ab)^-1, a unit-lower-triangular solve with C right-hand sides
+        + 2 * chunk * chunk * (value + key)  # U = T A_ak V, W_t = T (a exp(G))
+        + 2 * key * chunk * value  # K~^T V
+        + 2 * 2 * chunk * key * value  # the state passing: reads W_t S, update B~^T SA
+        + 2 * chunk * key * value + 2 * 2 * chunk * chunk * value  # output: q~ S, A_qk V, A_qb SA
     )
     return heads * chunks * per_chunk
 

@@ -1,5 +1,6 @@
 """Built-in mixers. Importing this package registers every one of them."""
 
+import seqarch.mixers.deltanet  # noqa: F401  (registers deltanet and gated_deltanet)
 from seqarch.mixers import attention, hyena, mamba, mamba2, retnet, rwkv, s4d  # noqa: F401  (each module registers its mixer)
 from seqarch.mixers.base import MixerState, SequenceMixer
 

@@ -219,7 +219,8 @@ def _chunked(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_s
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
         beta = F.pad(beta, (0, 0, 0, pad))
         g = None if g is None else F.pad(g, (0, 0, 0, pad))
-    q, k, v = (rearrange(t, "b (n c) h d -> b h n c d", c=chunk) for t in (q, k, v))
+    # Chunk-major contiguous copies, so that every matmul below runs on contiguous batches.
+    q, k, v = (rearrange(t, "b (n c) h d -> b h n c d", c=chunk).contiguous() for t in (q, k, v))
     beta = rearrange(beta, "b (n c) h -> b h n c", c=chunk)
     lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
 
@@ -236,33 +237,34 @@ def _chunked(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_s
         chunk_decay = torch.exp(reverse[..., 0])  # exp(gamma_C), (B, H, N)
         k_start, k_end, q_start = k * from_start, k * to_end, q * from_start
 
-    # The UT transform: one unit lower-triangular solve per chunk for U and W together.
-    kk = torch.matmul(k, k.transpose(-1, -2)) * decay  # (B, H, N, C, C)
+    # K K^T and Q K^T in one product: [K; Q] K^T, (B, H, N, 2C, C), masked by Gamma.
+    products = torch.matmul(torch.cat([k, q], dim=-2), k.transpose(-1, -2))
+    kk, scores = (products * torch.cat([decay, decay], dim=-2)).split(chunk, dim=-2)
+    # The UT transform: one unit lower-triangular system per chunk for U and W together.
     system = (kk * beta[..., None]).tril(-1)  # the strictly lower part; the unit diagonal is implied
     rhs = torch.cat([v, k_start], dim=-1) * beta[..., None]  # (B, H, N, C, V + K)
-    solved = torch.matmul(_UnitLowerInverse.apply(system), rhs)
-    U, W = solved.split([dv, dk], dim=-1)
+    solved = torch.matmul(_UnitLowerInverse.apply(system), rhs)  # [U | W]
 
-    scores = torch.matmul(q, k.transpose(-1, -2)) * decay  # A = Q K^T o Gamma, lower incl. the diagonal
-    if g is None:
-        scores = scores * lower  # decay is already 0 above the diagonal when gated
-    out_intra = torch.matmul(scores, U)  # (B, H, N, C, V)
-    q_state = q_start - torch.matmul(scores, W)  # what reads the entering state, (B, H, N, C, K)
-    k_end_t = k_end.transpose(-1, -2)
-    D = torch.matmul(k_end_t, U)  # (B, H, N, K, V)
-    M = -torch.matmul(k_end_t, W)  # (B, H, N, K, K)
+    # A = Q K^T o Gamma (lower, incl. the diagonal) applied to [U | W]: the output from inside the chunk
+    # and what the entering state subtracts; (K o exp(gamma_C - gamma))^T [U | W]: the chunk's update.
+    out_intra, scores_w = torch.matmul(scores, solved).split([dv, dk], dim=-1)
+    q_state = q_start - scores_w  # what reads the entering state, (B, H, N, C, K)
+    D, M = torch.matmul(k_end.transpose(-1, -2), solved).split([dv, dk], dim=-1)  # (.., K, V), (.., K, K)
     identity = torch.eye(dk, dtype=dtype, device=q.device)
-    M = M + (identity if chunk_decay is None else chunk_decay[..., None, None] * identity)
+    M = (identity if chunk_decay is None else chunk_decay[..., None, None] * identity) - M
 
-    S = q.new_zeros(batch, heads, dk, dv) if initial_state is None else initial_state.to(dtype)
+    # The chunk-to-chunk pass, S_{n+1} = M_n S_n + D_n: one (K x K) @ (K x V) product per chunk.
+    M = rearrange(M, "b h n k j -> n (b h) k j").contiguous()
+    D = rearrange(D, "b h n k v -> n (b h) k v").contiguous()
+    S = q.new_zeros(batch * heads, dk, dv) if initial_state is None else initial_state.to(dtype).flatten(0, 1)
     entering = []
-    for n in range(q.shape[2]):  # the chunk-to-chunk pass: one (K x K) @ (K x V) product per chunk
+    for n in range(M.shape[0]):
         entering.append(S)
-        S = torch.baddbmm(D[:, :, n].flatten(0, 1), M[:, :, n].flatten(0, 1), S.flatten(0, 1)).view(S.shape)
-    states = torch.stack(entering, dim=2)  # (B, H, N, K, V)
+        S = torch.baddbmm(D[n], M[n], S)
+    states = rearrange(torch.stack(entering), "n (b h) k v -> b h n k v", b=batch)
     o = out_intra + torch.matmul(q_state, states)
     o = rearrange(o, "b h n c d -> b (n c) h d")[:, :length]
-    return o, (S if output_final_state else None)
+    return o, (S.view(batch, heads, dk, dv) if output_final_state else None)
 
 
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

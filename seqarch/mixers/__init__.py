@@ -1,6 +1,16 @@
 """Built-in mixers. Importing this package registers every one of them."""
 
-from seqarch.mixers import attention, hyena, mamba, mamba2, retnet, rwkv, rwkv7, s4d  # noqa: F401  (each module registers its mixer)
+from seqarch.mixers import (  # noqa: F401  (each module registers its mixer)
+    attention,
+    deltanet,
+    hyena,
+    mamba,
+    mamba2,
+    retnet,
+    rwkv,
+    rwkv7,
+    s4d,
+)
 from seqarch.mixers.base import MixerState, SequenceMixer
 
 __all__ = ["MixerState", "SequenceMixer"]

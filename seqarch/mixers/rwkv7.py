@@ -344,6 +344,11 @@ class RWKV7ChannelMix(SequenceMixer):
             # RWKV-LM zeroes it; small so the key and x_k learn from the first step (as the time-mix output).
             self.value.weight.uniform_(-0.1 * config.ffn_hidden**-0.5, 0.1 * config.ffn_hidden**-0.5)
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """FLOPs beyond the Linear weights: the token shift and one interpolation (3 D) and the
+        squared ReLU (2 F); independent of the context length."""
+        return 3 * self.d_model + 2 * self.config.ffn_hidden
+
     def _mix(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         return self.value(torch.relu(self.key(x + (x_prev - x) * self.x_k)).square())
 

@@ -1,0 +1,271 @@
+"""The delta rule ops (seqarch/ops/delta_rule.py): the chunked WY/UT path against the sequential
+reference (forward, final state and gradients), the one-token step, numerics under strong gates,
+and flash-linear-attention's naive PyTorch functions (loaded by path: importing `fla` pulls triton).
+
+The fla tests need the test-only reference packages: pip install --no-deps -r requirements-reference.txt
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqarch.ops.delta_rule import (
+    delta_rule,
+    delta_rule_ref,
+    delta_rule_step,
+    gated_delta_rule,
+    gated_delta_rule_ref,
+    gated_delta_rule_step,
+    resolve_backend,
+)
+from tests.tolerance import assert_close
+
+LENGTHS = [1, 7, 63, 257]
+DTYPES = [torch.float32, torch.float64]
+
+
+def fla_root() -> Path | None:
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+FLA_MISSING = "fla-core==0.6.0 is not installed (pip install --no-deps -r requirements-reference.txt)"
+needs_fla = pytest.mark.skipif(fla_root() is None, reason=FLA_MISSING)
+
+
+def load_fla_naive(relative: str):
+    """A module of fla's pure-PyTorch naive functions, loaded from its file without importing fla."""
+    path = fla_root() / relative
+    spec = importlib.util.spec_from_file_location(f"fla_naive_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_inputs(batch=2, length=63, heads=3, dk=16, dv=24, dtype=torch.float64, gate_low=-1.0, gate_high=0.0,
+                requires_grad=False):
+    """Random inputs at the scales the layers produce: L2-normalised k (and q), beta = sigmoid(.),
+    log-gates g uniform in [gate_low, gate_high], a random initial state."""
+    q = F.normalize(torch.randn(batch, length, heads, dk, dtype=dtype), dim=-1)
+    k = F.normalize(torch.randn(batch, length, heads, dk, dtype=dtype), dim=-1)
+    v = torch.randn(batch, length, heads, dv, dtype=dtype)
+    beta = torch.sigmoid(torch.randn(batch, length, heads, dtype=dtype))
+    g = torch.empty(batch, length, heads, dtype=dtype).uniform_(gate_low, gate_high)
+    h0 = torch.randn(batch, heads, dk, dv, dtype=dtype)
+    tensors = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": h0}
+    if requires_grad:
+        for tensor in tensors.values():
+            tensor.requires_grad_(True)
+    return tensors
+
+
+def run_gated(fn, t, **extra):
+    return fn(t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=t["initial_state"],
+              output_final_state=True, **extra)
+
+
+def run_plain(fn, t, **extra):
+    return fn(t["q"], t["k"], t["v"], t["beta"], initial_state=t["initial_state"], output_final_state=True, **extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+def test_chunked_matches_reference_forward(gated, length, dtype):
+    t = make_inputs(length=length, dtype=dtype)
+    if gated:
+        (o, s), (o_ref, s_ref) = run_gated(gated_delta_rule, t), run_gated(gated_delta_rule_ref, t)
+    else:
+        (o, s), (o_ref, s_ref) = run_plain(delta_rule, t), run_plain(delta_rule_ref, t)
+    assert o.dtype == dtype and s.dtype == dtype
+    assert_close(o, o_ref, f"o (T={length})")
+    assert_close(s, s_ref, f"final state (T={length})")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 128])
+def test_chunk_sizes_agree(chunk_size):
+    t = make_inputs(length=100)
+    o, s = run_gated(gated_delta_rule, t, chunk_size=chunk_size)
+    o_ref, s_ref = run_gated(gated_delta_rule_ref, t)
+    assert_close(o, o_ref, f"o (C={chunk_size})")
+    assert_close(s, s_ref, f"final state (C={chunk_size})")
+
+
+def _gradients(fn, t, runner, weights):
+    o, s = runner(fn, t)
+    loss = (o * weights[0]).sum() + (s * weights[1]).sum()
+    names = [name for name in t if runner is run_gated or name != "g"]
+    return dict(zip(names, torch.autograd.grad(loss, [t[name] for name in names]), strict=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+def test_chunked_matches_reference_gradients(gated, length, dtype):
+    t = make_inputs(length=length, dtype=dtype, requires_grad=True)
+    weights = (torch.randn_like(t["v"]), torch.randn_like(t["initial_state"]))
+    runner, fast, ref = (run_gated, gated_delta_rule, gated_delta_rule_ref) if gated else (
+        run_plain, delta_rule, delta_rule_ref)
+    grads, grads_ref = _gradients(fast, t, runner, weights), _gradients(ref, t, runner, weights)
+    # The float32 gradients accumulate over the whole sequence in both paths, in different orders.
+    tolerance = 1e-4 if dtype == torch.float32 else None
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], f"d{name} (T={length})", tolerance=tolerance)
+        assert grads_ref[name].abs().max() > 0, f"d{name} is zero: the test cannot tell the paths apart"
+
+
+def test_step_matches_reference():
+    t = make_inputs(length=19)
+    state = t["initial_state"]
+    outputs, outputs_plain, state_plain = [], [], t["initial_state"]
+    for i in range(19):
+        o, state = gated_delta_rule_step(t["q"][:, i], t["k"][:, i], t["v"][:, i], t["g"][:, i], t["beta"][:, i], state)
+        outputs.append(o)
+        o, state_plain = delta_rule_step(t["q"][:, i], t["k"][:, i], t["v"][:, i], t["beta"][:, i], state_plain)
+        outputs_plain.append(o)
+    o_ref, s_ref = run_gated(gated_delta_rule_ref, t)
+    assert_close(torch.stack(outputs, dim=1), o_ref, "gated steps")
+    assert_close(state, s_ref, "gated state after steps")
+    o_ref, s_ref = run_plain(delta_rule_ref, t)
+    assert_close(torch.stack(outputs_plain, dim=1), o_ref, "steps")
+    assert_close(state_plain, s_ref, "state after steps")
+
+
+def test_reference_transcribes_the_recurrence():
+    """One step by hand: S_1 = alpha (I - beta k k^T) S_0 + beta k v^T, o_1 = S_1^T q / sqrt(K)."""
+    t = make_inputs(batch=1, length=1, heads=1, dk=4, dv=3)
+    q, k, v = t["q"][0, 0, 0], t["k"][0, 0, 0], t["v"][0, 0, 0]
+    alpha, beta, S0 = t["g"][0, 0, 0].exp(), t["beta"][0, 0, 0], t["initial_state"][0, 0]
+    S1 = alpha * (torch.eye(4, dtype=torch.float64) - beta * torch.outer(k, k)) @ S0 + beta * torch.outer(k, v)
+    o, s = run_gated(gated_delta_rule, t)
+    assert_close(s[0, 0], S1, "S_1")
+    assert_close(o[0, 0, 0], S1.T @ q / 2, "o_1")
+
+
+def test_delta_rule_is_the_gated_rule_with_zero_gates():
+    t = make_inputs(length=40)
+    t["g"] = torch.zeros_like(t["g"])
+    o, s = run_gated(gated_delta_rule, t)
+    o_plain, s_plain = run_plain(delta_rule, t)
+    assert_close(o_plain, o, "o")
+    assert_close(s_plain, s, "final state")
+
+
+@pytest.mark.parametrize("gate", ["constant", "random"])
+def test_gates_of_minus_20_stay_finite_over_long_sequences(gate):
+    """g = -20 per step (alpha = 2e-9) over T = 2048: an exp of a positive sum would overflow."""
+    t = make_inputs(batch=1, length=2048, heads=2, dk=16, dv=16, dtype=torch.float32, gate_low=-20.0,
+                    gate_high=-20.0 if gate == "constant" else 0.0, requires_grad=True)
+    o, s = run_gated(gated_delta_rule, t, chunk_size=64)
+    o_ref, s_ref = run_gated(gated_delta_rule_ref, t)
+    assert_close(o, o_ref, "o")
+    assert_close(s, s_ref, "final state")
+    weights = (torch.randn_like(o), torch.randn_like(s))
+    grads = torch.autograd.grad((o * weights[0]).sum() + (s * weights[1]).sum(), list(t.values()))
+    grads_ref = torch.autograd.grad((o_ref * weights[0]).sum() + (s_ref * weights[1]).sum(), list(t.values()))
+    for name, grad, grad_ref in zip(t, grads, grads_ref, strict=True):
+        assert torch.isfinite(grad).all(), f"d{name} is not finite"
+        assert_close(grad, grad_ref, f"d{name}", tolerance=1e-4)
+
+
+def test_sequential_backend_is_the_reference():
+    t = make_inputs(length=9)
+    o, s = run_gated(gated_delta_rule, t, backend="sequential")
+    o_ref, s_ref = run_gated(gated_delta_rule_ref, t)
+    assert torch.equal(o, o_ref) and torch.equal(s, s_ref)
+
+
+def test_resolve_backend():
+    assert resolve_backend("auto", "cpu") == "chunked"
+    assert resolve_backend("chunked", "cpu") == "chunked"
+    assert resolve_backend("sequential", torch.device("cpu")) == "sequential"
+    with pytest.raises(ValueError, match="backend='compiled'.*valid"):
+        resolve_backend("compiled", "cpu")
+
+
+def test_no_final_state_unless_asked():
+    t = make_inputs(length=5)
+    for backend in ("chunked", "sequential"):
+        o, s = gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"], backend=backend)
+        assert s is None and o.shape == t["v"].shape
+
+
+def test_half_precision_inputs_compute_in_float32():
+    t = make_inputs(length=33, dtype=torch.float32)
+    o, s = gated_delta_rule(*(t[n].bfloat16() for n in ("q", "k", "v", "g", "beta")), output_final_state=True)
+    o_ref, s_ref = gated_delta_rule_ref(*(t[n].bfloat16().float() for n in ("q", "k", "v", "g", "beta")),
+                                        output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert_close(o, o_ref.bfloat16(), "o", dtype=torch.bfloat16)
+    assert_close(s, s_ref, "final state", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"beta": torch.rand(2, 5, 4)}, "beta must be"),
+    ({"v": torch.randn(2, 5, 2, 3)}, "v must be"),
+    ({"initial_state": torch.randn(2, 3, 4, 4)}, "initial_state must be"),
+])
+def test_bad_shapes_are_named(bad, message):
+    args = {"q": torch.randn(2, 5, 3, 4), "k": torch.randn(2, 5, 3, 4), "v": torch.randn(2, 5, 3, 6),
+            "g": -torch.rand(2, 5, 3), "beta": torch.rand(2, 5, 3), "initial_state": None} | bad
+    with pytest.raises(ValueError, match=message):
+        gated_delta_rule(**args)
+
+
+# --- flash-linear-attention's naive functions ------------------------------------------------------------
+@needs_fla
+@pytest.mark.parametrize("length", [7, 63, 257])
+def test_gated_matches_fla_naive_recurrent(length):
+    naive = load_fla_naive("ops/gated_delta_rule/naive.py")
+    t = make_inputs(length=length, dtype=torch.float32, gate_low=-3.0)
+    o, s = run_gated(gated_delta_rule, t)
+    # fla's naive recurrent function takes beta before g.
+    o_fla, s_fla = naive.naive_recurrent_gated_delta_rule(t["q"], t["k"], t["v"], t["beta"], t["g"],
+                                                           initial_state=t["initial_state"], output_final_state=True)
+    assert_close(o, o_fla, f"o vs fla naive_recurrent_gated_delta_rule (T={length})")
+    assert_close(s, s_fla, f"final state vs fla naive_recurrent_gated_delta_rule (T={length})")
+
+
+@needs_fla
+def test_gated_matches_fla_naive_chunk_with_strong_gates():
+    naive = load_fla_naive("ops/gated_delta_rule/naive.py")
+    t = make_inputs(length=200, dtype=torch.float32, gate_low=-0.5)
+    o, s = run_gated(gated_delta_rule, t, scale=0.3)
+    o_fla, s_fla = naive.naive_chunk_gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"], scale=0.3,
+                                                       initial_state=t["initial_state"], output_final_state=True)
+    assert_close(o, o_fla, "o vs fla naive_chunk_gated_delta_rule")
+    assert_close(s, s_fla, "final state vs fla naive_chunk_gated_delta_rule")
+
+
+@needs_fla
+@pytest.mark.parametrize("length", [7, 63])
+def test_delta_rule_matches_fla_naive_recurrence(length):
+    naive = load_fla_naive("ops/delta_rule/naive.py")
+    t = make_inputs(length=length, dtype=torch.float32)
+    o, s = run_plain(delta_rule, t)
+    # fla's naive delta rule takes the (B, H, T, K) layout and always scales q by K^-0.5.
+    heads_first = [t[name].transpose(1, 2) for name in ("q", "k", "v", "beta")]
+    o_fla, s_fla = naive.delta_rule_recurrence(*heads_first, initial_state=t["initial_state"],
+                                               output_final_state=True)
+    assert_close(o, o_fla.transpose(1, 2), f"o vs fla delta_rule_recurrence (T={length})")
+    assert_close(s, s_fla, f"final state vs fla delta_rule_recurrence (T={length})")
+
+
+@pytest.mark.parametrize("size", [1, 2, 16, 17, 37, 64])
+def test_unit_lower_inverse_and_its_gradient(size):
+    """The blocked forward substitution equals the inverse; its backward passes gradcheck."""
+    from seqarch.ops.delta_rule import _UnitLowerInverse
+
+    N = (0.3 * torch.randn(3, size, size, dtype=torch.float64)).tril(-1)
+    expected = torch.linalg.inv(torch.eye(size, dtype=torch.float64) + N)
+    assert_close(_UnitLowerInverse.apply(N), expected, f"(I + N)^-1, size {size}")
+    if size <= 20:  # gradcheck costs one forward per entry; 17 already crosses a 16-row block
+        N = N[:1].detach().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda n: _UnitLowerInverse.apply(n.tril(-1)), (N,))

@@ -95,6 +95,19 @@ class SeqLM(nn.Module):
         """Rebuild a model from its `init_kwargs` (as saved in checkpoints)."""
         return cls(**config, device=device, dtype=dtype)
 
+    @classmethod
+    def from_hf(cls, path, dtype: torch.dtype = torch.float32, device=None) -> SeqLM:
+        """Load a Hugging Face save_pretrained directory (Llama, Mistral, Mamba, Mamba-2); see seqarch.models.hf."""
+        from seqarch.models.hf import from_hf
+
+        return from_hf(path, dtype=dtype, device=device)
+
+    def to_hf(self, path):
+        """Write this model as a Hugging Face save_pretrained directory; see seqarch.models.hf."""
+        from seqarch.models.hf import to_hf
+
+        return to_hf(self, path)
+
     @property
     def vocab_size(self) -> int:
         return self.embedding.num_embeddings

@@ -316,3 +316,99 @@ def test_mamba2_norm_epsilon_other_than_the_mixer_default_is_refused(tmp_path):
     edit_config(path, layer_norm_epsilon=1e-6)
     with pytest.raises(ValueError, match="layer_norm_epsilon"):
         SeqLM.from_hf(path)
+
+
+# --- the command line: ckpt=hf:<dir> ---------------------------------------------------------------
+def byte_llama(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=88, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      rms_norm_eps=1e-5)
+    model = realistic(transformers.LlamaForCausalLM(config))
+    model.save_pretrained(tmp_path / "byte")
+    return model, tmp_path / "byte"
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, x):
+        return self.hf_model(x).logits
+
+
+@pytest.mark.slow  # reads the stdlib validation text
+def test_eval_ppl_reads_an_hf_directory(tmp_path):
+    from seqarch.evals.command import eval_command, validation_stream
+    from seqarch.evals.perplexity import perplexity_vs_length
+    from seqarch.models.hf import read_hf_checkpoint
+
+    hf_model, path = byte_llama(tmp_path)
+    folder, meta, rows = eval_command([f"ckpt=hf:{path}", "task=ppl", "lengths=[16,32,48]", "windows=2",
+                                       f"out={tmp_path / 'ppl'}"])
+    assert meta["trained_length"] == 32 and (folder / "results.md").is_file()
+    config = read_hf_checkpoint(f"hf:{path}")[1]["hyper_parameters"]["config"]
+    stream, _ = validation_stream(config)
+    expected = perplexity_vs_length(_Logits(hf_model).eval(), stream, [16, 32, 48], 2)
+    for row, reference in zip(rows, expected, strict=True):
+        assert math.isclose(row["nll"], reference["nll"], rel_tol=1e-5), (row, reference)
+
+
+def test_generate_reads_an_hf_directory_bytes_or_its_tokenizer(tmp_path, capsys):
+    from seqarch.train.fit import generate
+
+    hf_model, path = byte_llama(tmp_path)
+    text = generate([f"ckpt=hf:{path}", "prompt=def f", "max_new_tokens=6", "temperature=0"])
+    prompt = torch.tensor([list(b"def f")])
+    with torch.no_grad():
+        expected = hf_model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert text == "def f" + bytes(expected[0, 5:].tolist()).decode("utf-8", errors="replace")
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator(["the cat sat on the mat and a dog ran to the cat"] * 4,
+                              trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["[UNK]"]))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
+    hf_words, words_path = llama(tmp_path, "words")
+    tokenizer.save_pretrained(words_path)
+    text = generate([f"ckpt=hf:{words_path}", "prompt=the cat", "max_new_tokens=5", "temperature=0"])
+    ids = torch.tensor([tokenizer("the cat")["input_ids"]])
+    with torch.no_grad():
+        expected = hf_words.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert text == "the cat" + tokenizer.decode(expected[0, ids.shape[1]:].tolist())
+
+
+def test_cli_refusals_for_hf_directories(tmp_path):
+    from seqarch.train.config import ConfigError
+    from seqarch.train.fit import resolve_fit_config
+
+    _, path = byte_llama(tmp_path)
+    with pytest.raises(ConfigError, match="recipe=extend"):
+        resolve_fit_config([f"ckpt=hf:{path}"])
+    _, words = llama(tmp_path, "words")
+    with pytest.raises(ConfigError, match="another vocabulary"):
+        resolve_fit_config(["recipe=extend", f"ckpt=hf:{words}"])
+    edit_config(path, hidden_act="gelu")
+    with pytest.raises(ConfigError, match="hidden_act"):
+        resolve_fit_config(["recipe=extend", f"ckpt=hf:{path}"])
+    with pytest.raises(ConfigError, match="config.json"):
+        resolve_fit_config(["recipe=extend", f"ckpt=hf:{tmp_path / 'missing'}"])
+
+
+@pytest.mark.slow
+def test_fit_extend_starts_from_the_hf_weights(tmp_path):
+    from seqarch.train.fit import fit, resolve_fit_config
+
+    hf_model, path = byte_llama(tmp_path)
+    args = ["recipe=extend", f"ckpt=hf:{path}", "data.seq_len=64", "model.attention.rope_scaling=linear",
+            "trainer.max_steps=2", "trainer.val_every=2", "trainer.val_batches=1", "data.batch_size=2",
+            "trainer.progress=false", f"run_dir={tmp_path / 'run'}"]
+    config, _ = resolve_fit_config(args)
+    attention = config.model["attention"]
+    assert (attention["rope_scaling"], attention["rope_factor"], attention["max_position"]) == ("linear", 2.0, 32)
+    assert config.init_from == str(path / "config.json")
+    summary = fit(args)
+    assert summary["steps"] == 2 and (tmp_path / "run" / "summary.json").is_file()

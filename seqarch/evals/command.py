@@ -147,13 +147,21 @@ def _evaluate(contents: dict, options: dict) -> tuple[dict, list[dict]]:
     if options["rope_scaling"] != "keep" and not has_attention:
         notes.append(f"rope_scaling={options['rope_scaling']} ignored: mixer {layers} has no RoPE to rescale")
     model = model_from_checkpoint(contents, overrides)
-    if model.vocab_size != 256:
+    from seqarch.models.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(contents)  # an hf:<dir> with its own tokenizer scores its tokens
+    if tokenizer is not None and options["task"] == "passkey":
+        raise ConfigError("task=passkey builds byte prompts; this model reads its own tokenizer's tokens")
+    if model.vocab_size != 256 and tokenizer is None:
         raise ConfigError(f"task={options['task']} reads bytes; this model's vocabulary has {model.vocab_size} "
                           "tokens (a synthetic-task model)")
     settings = {"rope_scaling": options["rope_scaling"], **{k: v for k, v in overrides.items() if k != "rope_scaling"}}
     try:
         if options["task"] == "ppl":
             stream, name = validation_stream(config)
+            if tokenizer is not None:
+                text = bytes(stream.tolist()).decode("utf-8", errors="replace")
+                stream, name = torch.tensor(tokenizer(text)["input_ids"]), f"{name}, tokenized"
             settings.update(scored=options["scored"], windows=options["windows"], text=name)
             rows = perplexity_vs_length(model, stream, lengths, options["windows"], options["scored"],
                                         options["batch_size"])

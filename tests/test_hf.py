@@ -112,7 +112,7 @@ LLAMA_VARIANTS = {
                                                   "original_max_position_embeddings": 32, "low_freq_factor": 1.0,
                                                   "high_freq_factor": 4.0}},
     # YaRN with mscale but no mscale_all_dim (HF ignores mscale), tied embeddings, MQA.
-    "yarn-mscale-tied-mqa": {"num_key_value_heads": 1, "tie_word_embeddings": True,
+    "yarn-mscale-tied-mqa": {"num_key_value_heads": 1, "tie_word_embeddings": True, "max_position_embeddings": 64,
                              "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                  "original_max_position_embeddings": 16, "mscale": 0.707}},
     "linear": {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
@@ -243,7 +243,6 @@ def edit_config(path, **changes):
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"num_local_experts": 4}, "num_local_experts"),
     ({"attention_dropout": 0.1}, "attention_dropout"),
-    ({"sliding_window": 8}, "sliding_window"),
     ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, "rope_type"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0}}, "rope_type"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "truncate": False}}, "truncate"),
@@ -266,6 +265,14 @@ def test_unrepresentable_mamba2_configs_are_refused_naming_the_field(tmp_path, c
     edit_config(path, **changes)
     with pytest.raises(ValueError, match=field):
         SeqLM.from_hf(path)
+
+
+def test_sliding_window_in_a_llama_config_is_ignored_as_hf_does(tmp_path):
+    hf_model, path = llama(tmp_path)
+    edit_config(path, sliding_window=4)
+    model = SeqLM.from_hf(path)
+    assert model.layers[0].mixer.config.window is None
+    check_logits(hf_model, model)
 
 
 def test_unknown_tensors_and_pickles_are_refused(tmp_path):

@@ -211,14 +211,12 @@ def _llama_kwargs(config: dict, family: str) -> dict[str, Any]:
     _silu(config)
     if float(config.get("attention_dropout", 0.0)) != 0.0:
         raise _refuse("attention_dropout", config["attention_dropout"], "seqarch's attention has no dropout")
-    if family == "llama" and config.get("sliding_window") is not None:
-        raise _refuse("sliding_window", config["sliding_window"], "LlamaForCausalLM has no sliding window")
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     theta, rope = _rope(config)
     attention = {"n_heads": heads, "n_kv_heads": int(config.get("num_key_value_heads") or heads),
                  "head_dim": int(config.get("head_dim") or hidden // heads), "bias": bool(config.get("attention_bias",
                  False)), "positional": "rope", "rope_base": theta, **rope}
-    if config.get("sliding_window") is not None:
+    if family == "mistral" and config.get("sliding_window") is not None:  # LlamaModel never reads the field
         attention["window"] = int(config["sliding_window"])
     kwargs = {"vocab_size": int(config["vocab_size"]), "d_model": hidden, "n_layers": int(config["num_hidden_layers"]),
               "mixer": "attention", "mlp": True, "tie_embeddings": bool(config.get("tie_word_embeddings", False)),

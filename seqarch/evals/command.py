@@ -2,12 +2,13 @@
 
     seqarch eval ckpt=runs/transformer/<timestamp> task=ppl lengths=[64,128,256,512,1024]
     seqarch eval ckpt=<run> task=passkey lengths=[128,256,512,1024] depths=[0,0.5,1] rope_scaling=yarn
+    seqarch eval ckpt=hf:<save_pretrained dir> task=ppl          a Hugging Face model (docs/checkpoints.md)
 
 Keys (defaults): task (ppl | passkey), lengths (0.5, 1, 2, 4 and 8 x the trained length; for
 passkey those long enough for the needle and the question),
 depths ([0, 0.25, 0.5, 0.75, 1], passkey), trials (20 per passkey cell), num_digits (5),
 windows (16 per ppl length), scored (last_half | all, ppl), rope_scaling (keep: the model's own;
-none | linear | ntk | dynamic | yarn), rope_factor (max length / trained length),
+none | linear | ntk | dynamic | yarn | llama3), rope_factor (max length / trained length),
 max_position (the trained length, the one a scaling extends from), seed (0), batch_size (4),
 num_threads (0: torch's default), out (a new folder; default <run>/evals/<task>-<scaling>/<timestamp>/).
 

@@ -280,7 +280,9 @@ def _mamba_kwargs(config: dict, family: str) -> dict[str, Any]:
             mixer["time_step_limit"] = limit
     return {"vocab_size": int(config["vocab_size"]), "d_model": int(config["hidden_size"]),
             "n_layers": int(config["num_hidden_layers"]), "mixer": family, "mlp": False,
-            "tie_embeddings": bool(config.get("tie_word_embeddings", True)), "norm_eps": eps, family: mixer}
+            # a config without the field gets its class's default, as in transformers
+            "tie_embeddings": bool(config.get("tie_word_embeddings", family == "mamba")), "norm_eps": eps,
+            family: mixer}
 
 
 def hf_config_to_kwargs(config: dict) -> dict[str, Any]:

@@ -258,7 +258,7 @@ def test_unrepresentable_llama_configs_are_refused_naming_the_field(tmp_path, ch
 
 
 @pytest.mark.parametrize(("changes", "field"), [
-    ({"expand": 1.5}, "expand"), ({"num_heads": 4}, "num_heads"), ({"norm_before_gate": True}, "norm_before_gate"),
+    ({"expand": 1.5}, "expand"), ({"num_heads": 4}, "num_heads"), ({"rms_norm": False}, "rms_norm"),
     ({"hidden_act": "relu"}, "hidden_act")])
 def test_unrepresentable_mamba2_configs_are_refused_naming_the_field(tmp_path, changes, field):
     _, path = mamba2(tmp_path)
@@ -316,6 +316,14 @@ def test_yarn_attention_factor_matches_hf_attention(tmp_path):
     model = SeqLM.from_hf(path)
     assert math.isclose(model.layers[0].mixer.attention_scale, 1.7)
     check_logits(hf_model, model)
+
+
+def test_mamba_ssm_config_keys_that_hf_never_reads_are_ignored(tmp_path):
+    """Exported Mamba configs (e.g. state-spaces/mamba-130m-hf) carry mamba-ssm's own keys; HF ignores them."""
+    hf_model, path = mamba(tmp_path, tie_word_embeddings=False)
+    edit_config(path, fused_add_norm=True, n_layer=2, d_model=48, ssm_cfg={}, pad_vocab_size_multiple=8,
+                rms_norm=True)
+    check_logits(hf_model, SeqLM.from_hf(path))
 
 
 def test_mamba2_norm_epsilon_other_than_the_mixer_default_is_refused(tmp_path):

@@ -61,6 +61,10 @@ _IGNORED = {
     # Mamba / Mamba-2: initialisation, kernels, and the residual's dtype (we compute in one dtype)
     "time_step_min", "time_step_max", "time_step_floor", "time_step_scale", "time_step_init_scheme",
     "rescale_prenorm_residual", "residual_in_fp32", "use_mambapy", "use_associative_scan", "chunk_size",
+    # mamba-ssm's own config keys that exported Mamba configs carry and HF's classes never read
+    "fused_add_norm", "n_layer", "d_model", "ssm_cfg", "pad_vocab_size_multiple",
+    # HF's Mamba2Mixer gates before its norm whatever this says (mamba-ssm's default too)
+    "norm_before_gate",
 }
 _LLAMA_FIELDS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
@@ -68,7 +72,7 @@ _LLAMA_FIELDS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "attention_dropout", "mlp_bias", "sliding_window"}
 _MAMBA_FIELDS = {"vocab_size", "hidden_size", "state_size", "num_hidden_layers", "layer_norm_epsilon", "expand",
                  "conv_kernel", "use_bias", "use_conv_bias", "hidden_act", "time_step_rank", "intermediate_size",
-                 "tie_word_embeddings"}
+                 "tie_word_embeddings", "rms_norm"}
 _MAMBA2_FIELDS = {"vocab_size", "hidden_size", "state_size", "num_hidden_layers", "layer_norm_epsilon", "expand",
                   "conv_kernel", "use_bias", "use_conv_bias", "hidden_act", "n_groups", "num_heads", "head_dim",
                   "time_step_limit", "time_step_rank", "tie_word_embeddings", "norm_before_gate", "rms_norm"}
@@ -255,6 +259,8 @@ def _mamba_kwargs(config: dict, family: str) -> dict[str, Any]:
     _silu(config)
     inner = _inner_width(config)
     eps = float(config.get("layer_norm_epsilon", 1e-5))
+    if config.get("rms_norm", True) is not True:
+        raise _refuse("rms_norm", config["rms_norm"], "seqarch's Mamba blocks use RMSNorm")
     mixer = {"d_state": int(config.get("state_size", 16)), "d_conv": int(config.get("conv_kernel", 4)),
              "expand": int(config.get("expand", 2)), "bias": bool(config.get("use_bias", False)),
              "conv_bias": bool(config.get("use_conv_bias", True))}
@@ -262,10 +268,6 @@ def _mamba_kwargs(config: dict, family: str) -> dict[str, Any]:
         rank = config.get("time_step_rank", "auto")
         mixer["dt_rank"] = math.ceil(int(config["hidden_size"]) / 16) if rank == "auto" else int(rank)
     else:
-        if config.get("norm_before_gate", False):
-            raise _refuse("norm_before_gate", config["norm_before_gate"], "HF's Mamba2Mixer gates before the norm")
-        if config.get("rms_norm", True) is not True:
-            raise _refuse("rms_norm", config["rms_norm"], "Mamba-2's gated RMSNorm is always on in seqarch")
         head_dim = int(config.get("head_dim", 64))
         if int(config.get("num_heads", inner // head_dim)) * head_dim != inner:
             raise _refuse("num_heads", config.get("num_heads"), f"num_heads * head_dim must equal the inner width "

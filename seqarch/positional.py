@@ -17,6 +17,15 @@ The scalings change the angle f(t, i) = g(t) * h(i) (the unified view of the YaR
   sqrt(1/t) = 0.1 ln(s) + 1 that multiplies queries and keys (so the logits by its square). The ramp
   is taken over the dimension index between the floor / ceil of the correction dimensions, as the
   authors' code and HF transformers compute it (the paper states it in terms of r(d) = L / lambda_d).
+  The temperature follows HF transformers' `_compute_yarn_parameters`: an explicit `attention_factor`
+  wins; else, when both `mscale` and `mscale_all_dim` are set (the DeepSeek-V2/V3 form), it is
+  (0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1); else 0.1 ln s + 1, `mscale` alone being ignored.
+  DeepSeek's attention also multiplies its softmax scale by (0.1 mscale_all_dim ln s + 1)^2 inside the
+  attention layer; that factor is not part of RoPE and is not applied here.
+- llama3 (Meta's Llama 3.1 RoPE, HF's `_compute_llama3_parameters`): with wavelength lambda = 2 pi / inv_freq
+  and L = original_max_position, frequencies with lambda < L / high_freq_factor are kept, those with
+  lambda > L / low_freq_factor divided by s, and those between blended linearly in L / lambda:
+  (1 - a) inv_freq / s + a inv_freq with a = (L / lambda - low_freq_factor) / (high_freq_factor - low_freq_factor).
 
 ReRoPE (Su, 2023, "Rectified Rotary Position Embeddings") clips the relative position at a window w:
 relative distance r becomes min(r, w); Leaky ReRoPE continues with slope 1/k beyond w:
@@ -36,14 +45,16 @@ import math
 
 import torch
 
-ROPE_SCALING_TYPES: tuple[str, ...] = ("linear", "ntk", "dynamic", "yarn")
+ROPE_SCALING_TYPES: tuple[str, ...] = ("linear", "ntk", "dynamic", "yarn", "llama3")
 
 # Fields each scaling type accepts in the `scaling` dict of rope_frequencies (besides "type").
 _SCALING_FIELDS = {
     "linear": {"factor"},
     "ntk": {"factor"},
     "dynamic": {"factor", "original_max_position"},
-    "yarn": {"factor", "original_max_position", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"},
+    "yarn": {"factor", "original_max_position", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+             "attention_factor"},
+    "llama3": {"factor", "original_max_position", "low_freq_factor", "high_freq_factor"},
 }
 
 
@@ -64,6 +75,30 @@ def yarn_correction_dim(num_rotations: float, head_dim: int, base: float, origin
     return head_dim * math.log(original_max_position / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
 
+def yarn_attention_factor(factor: float, mscale: float | None = None, mscale_all_dim: float | None = None,
+                          attention_factor: float | None = None) -> float:
+    """YaRN's factor on queries and keys, as HF transformers infers it: `attention_factor` if given;
+    else mscale(s, mscale) / mscale(s, mscale_all_dim) when both are set and non-zero (DeepSeek's form);
+    else 0.1 ln(s) + 1 (`mscale` alone is ignored, as in HF)."""
+    if attention_factor is not None:
+        return float(attention_factor)
+    if mscale and mscale_all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
+
+
+def llama3_inv_freq(plain: torch.Tensor, factor: float, original_max_position: int, low_freq_factor: float,
+                    high_freq_factor: float) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling of the plain inverse frequencies `plain` (E/2,): long wavelengths
+    (> L / low_freq_factor) interpolated by s, short ones (< L / high_freq_factor) kept, a linear blend
+    in L / wavelength between."""
+    wavelength = 2 * math.pi / plain
+    blend = (original_max_position / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - blend) * plain / factor + blend * plain
+    low_limit, high_limit = original_max_position / low_freq_factor, original_max_position / high_freq_factor
+    return torch.where(wavelength > low_limit, plain / factor, torch.where(wavelength < high_limit, plain, blended))
+
+
 def dynamic_ntk_inv_freq(head_dim: int, base: float, factor: float, original_max_position: int,
                          seq_lens: torch.Tensor) -> torch.Tensor:
     """Dynamic NTK inverse frequencies (N, E/2) float32, one row per sequence length in `seq_lens` (N,).
@@ -80,6 +115,9 @@ def rope_frequencies(head_dim: int, base: float = 10000.0, max_position: int = 2
                      scaling: dict | None = None, device=None,
                      seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (E/2,) float32 and the attention scale factor (1.0 except for YaRN).
+
+    Missing fields take the defaults of HF transformers: YaRN beta_fast 32, beta_slow 1, its factor as
+    `yarn_attention_factor` infers it; llama3 low_freq_factor 1, high_freq_factor 4 (Llama 3.1's values).
 
     `max_position` is the context length the model is trained for; it is the default of the
     scaling's `original_max_position`. `scaling` is None or a dict {"type": one of
@@ -111,6 +149,11 @@ def rope_frequencies(head_dim: int, base: float = 10000.0, max_position: int = 2
     if kind == "dynamic":
         length = torch.tensor([original if seq_len is None else seq_len], device=device)
         return dynamic_ntk_inv_freq(head_dim, base, factor, original, length)[0], 1.0
+    if kind == "llama3":
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        if not 0 < low < high:
+            raise ValueError(f"RoPE scaling 'llama3' needs 0 < low_freq_factor < high_freq_factor, got {low}, {high}")
+        return llama3_inv_freq(plain, factor, original, low, high).to(torch.float32), 1.0
     beta_fast, beta_slow = float(scaling.get("beta_fast", 32.0)), float(scaling.get("beta_slow", 1.0))
     low = max(math.floor(yarn_correction_dim(beta_fast, head_dim, base, original)), 0)
     high = min(math.ceil(yarn_correction_dim(beta_slow, head_dim, base, original)), head_dim - 1)
@@ -118,10 +161,8 @@ def rope_frequencies(head_dim: int, base: float = 10000.0, max_position: int = 2
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float64, device=device) - low) / span).clamp(0, 1)
     extrapolate = 1 - ramp  # 1: keep the high frequency as trained; 0: interpolate the low one
     inv_freq = plain / factor * ramp + plain * extrapolate
-    scale = yarn_mscale(factor, float(scaling.get("mscale", 1.0)))
-    scale_all_dim = float(scaling.get("mscale_all_dim", 0.0))
-    if scale_all_dim:
-        scale = scale / yarn_mscale(factor, scale_all_dim)
+    scale = yarn_attention_factor(factor, scaling.get("mscale"), scaling.get("mscale_all_dim"),
+                                  scaling.get("attention_factor"))
     return inv_freq.to(torch.float32), scale
 
 

@@ -71,9 +71,10 @@ def build_mixer(name: str, device=None, dtype=None, **overrides: Any):
 
 
 def build_block(name: str, *, mlp: bool = True, mlp_ratio: float = 8 / 3, norm_eps: float = 1e-5,
-                device=None, dtype=None, **overrides: Any):
+                mlp_hidden: int | None = None, mlp_bias: bool = False, device=None, dtype=None, **overrides: Any):
     """Mixer `name` wrapped in the pre-norm residual block (see seqarch.models.block.Block)."""
     from seqarch.models.block import Block
 
     mixer = build_mixer(name, device=device, dtype=dtype, **overrides)
-    return Block(mixer, mlp=mlp, mlp_ratio=mlp_ratio, norm_eps=norm_eps, device=device, dtype=dtype)
+    return Block(mixer, mlp=mlp, mlp_ratio=mlp_ratio, norm_eps=norm_eps, mlp_hidden=mlp_hidden, mlp_bias=mlp_bias,
+                 device=device, dtype=dtype)

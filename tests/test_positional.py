@@ -97,6 +97,81 @@ def test_yarn_attention_factor_with_mscale_fields():
     scaling = {"type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.5}
     expected = (0.1 * math.log(40.0) + 1) / (0.05 * math.log(40.0) + 1)
     assert math.isclose(rope_frequencies(HEAD_DIM, BASE, TRAINED, scaling)[1], expected)
+    # mscale without mscale_all_dim is ignored (HF's semantics): the paper's 0.1 ln s + 1.
+    scaling = {"type": "yarn", "factor": 40.0, "mscale": 0.707}
+    assert math.isclose(rope_frequencies(HEAD_DIM, BASE, TRAINED, scaling)[1], 0.1 * math.log(40.0) + 1)
+    # An explicit attention_factor wins over everything.
+    scaling = {"type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.5, "attention_factor": 1.25}
+    assert rope_frequencies(HEAD_DIM, BASE, TRAINED, scaling)[1] == 1.25
+
+
+def llama3_expected(factor, low_freq_factor, high_freq_factor, trained, base=BASE, dim=HEAD_DIM):
+    """Llama 3.1's rule written per frequency from its description (Meta's reference code)."""
+    values = []
+    for i in range(dim // 2):
+        wavelength = 2 * math.pi / plain(i, base, dim)
+        if wavelength < trained / high_freq_factor:
+            values.append(plain(i, base, dim))
+        elif wavelength > trained / low_freq_factor:
+            values.append(plain(i, base, dim) / factor)
+        else:
+            smooth = (trained / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            values.append((1 - smooth) * plain(i, base, dim) / factor + smooth * plain(i, base, dim))
+    return values
+
+
+@pytest.mark.parametrize(("factor", "low", "high", "trained"), [(8.0, 1.0, 4.0, 2048), (4.0, 2.0, 8.0, 512)])
+def test_llama3_scaling_keeps_high_divides_low_and_blends_between(factor, low, high, trained):
+    scaling = {"type": "llama3", "factor": factor, "original_max_position": trained, "low_freq_factor": low,
+               "high_freq_factor": high}
+    inv_freq, scale = rope_frequencies(HEAD_DIM, BASE, trained, scaling)
+    assert_close(inv_freq, as_tensor(llama3_expected(factor, low, high, trained)).float(), "llama3 inv_freq")
+    assert scale == 1.0
+    blended = [i for i in range(HEAD_DIM // 2) if trained / high <= 2 * math.pi / plain(i) <= trained / low]
+    assert blended, "the grid should exercise the blended band"
+
+
+def _hf_config(rope_parameters: dict, head_dim: int = HEAD_DIM):
+    transformers = pytest.importorskip("transformers")
+    return transformers.LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim,
+                                    max_position_embeddings=4 * TRAINED, rope_parameters=rope_parameters)
+
+
+@pytest.mark.parametrize("fields", [
+    {"factor": 4.0},
+    {"factor": 16.0, "beta_fast": 16.0, "beta_slow": 2.0},
+    {"factor": 40.0, "mscale": 0.707},  # mscale alone: HF ignores it
+    {"factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.5},  # DeepSeek's ratio
+    {"factor": 8.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    {"factor": 8.0, "attention_factor": 1.3, "mscale": 2.0, "mscale_all_dim": 1.0},
+], ids=["plain", "betas", "mscale-only", "mscale-ratio", "mscale-equal", "explicit-factor"])
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_yarn_matches_transformers(fields, head_dim):
+    from transformers.modeling_rope_utils import _compute_yarn_parameters
+
+    config = _hf_config({"rope_type": "yarn", "rope_theta": BASE, "original_max_position_embeddings": TRAINED,
+                         **fields}, head_dim)
+    expected_freq, expected_factor = _compute_yarn_parameters(config)
+    inv_freq, factor = rope_frequencies(head_dim, BASE, TRAINED, {"type": "yarn", "original_max_position": TRAINED,
+                                                                  **fields})
+    assert_close(inv_freq, expected_freq.float(), "yarn inv_freq vs transformers")
+    assert math.isclose(factor, expected_factor, rel_tol=1e-12), (factor, expected_factor)
+
+
+@pytest.mark.parametrize(("factor", "low", "high", "trained", "theta"), [
+    (8.0, 1.0, 4.0, 2048, 500000.0), (32.0, 1.0, 4.0, 8192, 500000.0), (4.0, 2.0, 8.0, 512, 10000.0)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_llama3_matches_transformers(factor, low, high, trained, theta, head_dim):
+    from transformers.modeling_rope_utils import _compute_llama3_parameters
+
+    fields = {"factor": factor, "low_freq_factor": low, "high_freq_factor": high}
+    config = _hf_config({"rope_type": "llama3", "rope_theta": theta, "original_max_position_embeddings": trained,
+                         **fields}, head_dim)
+    expected_freq, expected_factor = _compute_llama3_parameters(config)
+    inv_freq, scale = rope_frequencies(head_dim, theta, trained, {"type": "llama3", "original_max_position": trained,
+                                                                  **fields})
+    assert_close(inv_freq, expected_freq.float(), "llama3 inv_freq vs transformers")
+    assert scale == expected_factor == 1.0
 
 
 @pytest.mark.parametrize("scaling", [{"type": "longrope"}, {"type": "linear", "factor": 0.5},

@@ -2,12 +2,13 @@
 
     seqarch eval ckpt=runs/transformer/<timestamp> task=ppl lengths=[64,128,256,512,1024]
     seqarch eval ckpt=<run> task=passkey lengths=[128,256,512,1024] depths=[0,0.5,1] rope_scaling=yarn
+    seqarch eval ckpt=hf:<save_pretrained dir> task=ppl          a Hugging Face model (docs/checkpoints.md)
 
 Keys (defaults): task (ppl | passkey), lengths (0.5, 1, 2, 4 and 8 x the trained length; for
 passkey those long enough for the needle and the question),
 depths ([0, 0.25, 0.5, 0.75, 1], passkey), trials (20 per passkey cell), num_digits (5),
 windows (16 per ppl length), scored (last_half | all, ppl), rope_scaling (keep: the model's own;
-none | linear | ntk | dynamic | yarn), rope_factor (max length / trained length),
+none | linear | ntk | dynamic | yarn | llama3), rope_factor (max length / trained length),
 max_position (the trained length, the one a scaling extends from), seed (0), batch_size (4),
 num_threads (0: torch's default), out (a new folder; default <run>/evals/<task>-<scaling>/<timestamp>/).
 
@@ -147,13 +148,21 @@ def _evaluate(contents: dict, options: dict) -> tuple[dict, list[dict]]:
     if options["rope_scaling"] != "keep" and not has_attention:
         notes.append(f"rope_scaling={options['rope_scaling']} ignored: mixer {layers} has no RoPE to rescale")
     model = model_from_checkpoint(contents, overrides)
-    if model.vocab_size != 256:
+    from seqarch.models.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(contents)  # an hf:<dir> with its own tokenizer scores its tokens
+    if tokenizer is not None and options["task"] == "passkey":
+        raise ConfigError("task=passkey builds byte prompts; this model reads its own tokenizer's tokens")
+    if model.vocab_size != 256 and tokenizer is None:
         raise ConfigError(f"task={options['task']} reads bytes; this model's vocabulary has {model.vocab_size} "
                           "tokens (a synthetic-task model)")
     settings = {"rope_scaling": options["rope_scaling"], **{k: v for k, v in overrides.items() if k != "rope_scaling"}}
     try:
         if options["task"] == "ppl":
             stream, name = validation_stream(config)
+            if tokenizer is not None:
+                text = bytes(stream.tolist()).decode("utf-8", errors="replace")
+                stream, name = torch.tensor(tokenizer(text)["input_ids"]), f"{name}, tokenized"
             settings.update(scored=options["scored"], windows=options["windows"], text=name)
             rows = perplexity_vs_length(model, stream, lengths, options["windows"], options["scored"],
                                         options["batch_size"])

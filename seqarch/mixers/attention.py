@@ -65,16 +65,20 @@ class AttentionConfig:
     d_model: int = 256
     n_heads: int | None = None  # query heads; None: d_model // 64, at least 1
     n_kv_heads: int | None = None  # key/value heads (GQA); None: n_heads (plain MHA); 1: MQA
+    head_dim: int | None = None  # E, width of each head; None: d_model // n_heads (Mistral-Nemo-like models differ)
     bias: bool = False  # biases in the q/k/v/o projections
     positional: str = "rope"  # "rope", "rerope", "alibi" or "none" (NoPE); sinusoidal lives at the embedding
     rope_base: float = 10000.0  # RoPE base θ; frequencies θ^(-2i/E)
     max_position: int = 2048  # context length trained for: the scalings' original length, ReRoPE's default
-    rope_scaling: str | None = None  # None, "linear" (PI), "ntk", "dynamic" (dynamic NTK) or "yarn"
+    rope_scaling: str | None = None  # None, "linear" (PI), "ntk", "dynamic" (dynamic NTK), "yarn" or "llama3"
     rope_factor: float = 1.0  # scaling factor s = target length / trained length
     yarn_beta_fast: float = 32.0  # YaRN: dimensions rotating more than this often in max_position extrapolate
     yarn_beta_slow: float = 1.0  # YaRN: dimensions rotating less than this often interpolate
-    yarn_mscale: float = 1.0  # YaRN temperature 0.1 * mscale * ln(s) + 1 multiplies q and k
-    yarn_mscale_all_dim: float = 0.0  # YaRN (DeepSeek form): divide by the same term with this mscale; 0: off
+    yarn_mscale: float = 1.0  # YaRN (DeepSeek form, with yarn_mscale_all_dim): numerator 0.1 * mscale * ln(s) + 1
+    yarn_mscale_all_dim: float = 0.0  # YaRN (DeepSeek form): denominator's mscale; 0: off, factor 0.1 ln(s) + 1 (HF)
+    yarn_attention_factor: float | None = None  # YaRN: explicit factor on q and k (HF's attention_factor); None: infer
+    llama3_low_freq_factor: float = 1.0  # llama3: wavelengths above max_position / this are divided by rope_factor
+    llama3_high_freq_factor: float = 4.0  # llama3: wavelengths below max_position / this are kept
     rerope_window: int = 512  # ReRoPE: relative distances from this on are clipped / compressed
     rerope_leak: float = 0.0  # Leaky ReRoPE slope 1/k beyond the window; 0: ReRoPE (clip)
     window: int | None = None  # sliding window: each query sees its `window` most recent keys; None: all
@@ -86,8 +90,13 @@ class AttentionConfig:
 
     def __post_init__(self):
         check_positive("attention", d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads)
-        if self.d_model % self.heads:
-            raise ValueError(f"attention: d_model={self.d_model} is not divisible by n_heads={self.heads}")
+        if self.head_dim is None:
+            if self.d_model % self.heads:
+                raise ValueError(f"attention: d_model={self.d_model} is not divisible by n_heads={self.heads} "
+                                 "(or give head_dim)")
+            object.__setattr__(self, "head_dim", self.d_model // self.heads)  # resolved once; frozen after
+        if self.head_dim < 1:
+            raise ValueError(f"attention: head_dim must be >= 1, got {self.head_dim}")
         if self.heads % self.kv_heads:
             raise ValueError(f"attention: n_heads={self.heads} is not divisible by n_kv_heads={self.kv_heads}")
         if self.positional not in POSITIONAL:
@@ -144,20 +153,18 @@ class AttentionConfig:
         return self.n_kv_heads if self.n_kv_heads is not None else self.heads
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.heads
-
-    @property
     def rope_scaling_dict(self) -> dict | None:
         """The scaling in the dict form of `rope_frequencies`."""
         if self.rope_scaling is None:
             return None
         fields = {"type": self.rope_scaling, "factor": self.rope_factor}
-        if self.rope_scaling in ("dynamic", "yarn"):
+        if self.rope_scaling in ("dynamic", "yarn", "llama3"):
             fields["original_max_position"] = self.max_position
         if self.rope_scaling == "yarn":
             fields.update(beta_fast=self.yarn_beta_fast, beta_slow=self.yarn_beta_slow, mscale=self.yarn_mscale,
-                          mscale_all_dim=self.yarn_mscale_all_dim)
+                          mscale_all_dim=self.yarn_mscale_all_dim, attention_factor=self.yarn_attention_factor)
+        if self.rope_scaling == "llama3":
+            fields.update(low_freq_factor=self.llama3_low_freq_factor, high_freq_factor=self.llama3_high_freq_factor)
         return fields
 
     @property

@@ -9,7 +9,7 @@ Legend: B batch, L length, D model width, E inner width (= expand * D), H heads 
 
     z, xBC, dt = in_proj(u)                          (B, L, E), (B, L, F), (B, L, H)
     x, B, C    = split(silu(causal_conv1d(xBC)))     (B, L, E), (B, L, G N), (B, L, G N)
-    y          = SSD(x, softplus(dt + dt_bias), A = -exp(A_log), B, C, D)     see seqarch/ops/ssd.py
+    y          = SSD(x, clamp(softplus(dt + dt_bias), *time_step_limit), A = -exp(A_log), B, C, D)  seqarch/ops/ssd.py
     out        = out_proj(RMSNorm_groups(y * silu(z)))
 
 The gated RMSNorm normalises each of the G groups of E / G channels separately, as mamba-ssm does
@@ -52,6 +52,8 @@ class Mamba2Config:
     bias: bool = False  # biases in in_proj and out_proj (off in Mamba-2)
     conv_bias: bool = True  # bias of the depthwise conv
     backend: Backend = "auto"  # the SSD scan's path; see seqarch.ops.ssd.resolve_backend
+    # (min, max) clamp of dt after the softplus, as mamba-ssm's / HF's dt_limit; (0, inf) is off
+    time_step_limit: tuple[float, ...] = (0.0, float("inf"))
 
     _renamed: ClassVar[dict[str, str]] = {"scan": "backend", "headdim": "head_dim"}  # accepted for one release
 
@@ -68,6 +70,14 @@ class Mamba2Config:
             raise ValueError(f"mamba2: A_init_range must be (low, high) with 0 < low <= high, got {self.A_init_range}")
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"mamba2: need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        if len(self.time_step_limit) != 2 or not 0 <= self.time_step_limit[0] <= self.time_step_limit[1]:
+            raise ValueError(f"mamba2: time_step_limit must be (min, max) with 0 <= min <= max, "
+                             f"got {self.time_step_limit}")
+
+    @property
+    def limits_dt(self) -> bool:
+        """Whether time_step_limit clamps anything (the default (0, inf) does not: softplus > 0)."""
+        return tuple(self.time_step_limit) != (0.0, float("inf"))
 
     @property
     def d_inner(self) -> int:
@@ -139,6 +149,14 @@ class Mamba2Mixer(SequenceMixer):
     def _conv_weight(self) -> torch.Tensor:
         return rearrange(self.conv1d.weight, "f 1 w -> f w")
 
+    def _dt_arguments(self, dt: torch.Tensor) -> dict:
+        """The SSD's dt arguments: raw dt with dt_bias and the softplus left to the op, or, when
+        time_step_limit clamps, dt = clamp(softplus(dt + dt_bias), min, max) computed here."""
+        if not self.config.limits_dt:
+            return {"dt": dt, "dt_bias": self.dt_bias, "dt_softplus": True}
+        low, high = self.config.time_step_limit
+        return {"dt": F.softplus(dt + self.dt_bias).clamp(low, high), "dt_bias": None, "dt_softplus": False}
+
     def _mix(self, u: torch.Tensor, state: Mamba2State | None):
         """u (B, L, D), continuing from `state` (None: from zeros, and no state is returned)."""
         cfg = self.config
@@ -149,17 +167,15 @@ class Mamba2Mixer(SequenceMixer):
         x, B, C = self._split_conv_output(rearrange(conv_out, "b f l -> b l f"))
         result = ssd(
             rearrange(x, "b l (h p) -> b l h p", p=cfg.head_dim),
-            dt,
-            -torch.exp(self.A_log),
-            rearrange(B, "b l (g n) -> b l g n", g=cfg.ngroups),
-            rearrange(C, "b l (g n) -> b l g n", g=cfg.ngroups),
+            A=-torch.exp(self.A_log),
+            B=rearrange(B, "b l (g n) -> b l g n", g=cfg.ngroups),
+            C=rearrange(C, "b l (g n) -> b l g n", g=cfg.ngroups),
             chunk_size=cfg.chunk_size,
             D=self.D,
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
             initial_states=None if state is None else state.ssm.to(u.dtype),
             return_final_states=state is not None,
             backend=cfg.backend,
+            **self._dt_arguments(dt),
         )
         y, final = result if state is not None else (result, None)
         out = self.out_proj(self.norm(rearrange(y, "b l h p -> b l (h p)"), z))
@@ -199,10 +215,11 @@ class Mamba2Mixer(SequenceMixer):
         xBC, conv_state = causal_conv1d_update(xBC, state.conv.to(x_t.dtype), self._conv_weight(),
                                                self.conv1d.bias, "silu")
         x, B, C = self._split_conv_output(xBC)
+        dt_arguments = self._dt_arguments(dt)
         y, ssm_state = ssd_step(
-            rearrange(x, "b (h p) -> b h p", p=cfg.head_dim), dt, -torch.exp(self.A_log),
+            rearrange(x, "b (h p) -> b h p", p=cfg.head_dim), dt_arguments.pop("dt"), -torch.exp(self.A_log),
             rearrange(B, "b (g n) -> b g n", g=cfg.ngroups), rearrange(C, "b (g n) -> b g n", g=cfg.ngroups),
-            state.ssm.to(x_t.dtype), D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            state.ssm.to(x_t.dtype), D=self.D, **dt_arguments,
         )
         out = self.out_proj(self.norm(rearrange(y, "b h p -> b (h p)"), z))
         return out, Mamba2State(conv=conv_state.to(state.conv.dtype), ssm=ssm_state.to(state.ssm.dtype))

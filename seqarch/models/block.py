@@ -28,7 +28,10 @@ class BlockState(MixerState):
 
 class Block(nn.Module):
     def __init__(self, mixer: SequenceMixer, mlp: bool = True, mlp_ratio: float = 8 / 3,
-                 norm_eps: float = 1e-5, device=None, dtype=None):
+                 norm_eps: float = 1e-5, mlp_hidden: int | None = None, mlp_bias: bool = False,
+                 device=None, dtype=None):
+        """mlp_hidden: the SwiGLU width exactly (None: mlp_ratio * d_model rounded up to a multiple of 8);
+        mlp_bias: biases in the SwiGLU projections."""
         super().__init__()
         d_model = mixer.d_model
         self.d_model = d_model
@@ -39,7 +42,7 @@ class Block(nn.Module):
         if own is not None:
             self.mlp = own
         elif mlp:
-            self.mlp = SwiGLU(d_model, mlp_ratio, device=device, dtype=dtype)
+            self.mlp = SwiGLU(d_model, mlp_ratio, hidden=mlp_hidden, bias=mlp_bias, device=device, dtype=dtype)
         else:
             self.mlp = None
         self.norm_mlp = (nn.RMSNorm(d_model, eps=norm_eps, device=device, dtype=dtype)

@@ -52,6 +52,7 @@ class SeqLM(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, mixer: str | list[str] = "attention",
                  mlp: bool = True, tie_embeddings: bool = True, norm_eps: float = 1e-5,
                  position_embedding: str = "none", layer_overrides: dict | None = None,
+                 mlp_hidden: int | None = None, mlp_bias: bool = False,
                  device=None, dtype=None, **mixer_kwargs: Any):
         super().__init__()
         names = [mixer] * n_layers if isinstance(mixer, str) else list(mixer)
@@ -71,14 +72,16 @@ class SeqLM(nn.Module):
         self.init_kwargs = {"vocab_size": vocab_size, "d_model": d_model, "n_layers": n_layers, "mixer": mixer,
                             "mlp": mlp, "tie_embeddings": tie_embeddings, "norm_eps": norm_eps,
                             "position_embedding": position_embedding, "layer_overrides": layer_overrides,
-                            **mixer_kwargs}
+                            **({"mlp_hidden": mlp_hidden} if mlp_hidden is not None else {}),
+                            **({"mlp_bias": mlp_bias} if mlp_bias else {}), **mixer_kwargs}
         self.layer_names = names
         self.position_embedding = position_embedding
         factory = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(vocab_size, d_model, **factory)
         nn.init.normal_(self.embedding.weight, std=0.02)
         self.layers = nn.ModuleList(
-            build_block(name, mlp=mlp, norm_eps=norm_eps, d_model=d_model, **factory,
+            build_block(name, mlp=mlp, norm_eps=norm_eps, mlp_hidden=mlp_hidden, mlp_bias=mlp_bias, d_model=d_model,
+                        **factory,
                         **{**shared, **mixer_kwargs.get(name, {}), **per_layer.get(index, {})})
             for index, name in enumerate(names)
         )
@@ -91,6 +94,19 @@ class SeqLM(nn.Module):
     def from_config(cls, config: dict[str, Any], device=None, dtype=None) -> SeqLM:
         """Rebuild a model from its `init_kwargs` (as saved in checkpoints)."""
         return cls(**config, device=device, dtype=dtype)
+
+    @classmethod
+    def from_hf(cls, path, dtype: torch.dtype = torch.float32, device=None) -> SeqLM:
+        """Load a Hugging Face save_pretrained directory (Llama, Mistral, Mamba, Mamba-2); see seqarch.models.hf."""
+        from seqarch.models.hf import from_hf
+
+        return from_hf(path, dtype=dtype, device=device)
+
+    def to_hf(self, path):
+        """Write this model as a Hugging Face save_pretrained directory; see seqarch.models.hf."""
+        from seqarch.models.hf import to_hf
+
+        return to_hf(self, path)
 
     @property
     def vocab_size(self) -> int:

@@ -15,13 +15,20 @@ def swiglu_hidden_size(d_model: int, ratio: float = 8 / 3, multiple_of: int = 8)
 
 
 class SwiGLU(nn.Module):
-    """(..., D) -> (..., D): W_down(silu(W_gate x) * W_up x)."""
+    """(..., D) -> (..., D): W_down(silu(W_gate x) * W_up x).
 
-    def __init__(self, d_model: int, ratio: float = 8 / 3, device=None, dtype=None):
+    `hidden` sets the width exactly (a checkpoint's `intermediate_size`); None takes `ratio * d_model`
+    rounded up to a multiple of 8. `bias` adds biases to the three projections (HF Llama's `mlp_bias`)."""
+
+    def __init__(self, d_model: int, ratio: float = 8 / 3, hidden: int | None = None, bias: bool = False,
+                 device=None, dtype=None):
         super().__init__()
-        hidden = swiglu_hidden_size(d_model, ratio)
-        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False, device=device, dtype=dtype)
-        self.down = nn.Linear(hidden, d_model, bias=False, device=device, dtype=dtype)
+        if hidden is not None and hidden < 1:
+            raise ValueError(f"SwiGLU hidden width must be >= 1, got {hidden}")
+        hidden = swiglu_hidden_size(d_model, ratio) if hidden is None else hidden
+        self.hidden = hidden
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias, device=device, dtype=dtype)  # [gate; up]
+        self.down = nn.Linear(hidden, d_model, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

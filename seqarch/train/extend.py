@@ -29,6 +29,9 @@ def extend_config(ckpt: Any, overrides: dict[str, Any]) -> RunConfig:
     if ckpt is None:
         raise ConfigError("recipe=extend needs ckpt=<run folder or .ckpt> of the model to extend")
     path, contents = read_checkpoint(str(ckpt))
+    if contents["hyper_parameters"]["metric"] == "hf_tokens":
+        raise ConfigError(f"recipe=extend trains on bytes; {ckpt} reads another vocabulary (its own tokenizer), "
+                          "which seqarch's data sources do not produce")
     base = contents["hyper_parameters"]["config"]
     recipe = load_recipe("extend")
     tree = {key: value for key, value in base.items() if key not in _EXTEND_SECTIONS}

@@ -44,6 +44,9 @@ def resolve_fit_config(args: list[str]) -> tuple[RunConfig, Path | None]:
             raise ConfigError("give recipe= or ckpt=, not both: a checkpoint carries its own configuration "
                               "(override keys on top of it instead)")
         path, contents = read_checkpoint(str(ckpt))
+        if "hf_dir" in contents:
+            raise ConfigError(f"fit ckpt={ckpt} would resume a seqarch run; to train a Hugging Face model give "
+                              f"recipe=extend ckpt={ckpt}")
         tree = dict(contents["hyper_parameters"]["config"])
         tree.update(ckpt=str(path), run_dir=None, print_config=False)
         return resolve(tree, overrides), path
@@ -280,7 +283,12 @@ def generate(args: list[str]) -> str:
     model = model_from_checkpoint(contents)  # LoRA adapters of an extended run merged
     as_bytes = hparams["metric"] == "bits_per_byte"
     prompt = str(options["prompt"])
-    if as_bytes:
+    from seqarch.models.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(contents)  # an hf:<dir> with its own tokenizer; None otherwise
+    if tokenizer is not None:
+        ids = tokenizer(prompt)["input_ids"] or [tokenizer.bos_token_id or 0]
+    elif as_bytes:
         ids = list(prompt.encode("utf-8")) or [10]
     else:
         try:
@@ -292,7 +300,10 @@ def generate(args: list[str]) -> str:
     tokens = model.generate(torch.tensor([ids]), options["max_new_tokens"], temperature=float(options["temperature"]),
                             top_k=options["top_k"], generator=torch.Generator().manual_seed(options["seed"]))
     new = tokens[0, len(ids):].tolist()
-    text = prompt + (bytes(new).decode("utf-8", errors="replace") if as_bytes else " " + " ".join(map(str, new)))
+    if tokenizer is not None:
+        text = prompt + tokenizer.decode(new)
+    else:
+        text = prompt + (bytes(new).decode("utf-8", errors="replace") if as_bytes else " " + " ".join(map(str, new)))
     print(text)
     return text
 

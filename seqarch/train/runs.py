@@ -56,7 +56,13 @@ def resolve_checkpoint(ckpt: str) -> Path:
 
 
 def read_checkpoint(ckpt: str) -> tuple[Path, dict[str, Any]]:
-    """(path, contents) of a seqarch checkpoint; ConfigError when it is missing, unreadable or foreign."""
+    """(path, contents) of a seqarch checkpoint; ConfigError when it is missing, unreadable or foreign.
+    `hf:<dir>` reads a Hugging Face directory into the same shape (seqarch.models.hf.read_hf_checkpoint)."""
+    from seqarch.models.hf import read_hf_checkpoint
+
+    converted = read_hf_checkpoint(ckpt)
+    if converted is not None:
+        return converted
     path = resolve_checkpoint(ckpt)
     try:
         contents = torch.load(path, map_location="cpu", weights_only=False)

@@ -22,7 +22,7 @@ import torch
 
 from seqarch import SeqLM, build_mixer, list_mixers
 from seqarch.cli import main
-from seqarch.train.module import LMModule
+from seqarch.train.module import LMModule, warmup_cosine
 from seqarch.train.runs import strict_json, write_json
 
 TINY = ["recipe=s4d", "data=induction", "data.seq_len=16", "data.vocab_size=8", "data.batch_size=4",
@@ -76,10 +76,16 @@ def test_last_checkpoint_is_the_final_step_when_validation_gets_worse(tmp_path, 
     # Resuming the finished run does not re-train it ...
     assert main(["fit", f"ckpt={run}", f"out_dir={tmp_path / 'again'}"]) == 2
     assert "is at step 5; set trainer.max_steps above it" in one_line(capsys.readouterr().err)
-    # ... and a longer run continues from step 5 (the end-of-training checkpoint resumes).
-    assert main(["fit", f"ckpt={run}", "trainer.max_steps=6", f"out_dir={tmp_path / 'longer'}"]) == 0
+    # ... and a longer run continues from step 5 (the end-of-training checkpoint resumes), with the learning
+    # rate of its overrides (after a divergence one resumes with a lower optim.lr), the schedule's position kept.
+    assert main(["fit", f"ckpt={run}", "trainer.max_steps=6", "optim.lr=1e-4", f"out_dir={tmp_path / 'longer'}"]) == 0
     longer = strict_load(only_run(tmp_path / "longer") / "summary.json")
     assert longer["steps"] == 6 and longer["tokens_trained"] == 4 * 16  # one step of 4 x 16 tokens
+    saved = torch.load(only_run(tmp_path / "longer") / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["lr_schedulers"][0]["base_lrs"] == [1e-4, 1e-4] and saved["lr_schedulers"][0]["last_epoch"] == 6
+    factor = warmup_cosine(6, 1, 6, longer["config"]["optim"]["min_lr_ratio"])
+    for group in saved["optimizer_states"][0]["param_groups"]:
+        assert group["initial_lr"] == 1e-4 and group["lr"] == pytest.approx(1e-4 * factor)
 
 
 # ---- 2. divergence ----
@@ -229,8 +235,10 @@ def test_ctrl_c_saves_the_step_says_how_to_resume_and_exits_130(tmp_path, monkey
 
 @pytest.mark.slow
 def test_a_hard_interrupt_keeps_the_last_checkpoint_and_exits_130(tmp_path, monkeypatch, capsys):
+    handler_before = signal.getsignal(signal.SIGINT)
     _interrupt_at_step(monkeypatch, 3, "raise")
     assert main(["fit", *TINY, "trainer.max_steps=6", "trainer.val_every=2", f"out_dir={tmp_path}"]) == 130
+    assert signal.getsignal(signal.SIGINT) is handler_before  # Lightning set SIG_IGN; the run restores it
     run = only_run(tmp_path)
     err = one_line(capsys.readouterr().err)
     assert f"the last checkpoint is {run / 'checkpoints' / 'last.ckpt'} (step 2)" in err
@@ -262,6 +270,15 @@ def test_which_parallel_paths_spread_a_nan_to_earlier_positions(name):
     assert torch.isfinite(torch.stack(stepped, 1)[0, :8]).all()  # the recurrent path stays causal
     assert not torch.isfinite(stepped[8]).all()
     assert not torch.isfinite(parallel[0, :8]).all()  # the parallel path does not
+
+
+def test_eval_check_finite_option_is_a_bool():
+    from seqarch.evals.command import parse_eval_options
+    from seqarch.train.config import ConfigError
+
+    assert parse_eval_options(["ckpt=x", "task=ppl", "check_finite=true"])["check_finite"] is True
+    with pytest.raises(ConfigError, match="check_finite must be true or false"):
+        parse_eval_options(["ckpt=x", "task=ppl", "check_finite=maybe"])
 
 
 def test_check_finite_names_the_first_layer_with_a_non_finite_output():

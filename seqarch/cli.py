@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"seqarch {command}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a run started (a started run handles Ctrl-C itself)
+        print(f"seqarch {command}: interrupted", file=sys.stderr)
+        return 130
     except RunStopped as error:
         if str(error):  # empty on the other processes of a distributed run: the first one reports
             print(f"seqarch {command}: {error}", file=sys.stderr)

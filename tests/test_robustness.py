@@ -246,6 +246,17 @@ def test_a_hard_interrupt_keeps_the_last_checkpoint_and_exits_130(tmp_path, monk
     assert step_of(run / "checkpoints" / "last.ckpt") == 2
 
 
+def test_ctrl_c_before_a_run_starts_is_one_line_and_exit_130(monkeypatch, capsys):
+    import importlib
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("seqarch.train.fit"), "fit", interrupted)
+    assert main(["fit", "recipe=s4d"]) == 130
+    assert one_line(capsys.readouterr().err) == "seqarch fit: interrupted\n"
+
+
 # ---- 10. non-finite values: which paths spread them backwards, and the debug check ----
 
 # Parallel paths that mix every position of a sequence at once (a masked matrix product where

@@ -209,6 +209,8 @@ def _stopped_message(stopped: Exception, config: RunConfig, run_dir: Path, check
     else:
         where, resume = "no checkpoint was written before it", None
     if isinstance(stopped, Interrupted):
+        if checkpoints.last_step == config.trainer.max_steps:  # Ctrl-C in the final validation
+            return f"interrupted after the last training step; {where}: training had finished"
         tail = f"; resume with: {resume}" if resume else "; nothing to resume: start the run again"
         return f"interrupted at step {stopped.step}; {where}{tail}"
     tries = [f"a lower optim.lr (now {config.optim.lr:g})"]

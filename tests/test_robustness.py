@@ -365,3 +365,4 @@ def test_s4d_refuses_half_precision_weights_because_it_cannot_run_them(dtype):
     with pytest.raises(ValueError, match=f"mixer 's4d' computes in complex numbers and cannot hold {dtype}"):
         SeqLM(16, d_model=8, n_layers=2, mixer=["attention", "s4d"], dtype=dtype)
     SeqLM(16, d_model=8, n_layers=1, mixer="attention", dtype=dtype)  # other mixers are fine
+    SeqLM(16, d_model=8, n_layers=1, mixer="s4d", dtype=dtype, device="meta")  # sizes only (seqarch memory)

@@ -68,7 +68,8 @@ class SeqLM(nn.Module):
                              f"{', '.join(map(repr, POSITION_EMBEDDINGS))}")
         if position_embedding == "sinusoidal" and d_model % 2:
             raise ValueError(f"position_embedding='sinusoidal' needs an even d_model, got {d_model}")
-        if dtype in (torch.float16, torch.bfloat16) and set(names) & set(COMPLEX_MIXERS):
+        runnable = device is None or torch.device(device).type != "meta"  # meta models are for accounting only
+        if runnable and dtype in (torch.float16, torch.bfloat16) and set(names) & set(COMPLEX_MIXERS):
             raise ValueError(f"SeqLM: mixer {sorted(set(names) & set(COMPLEX_MIXERS))[0]!r} computes in complex "
                              f"numbers and cannot hold {dtype} weights; use float32 or float64 (or autocast)")
         per_layer = _layer_overrides(layer_overrides, n_layers)

@@ -11,8 +11,11 @@
 
 Every command takes `key=value` arguments only. Bad input (unknown command, recipe, key, data
 source or mixer, a wrong type, a missing or corrupt checkpoint, an existing output folder) is
-reported as one line on stderr with exit code 2 and no traceback. Adding a command is one entry in
-COMMANDS: a function from the argument list to an exit code that raises ConfigError on bad input.
+reported as one line on stderr with exit code 2 and no traceback. A run that starts but cannot
+finish is one line on stderr too, with its own exit code: 3 when training diverged (a non-finite
+loss), 130 when it was interrupted by Ctrl-C; the line says where the last checkpoint is. Adding a
+command is one entry in COMMANDS: a function from the argument list to an exit code that raises
+ConfigError on bad input.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 from collections.abc import Callable
 
 from seqarch.train.config import ConfigError
+from seqarch.train.runs import RunStopped
 
 
 def _fit(args: list[str]) -> int:
@@ -112,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"seqarch {command}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a run started (a started run handles Ctrl-C itself)
+        print(f"seqarch {command}: interrupted", file=sys.stderr)
+        return 130
+    except RunStopped as error:
+        if str(error):  # empty on the other processes of a distributed run: the first one reports
+            print(f"seqarch {command}: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":

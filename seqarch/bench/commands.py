@@ -5,7 +5,8 @@
     seqarch memory model=llama-2-13b mixers=attention,s4d seq_lens=[4096,131072]
 
 Both take `key=value` overrides and return an exit code; bad input raises one ValueError (the CLI
-turns it into a one-line message and exit code 2).
+turns it into a one-line message and exit code 2). `bench` refuses an `out` folder that already
+holds files unless overwrite=true: earlier results are never replaced silently.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def bench_command(overrides: list[str]) -> int:
     settings = parse_bench_settings(overrides)
     if settings.extrapolate not in PRESETS:
         raise ValueError(f"seqarch bench: extrapolate={settings.extrapolate!r}; valid: {', '.join(PRESETS)}")
+    out = Path(settings.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"seqarch bench: out={settings.out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()) and not settings.overwrite:
+        raise ValueError(f"seqarch bench: out={settings.out} already exists and is not empty; choose a new folder, "
+                         "or pass overwrite=true to write into it (its results may be replaced)")
     report = run_bench(settings)
     print(f"seqarch bench: wrote {report} (results.json, results.csv and plots beside it)")
     return 0

@@ -49,6 +49,7 @@ class BenchSettings:
     sweep_budget_s: float = 0.0  # wall time for the whole sweep (0: none); later cases are recorded "skipped"
     seed: int = 0  # torch seed in every case
     out: str = "bench_results"  # directory for results.json, results.csv, report.md and plots
+    overwrite: bool = False  # write into an `out` that already holds files (they may be replaced)
     note: str = ""  # free text printed at the top of the report (e.g. "machine shared with 7 jobs")
     quality: str = ""  # MQAR accuracy section: "" none, "true" run the sweep first, else a quality.json path
     quality_grid: str = "default"  # with quality=true: a preset of seqarch.bench.quality.GRIDS

@@ -10,7 +10,9 @@ depths ([0, 0.25, 0.5, 0.75, 1], passkey), trials (20 per passkey cell), num_dig
 windows (16 per ppl length), scored (last_half | all, ppl), rope_scaling (keep: the model's own;
 none | linear | ntk | dynamic | yarn | llama3), rope_factor (max length / trained length),
 max_position (the trained length, the one a scaling extends from), seed (0), batch_size (4),
-num_threads (0: torch's default), out (a new folder; default <run>/evals/<task>-<scaling>/<timestamp>/).
+num_threads (0: torch's default), out (a new folder; default <run>/evals/<task>-<scaling>/<timestamp>/),
+check_finite (false; true stops at the first layer whose output holds a NaN or infinity and names it,
+see SeqLM.check_finite).
 
 The RoPE keys rebuild the model with that attention config and load the same weights. Mixers
 without RoPE (every mixer but attention) have no position encoding to rescale: for them the keys
@@ -41,7 +43,8 @@ DEFAULT_MULTIPLES = (0.5, 1, 2, 4, 8)
 _TEXT_SOURCES = ("stdlib", "text", "hf")
 OPTIONS = {"ckpt": None, "task": None, "lengths": None, "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "trials": 20,
            "num_digits": 5, "windows": 16, "scored": "last_half", "rope_scaling": "keep", "rope_factor": None,
-           "max_position": None, "seed": 0, "batch_size": 4, "num_threads": 0, "out": None}
+           "max_position": None, "seed": 0, "batch_size": 4, "num_threads": 0, "out": None,
+           "check_finite": False}
 
 
 def _positive_int(options: dict, key: str) -> int:
@@ -87,6 +90,8 @@ def parse_eval_options(args: list[str]) -> dict[str, Any]:
         raise ConfigError(f"rope_factor must be a number >= 1, got {factor!r}")
     if options["max_position"] is not None:
         _positive_int(options, "max_position")
+    if not isinstance(options["check_finite"], bool):
+        raise ConfigError(f"check_finite must be true or false, got {options['check_finite']!r}")
     return options
 
 
@@ -148,6 +153,7 @@ def _evaluate(contents: dict, options: dict) -> tuple[dict, list[dict]]:
     if options["rope_scaling"] != "keep" and not has_attention:
         notes.append(f"rope_scaling={options['rope_scaling']} ignored: mixer {layers} has no RoPE to rescale")
     model = model_from_checkpoint(contents, overrides)
+    model.check_finite = options.get("check_finite", False)
     from seqarch.models.hf import load_tokenizer
 
     tokenizer = load_tokenizer(contents)  # an hf:<dir> with its own tokenizer scores its tokens
@@ -170,7 +176,7 @@ def _evaluate(contents: dict, options: dict) -> tuple[dict, list[dict]]:
             settings.update(trials=options["trials"], num_digits=options["num_digits"], seed=options["seed"])
             rows = passkey_accuracy(model, lengths, options["depths"], options["trials"], options["num_digits"],
                                     options["seed"], options["batch_size"])
-    except ValueError as error:
+    except (ValueError, FloatingPointError) as error:
         raise ConfigError(str(error)) from error
     meta = {"task": options["task"], "ckpt": str(options["ckpt"]), "trained_length": trained_length,
             "mixers": sorted(set(model.layer_names)), "settings": settings, "notes": notes}

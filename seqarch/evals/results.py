@@ -2,13 +2,16 @@
 
 A results folder is claimed fresh (an existing folder is never written into): by default
 <run folder>/evals/<task>-<scaling>/<timestamp>/, or the `out=` folder, which must not exist.
+results.json is strict JSON: a non-finite value (the perplexity of a diverged model) is written as
+null and listed under `non_finite`.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
+
+from seqarch.train.runs import strict_json
 
 
 def ppl_table(rows: list[dict], trained_length: int) -> str:
@@ -65,7 +68,7 @@ def passkey_heatmap(rows: list[dict], path: Path, title: str) -> None:
 
 def write_results(folder: Path, meta: dict, rows: list[dict]) -> None:
     """Write the results of one eval into a fresh `folder` (already created)."""
-    (folder / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    (folder / "results.json").write_text(strict_json({**meta, "rows": rows}))  # NaN / inf (a diverged model) -> null
     with (folder / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

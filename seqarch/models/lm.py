@@ -27,6 +27,9 @@ from seqarch.positional import sinusoidal_positions
 from seqarch.registry import build_block, list_mixers
 
 POSITION_EMBEDDINGS = ("none", "sinusoidal")
+# Mixers that compute in complex numbers: torch has no complex bfloat16, and complex float16 lacks the ops
+# they need, so they run with float32 / float64 weights (autocast, e.g. bf16-mixed, keeps weights float32).
+COMPLEX_MIXERS = ("s4d",)
 
 
 @dataclass
@@ -55,6 +58,9 @@ class SeqLM(nn.Module):
                  mlp_hidden: int | None = None, mlp_bias: bool = False,
                  device=None, dtype=None, **mixer_kwargs: Any):
         super().__init__()
+        for key, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SeqLM: {key} must be an int >= 1, got {value!r}")
         names = [mixer] * n_layers if isinstance(mixer, str) else list(mixer)
         if len(names) != n_layers:
             raise ValueError(f"mixer lists {len(names)} layers but n_layers={n_layers}")
@@ -63,6 +69,10 @@ class SeqLM(nn.Module):
                              f"{', '.join(map(repr, POSITION_EMBEDDINGS))}")
         if position_embedding == "sinusoidal" and d_model % 2:
             raise ValueError(f"position_embedding='sinusoidal' needs an even d_model, got {d_model}")
+        runnable = device is None or torch.device(device).type != "meta"  # meta models are for accounting only
+        if runnable and dtype in (torch.float16, torch.bfloat16) and set(names) & set(COMPLEX_MIXERS):
+            raise ValueError(f"SeqLM: mixer {sorted(set(names) & set(COMPLEX_MIXERS))[0]!r} computes in complex "
+                             f"numbers and cannot hold {dtype} weights; use float32 or float64 (or autocast)")
         per_layer = _layer_overrides(layer_overrides, n_layers)
         registered = set(list_mixers())
         shared = {key: value for key, value in mixer_kwargs.items() if key not in registered}
@@ -76,6 +86,10 @@ class SeqLM(nn.Module):
                             **({"mlp_bias": mlp_bias} if mlp_bias else {}), **mixer_kwargs}
         self.layer_names = names
         self.position_embedding = position_embedding
+        # Debug switch (not saved with the model): raise on a non-finite activation after any layer, naming
+        # the first layer that produced one. Parallel paths can spread a NaN to earlier positions
+        # (docs/contract.md, "Non-finite values"), so the layer is the reliable clue, not the position.
+        self.check_finite = False
         factory = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(vocab_size, d_model, **factory)
         nn.init.normal_(self.embedding.weight, std=0.02)
@@ -115,8 +129,23 @@ class SeqLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ValueError(f"SeqLM: tokens must be integer ids, got dtype {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0].item()
+            raise ValueError(f"SeqLM: token id {bad} is out of the vocabulary; valid ids are 0..{self.vocab_size - 1}")
+
+    def _checked(self, x: torch.Tensor, where: str) -> torch.Tensor:
+        if self.check_finite and not torch.isfinite(x).all():
+            positions = (~torch.isfinite(x)).any(-1).any(0).nonzero().flatten().tolist() if x.ndim == 3 else []
+            at = f" at positions {positions[:8]}{'...' if len(positions) > 8 else ''}" if positions else ""
+            raise FloatingPointError(f"SeqLM: non-finite activation after {where}{at} (check_finite=True)")
+        return x
+
     def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """tokens (B, L) at positions start.. -> (B, L, D)."""
+        self._check_tokens(tokens)
         x = self.embedding(tokens)
         if self.position_embedding == "sinusoidal":
             positions = torch.arange(start, start + tokens.shape[-1], device=tokens.device)
@@ -125,9 +154,9 @@ class SeqLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) int64 -> logits (B, L, V)."""
-        x = self._embed(tokens, 0)
-        for layer in self.layers:
-            x = layer(x)
+        x = self._checked(self._embed(tokens, 0), "the embedding")
+        for index, layer in enumerate(self.layers):
+            x = self._checked(layer(x), f"layer {index} ({self.layer_names[index]})")
         return self.head(self.norm(x))
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> LMState:
@@ -137,19 +166,21 @@ class SeqLM(nn.Module):
 
     def prefill(self, tokens: torch.Tensor, state: LMState) -> tuple[torch.Tensor, LMState]:
         """tokens (B, L) continuing from `state` -> (logits (B, L, V), new state)."""
-        x = self._embed(tokens, state.position)
+        x = self._checked(self._embed(tokens, state.position), "the embedding")
         new_states = []
-        for layer, layer_state in zip(self.layers, state.layers, strict=True):
+        for index, (layer, layer_state) in enumerate(zip(self.layers, state.layers, strict=True)):
             x, layer_state = layer.prefill(x, layer_state)
+            self._checked(x, f"layer {index} ({self.layer_names[index]})")
             new_states.append(layer_state)
         return self.head(self.norm(x)), LMState(layers=new_states, position=state.position + tokens.shape[1])
 
     def step(self, token: torch.Tensor, state: LMState) -> tuple[torch.Tensor, LMState]:
         """token (B,) -> (logits (B, V), new state)."""
-        x = self._embed(token[:, None], state.position)[:, 0]
+        x = self._checked(self._embed(token[:, None], state.position)[:, 0], "the embedding")
         new_states = []
-        for layer, layer_state in zip(self.layers, state.layers, strict=True):
+        for index, (layer, layer_state) in enumerate(zip(self.layers, state.layers, strict=True)):
             x, layer_state = layer.step(x, layer_state)
+            self._checked(x, f"layer {index} ({self.layer_names[index]})")
             new_states.append(layer_state)
         return self.head(self.norm(x)), LMState(layers=new_states, position=state.position + 1)
 
@@ -165,8 +196,12 @@ class SeqLM(nn.Module):
         """
         if prompt.ndim != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be (B, T) with T >= 1, got shape {tuple(prompt.shape)}")
-        if temperature < 0:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not temperature >= 0:  # also refuses NaN
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         state = self.init_state(prompt.shape[0])
         logits, state = self.prefill(prompt, state)
         logits = logits[:, -1]

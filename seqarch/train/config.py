@@ -17,6 +17,7 @@ model section is SeqLM's keyword arguments, checked by building the model (`chec
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -50,10 +51,18 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
 
     def __post_init__(self):
+        for key in ("lr", "weight_decay", "beta1", "beta2", "eps", "min_lr_ratio", "grad_clip"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"optim.{key} must be a finite number, got {getattr(self, key)}")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ValueError("optim: need lr > 0, weight_decay >= 0, grad_clip >= 0, warmup_steps >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for key in ("beta1", "beta2"):  # AdamW's moment decays: 1 or more never forgets (or grows)
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.eps <= 0:  # AdamW divides by sqrt(v) + eps
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
 
 
 @dataclass(frozen=True)
@@ -202,6 +211,18 @@ def check_mixers(model: dict) -> None:
             raise ConfigError(f"mixer {name!r} is not registered (yet); registered: {', '.join(registered)}")
 
 
+def check_precision(model: dict, precision: str) -> None:
+    """Mixers that compute in complex numbers cannot hold bfloat16 weights (torch has no complex bfloat16)."""
+    from seqarch.models.lm import COMPLEX_MIXERS
+
+    names = [model["mixer"]] if isinstance(model["mixer"], str) else model["mixer"]
+    complex_names = sorted(set(names) & set(COMPLEX_MIXERS))
+    if precision == "bf16-true" and complex_names:
+        raise ConfigError(f"trainer.precision=bf16-true cannot run mixer {complex_names[0]!r}: it computes in complex "
+                          "numbers and torch has no complex bfloat16; use bf16-mixed (weights stay float32), "
+                          "32-true or 64-true")
+
+
 def resolve(tree: dict, overrides: dict[str, Any]) -> RunConfig:
     """Apply `overrides` to a recipe tree and validate every section."""
     tree = {key: (dict(value) if isinstance(value, dict) else value) for key, value in tree.items()}
@@ -235,6 +256,7 @@ def resolve(tree: dict, overrides: dict[str, Any]) -> RunConfig:
         raise ConfigError(str(error)) from error
     model = dict(tree.get("model") or {})
     check_mixers(model)
+    check_precision(model, trainer.precision)
     return RunConfig(recipe=run.recipe, seed=run.seed, out_dir=run.out_dir, run_dir=run.run_dir, ckpt=run.ckpt,
                      print_config=run.print_config, model=model, data={"source": source, **data_values},
                      optim=optim, trainer=trainer, lora=lora, init_from=run.init_from)
@@ -259,5 +281,5 @@ def load_recipe(recipe: str) -> dict:
     return tree
 
 
-__all__ = ["ConfigError", "LoRAConfig", "OptimConfig", "RunConfig", "TrainerConfig", "check_mixers", "list_recipes",
-           "load_recipe", "parse_overrides", "recipes_dir", "resolve"]
+__all__ = ["ConfigError", "LoRAConfig", "OptimConfig", "RunConfig", "TrainerConfig", "check_mixers", "check_precision",
+           "list_recipes", "load_recipe", "parse_overrides", "recipes_dir", "resolve"]

@@ -7,6 +7,11 @@ With `ckpt=` fit resumes: the configuration comes from the checkpoint (overrides
 larger trainer.max_steps), Lightning restores the step count, optimizer and schedule, and the run
 continues in a new run folder; the old one is left as it was.
 
+A run that cannot finish says so in one line and a non-zero exit code (RunStopped): a non-finite
+training loss stops it (exit code 3, EXIT_DIVERGED) and Ctrl-C stops it after the current step
+(130, EXIT_INTERRUPTED, as a shell reports SIGINT); both write summary.json with "status" and keep
+checkpoints/last.ckpt as the last finite state, which `fit ckpt=<run folder>` resumes.
+
 Under `trainer.strategy=ddp` Lightning starts the other processes by running the same command again;
 the first process hands them its run folder through the environment variable SEQARCH_RUN_DIR, so
 all processes write to one run.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -25,9 +31,11 @@ from typing import Any
 import torch
 
 from seqarch.train.config import ConfigError, RunConfig, load_recipe, parse_overrides, resolve
-from seqarch.train.runs import claim_run_dir, read_checkpoint, write_json
+from seqarch.train.runs import RunStopped, claim_run_dir, load_checkpoint_file, read_checkpoint, write_json
 
 _RUN_DIR_HANDOFF = "SEQARCH_RUN_DIR"
+EXIT_DIVERGED = 3  # training produced a non-finite loss or weights
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, what shells report for a process killed by it)
 
 
 def resolve_fit_config(args: list[str]) -> tuple[RunConfig, Path | None]:
@@ -106,10 +114,9 @@ def fit(args: list[str]) -> dict[str, Any] | None:
 
 def _train(config: RunConfig, resume_from: Path | None) -> dict[str, Any] | None:
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from seqarch.train.callbacks import ProgressBar
+    from seqarch.train.callbacks import Diverged, Interrupted, InterruptRequest, ProgressBar, RunCheckpoints
     from seqarch.train.datamodule import SeqDataModule
     from seqarch.train.module import LMModule
 
@@ -124,6 +131,8 @@ def _train(config: RunConfig, resume_from: Path | None) -> dict[str, Any] | None
     except ValueError as error:
         raise ConfigError(str(error)) from error
     bundle = datamodule.bundle
+    _check_data_size(config.data, bundle)
+    _check_trainer_settings(trainer_cfg)
     model_kwargs = {"vocab_size": bundle.vocab_size, **config.model}
     try:
         module = LMModule(settings, model_kwargs, bundle.metric)
@@ -140,8 +149,8 @@ def _train(config: RunConfig, resume_from: Path | None) -> dict[str, Any] | None
         os.environ[_RUN_DIR_HANDOFF] = str(run_dir)
         (run_dir / "config.yaml").write_text(config.to_yaml())
 
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min",
-                                  save_top_k=1, save_last=True, enable_version_counter=False)
+    interrupt = InterruptRequest()
+    checkpoints = RunCheckpoints(run_dir / "checkpoints", interrupt)
     callbacks = [checkpoints] + ([ProgressBar()] if trainer_cfg["progress"] else [])
     trainer = pl.Trainer(
         max_steps=trainer_cfg["max_steps"], accelerator=trainer_cfg["accelerator"], devices=trainer_cfg["devices"],
@@ -151,22 +160,94 @@ def _train(config: RunConfig, resume_from: Path | None) -> dict[str, Any] | None
         limit_val_batches=trainer_cfg["val_batches"], num_sanity_val_steps=0,
         logger=CSVLogger(run_dir, name="", version=""), log_every_n_steps=trainer_cfg["log_every"],
         callbacks=callbacks, enable_progress_bar=trainer_cfg["progress"], enable_model_summary=False,
-        default_root_dir=run_dir,
+        enable_checkpointing=False, default_root_dir=run_dir,
     )
     started = time.perf_counter()
+    stopped = None
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        with interrupt:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        if trainer.global_step % trainer_cfg["val_every"]:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # the final validation at max_steps
+    except (Diverged, Interrupted) as error:
+        stopped = error
+    except SystemExit as error:  # Lightning turns a KeyboardInterrupt (a second Ctrl-C) into exit code 1
+        if not isinstance(error.__context__, KeyboardInterrupt):
+            raise
+        stopped = Interrupted(trainer.global_step)
     finally:
         if not is_child:
             os.environ.pop(_RUN_DIR_HANDOFF, None)
-    if trainer.global_step % trainer_cfg["val_every"]:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # the final validation at max_steps
     if not trainer.is_global_zero:
+        if stopped is not None:
+            raise RunStopped("", EXIT_DIVERGED if isinstance(stopped, Diverged) else EXIT_INTERRUPTED)
         return None
     summary = _summary(config, module, trainer, bundle, run_dir, checkpoints, time.perf_counter() - started)
+    if stopped is not None:
+        summary.update(_stopped_fields(stopped))
     write_json(run_dir / "summary.json", summary)
+    if stopped is not None:
+        raise RunStopped(_stopped_message(stopped, config, run_dir, checkpoints), summary["exit_code"], summary)
     print(format_summary(summary))
     return summary
+
+
+def _stopped_fields(stopped: Exception) -> dict:
+    from seqarch.train.callbacks import Diverged
+
+    if isinstance(stopped, Diverged):
+        return {"status": "diverged", "stopped_at_step": stopped.step, "stop_reason": stopped.what,
+                "loss_at_stop": stopped.loss, "exit_code": EXIT_DIVERGED}
+    return {"status": "interrupted", "stopped_at_step": stopped.step, "stop_reason": "Ctrl-C (SIGINT)",
+            "exit_code": EXIT_INTERRUPTED}
+
+
+def _stopped_message(stopped: Exception, config: RunConfig, run_dir: Path, checkpoints) -> str:
+    """The one line printed for a run that stopped: why, where its last checkpoint is, what to do next."""
+    from seqarch.train.callbacks import Interrupted
+
+    if checkpoints.last_step is not None:
+        where = f"the last checkpoint is {checkpoints.last_path} (step {checkpoints.last_step})"
+        resume = f"seqarch fit ckpt={shlex.quote(str(run_dir))}"
+    else:
+        where, resume = "no checkpoint was written before it", None
+    if isinstance(stopped, Interrupted):
+        if checkpoints.last_step == config.trainer.max_steps:  # Ctrl-C in the final validation
+            return f"interrupted after the last training step; {where}: training had finished"
+        tail = f"; resume with: {resume}" if resume else "; nothing to resume: start the run again"
+        return f"interrupted at step {stopped.step}; {where}{tail}"
+    tries = [f"a lower optim.lr (now {config.optim.lr:g})"]
+    clip = config.optim.grad_clip
+    tries.append(f"a tighter optim.grad_clip (now {clip:g})" if clip else "gradient clipping (optim.grad_clip=1.0)")
+    if config.trainer.precision not in ("32-true", "64-true"):
+        tries.append(f"trainer.precision=32-true (now {config.trainer.precision})")
+    return (f"training diverged: {stopped.what} at step {stopped.step}, stopped; {where}. Try "
+            f"{', '.join(tries[:-1])} or {tries[-1]}")
+
+
+def _check_data_size(data: dict, bundle) -> None:
+    """Refuse a batch size no full training batch fits in (the loader drops the incomplete last batch)."""
+    train, val = len(bundle.train), len(bundle.val)
+    if train < data["batch_size"]:
+        raise ConfigError(f"data.batch_size={data['batch_size']} is larger than the training split "
+                          f"({train} sequences of data.seq_len={data['seq_len']}): lower data.batch_size or "
+                          "data.seq_len, or give more data")
+    if val < 1:
+        raise ConfigError(f"the validation split holds no sequence of data.seq_len={data['seq_len']}: lower "
+                          "data.seq_len or give more data")
+
+
+def _check_trainer_settings(trainer_cfg: dict) -> None:
+    """Let Lightning judge accelerator, devices, strategy and precision before anything is written."""
+    import lightning.pytorch as pl
+
+    keys = ("accelerator", "devices", "strategy", "precision")
+    try:
+        pl.Trainer(**{key: trainer_cfg[key] for key in keys}, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False)
+    except Exception as error:  # Lightning raises MisconfigurationException, ValueError, RuntimeError...
+        given = ", ".join(f"trainer.{key}={trainer_cfg[key]}" for key in keys)
+        raise ConfigError(f"{given}: {' '.join(str(error).split())}") from None
 
 
 def _prepare_weights(config: RunConfig, module) -> None:
@@ -185,7 +266,7 @@ def _prepare_weights(config: RunConfig, module) -> None:
 
 
 def _check_resumable(path: Path, module, max_steps: int) -> None:
-    contents = torch.load(path, map_location="cpu", weights_only=False)
+    contents = load_checkpoint_file(path)
     missing, unexpected = module.load_state_dict(contents["state_dict"], strict=False)
     if missing or unexpected:
         raise ConfigError(f"checkpoint {str(path)!r} does not fit the configured model "
@@ -218,9 +299,12 @@ def _summary(config: RunConfig, module, trainer, bundle, run_dir: Path, checkpoi
         "metric": bundle.metric,
         "baseline_name": bundle.baseline_name,
         "baseline": bundle.baseline,
-        "checkpoint_last": str(Path(checkpoints.dirpath) / "last.ckpt"),
-        "checkpoint_best": checkpoints.best_model_path or None,
-        "best_val_loss": float(checkpoints.best_model_score) if checkpoints.best_model_score is not None else None,
+        "status": "completed",
+        "checkpoint_last": str(checkpoints.last_path) if checkpoints.last_step is not None else None,
+        "checkpoint_last_step": checkpoints.last_step,
+        "checkpoint_best": str(checkpoints.best_path) if checkpoints.best_step is not None else None,
+        "checkpoint_best_step": checkpoints.best_step,
+        "best_val_loss": checkpoints.best_score,
         "config": config.to_dict(),
     }
     if bundle.metric == "bits_per_byte" and summary["val_loss"] is not None:
@@ -308,4 +392,4 @@ def generate(args: list[str]) -> str:
     return text
 
 
-__all__ = ["fit", "format_summary", "generate", "resolve_fit_config"]
+__all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "fit", "format_summary", "generate", "resolve_fit_config"]

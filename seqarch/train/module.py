@@ -116,6 +116,24 @@ class LMModule(pl.LightningModule):
         for metric in (self.val_loss, self.val_perplexity, self.val_accuracy):
             metric.reset()
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resumed run uses the learning rate of its configuration (e.g. `fit ckpt=<run> optim.lr=1e-4` after a
+        divergence), not the one saved with the optimizer and schedule, which Lightning restores after this hook:
+        the peak is replaced and the schedule's current factor kept."""
+        lr = self.optim["lr"]
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                if group.get("initial_lr"):
+                    group["lr"] = group["lr"] / group["initial_lr"] * lr
+                    group["initial_lr"] = lr
+        for schedule in checkpoint.get("lr_schedulers", []):
+            bases = schedule.get("base_lrs")
+            if bases and all(bases):
+                if schedule.get("_last_lr"):
+                    schedule["_last_lr"] = [last / base * lr for last, base in zip(schedule["_last_lr"], bases,
+                                                                                   strict=True)]
+                schedule["base_lrs"] = [lr] * len(bases)
+
     def configure_optimizers(self):
         optim = self.optim
         optimizer = torch.optim.AdamW(parameter_groups(self.model, optim["weight_decay"]), lr=optim["lr"],

@@ -102,7 +102,7 @@ class DeltaNetConfig:
 @dataclass(frozen=True)
 class GatedDeltaNetConfig:
     d_model: int = 256
-    n_heads: int = 3  # H; H K = 0.75 d_model at the defaults, the proportion fla's docstring asks for
+    n_heads: int | None = None  # H; None: max(1, round(0.75 d_model / head_dim)): H K ≈ 0.75 d_model, as fla asks
     head_dim: int = 64  # K (fla's default 256 is for d_model 2048)
     expand_v: float = 2.0  # V = expand_v * K
     use_gate: bool = True  # output gate silu(g_proj(x)) after the RMSNorm
@@ -119,6 +119,9 @@ class GatedDeltaNetConfig:
     backend: Backend = "auto"  # "auto" | "chunked" | "sequential"; see seqarch.ops.delta_rule.resolve_backend
 
     def __post_init__(self):
+        if self.n_heads is None and isinstance(self.head_dim, int) and self.head_dim > 0:
+            # Resolved once at construction (the config is frozen after): 3 heads of 64 at d_model 256.
+            object.__setattr__(self, "n_heads", max(1, round(0.75 * self.d_model / self.head_dim)))
         _check_positive("gated_deltanet", self, ("d_model", "n_heads", "head_dim", "expand_v", "d_conv",
                                                  "norm_eps", "initializer_range", "chunk_size"))
         if self.head_dim * self.expand_v != int(self.head_dim * self.expand_v):

@@ -6,7 +6,7 @@ import pytest
 
 from seqarch.train.config import ConfigError, list_recipes, load_recipe, parse_overrides, resolve
 
-ARCHITECTURES = {"transformer", "mamba", "mamba2", "rwkv6", "retnet", "hyena", "s4d", "hybrid"}
+ARCHITECTURES = {"transformer", "mamba", "mamba2", "mamba3", "rwkv6", "retnet", "hyena", "s4d", "hybrid"}
 
 
 def fit_config(*args: str):

@@ -245,37 +245,60 @@ def _cumulative_angles(angles, dt, angle0):
     return wrap_angle(steps).to(angles.dtype)
 
 
-def _chunked(prep: _Prepared, dt, trap, angles, mimo_x, rotary, initial_state, chunk_size):
-    batch, length, heads, headdim = prep.x.shape
-    rank, dstate = prep.k.shape[2], prep.k.shape[-1]
-    theta = _cumulative_angles(angles, dt, None if initial_state is None else initial_state.angle)
-    k = rotate(prep.k, theta[:, :, None], rotary)  # (B, L, R, H, N)
-    q = rotate(prep.q, theta[:, :, None], rotary)
-    v = prep.v
+def _head_major(M, bias, heads):
+    """B or C (B, L, R, G, N) plus the per-head bias (H, R, N) -> (B, H, L, R, N), laid out so that
+    chunking L is a view (the broadcast writes the head-major layout directly)."""
+    groups = M.shape[3]
+    M = rearrange(M, "b l r g n -> b g 1 l r n")
+    if bias is None:
+        return repeat(M, "b g 1 l r n -> b (g e) l r n", e=heads // groups)
+    out = M + rearrange(bias, "(g e) r n -> 1 g e 1 r n", g=groups)
+    return rearrange(out, "b g e l r n -> b (g e) l r n")
 
-    current = trap * dt  # gamma_t
-    following = F.pad(((1 - trap) * dt)[:, 1:], (0, 0, 0, 1))  # (1 - lam_{t+1}) dt_{t+1}, 0 after the end
-    scale = current + following  # the weight of input s in every later state
-    dA = dt * prep.A
 
+def _chunked(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, rotary, initial_state, chunk_size):
+    """Returns y (B, L, R, H, P) before the skip, gate and down-projection, and the final state."""
+    batch, length, heads, headdim = x.shape
+    if B.ndim == 4:
+        B, C = B[:, :, None], C[:, :, None]
+    rank, dstate = B.shape[2], B.shape[-1]
     chunk = min(chunk_size, length)
     pad = (-length) % chunk
+
+    theta = _cumulative_angles(angles, dt, None if initial_state is None else initial_state.angle)  # (B, L, H, S)
+    theta_h = rearrange(theta, "b l h s -> b h l 1 s")
+    k = rotate(_head_major(B, B_bias, heads), theta_h, rotary)  # (B, H, L, R, N)
+    q = rotate(_head_major(C, C_bias, heads), theta_h, rotary)
+    if mimo_x is None:
+        v = rearrange(x, "b l h p -> b h l 1 p")
+    else:
+        v = torch.einsum("blhp,hrp->bhlrp", x, mimo_x)
+
+    dt_h, trap_h = rearrange(dt, "b l h -> b h l"), rearrange(trap, "b l h -> b h l")
+    current = trap_h * dt_h  # gamma_t
+    following = F.pad(((1 - trap_h) * dt_h)[..., 1:], (0, 1))  # (1 - lam_{t+1}) dt_{t+1}, 0 after the end
+    scale = current + following  # the weight of input s in every later state
+    dA = dt_h * (rearrange(A, "b l h -> b h l") if A.ndim == 3 else A[:, None])
     if pad:
         # dt = 0 on the padding: decay 1, weight 0, so the final state is untouched.
-        k, q, v = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (k, q, v))
-        dA, scale, current = (F.pad(t, (0, 0, 0, pad)) for t in (dA, scale, current))
-    kc = rearrange(k, "b (c q) r h n -> b h c (q r) n", q=chunk)
-    qc = rearrange(q, "b (c q) r h n -> b h c (q r) n", q=chunk)
-    vc = rearrange(v, "b (c q) r h p -> b h c (q r) p", q=chunk)
-    cum = rearrange(dA, "b (c q) h -> b h c q", q=chunk).cumsum(dim=-1)  # (B, H, K, Q)
-    scale_c = rearrange(scale, "b (c q) h -> b h c q", q=chunk)
-    current_c = rearrange(current, "b (c q) h -> b h c q", q=chunk)
+        k_last = k[:, :, -1]
+        k, q, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (k, q, v))
+        dA, scale, current = (F.pad(t, (0, pad)) for t in (dA, scale, current))
+    else:
+        k_last = k[:, :, -1]
+    kc = k.reshape(batch, heads, -1, chunk * rank, dstate)  # (B, H, K, Q R, N)
+    qc = q.reshape(batch, heads, -1, chunk * rank, dstate)
+    vc = v.reshape(batch, heads, -1, chunk * rank, headdim)
+    cum = dA.unflatten(-1, (-1, chunk)).cumsum(dim=-1)  # (B, H, K, Q)
+    scale_c = scale.unflatten(-1, (-1, chunk))
+    current_c = current.unflatten(-1, (-1, chunk))
 
     # 1. Diagonal blocks: (q k^T o M) v with M[t, s] = exp(cum_t - cum_s) scale_s below the diagonal
     #    and gamma_t on it (the trapezoid's previous-input term of s = t enters only at t + 1).
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=cum.device).triu(1)
-    mask = (cum[..., :, None] - cum[..., None, :]).masked_fill(above, float("-inf")).exp() * scale_c[..., None, :]
-    mask = mask - torch.diag_embed(torch.diagonal(mask, dim1=-2, dim2=-1) - current_c)
+    # masked before exp, so exp only sees segment sums <= 0
+    mask = (cum[..., :, None] - cum[..., None, :]).masked_fill_(above, float("-inf")).exp_() * scale_c[..., None, :]
+    mask.diagonal(dim1=-2, dim2=-1).copy_(current_c)  # exp(0) gamma_t
     if rank > 1:
         mask = mask.repeat_interleave(rank, dim=-1).repeat_interleave(rank, dim=-2)
     y = torch.matmul(torch.matmul(qc, kc.transpose(-1, -2)) * mask, vc)  # (B, H, K, Q R, P)
@@ -291,9 +314,9 @@ def _chunked(prep: _Prepared, dt, trap, angles, mimo_x, rotary, initial_state, c
     if initial_state is None:
         initial = chunk_states.new_zeros(batch, heads, 1, headdim, dstate)
     else:
-        previous = torch.einsum("brhp,brhn->bhpn", _v_of(mimo_x)(initial_state.x.to(v.dtype)), initial_state.k)
+        previous = torch.einsum("brhp,brhn->bhpn", _v_of(mimo_x)(initial_state.x.to(x.dtype)), initial_state.k)
         first = ((1 - trap[:, 0]) * dt[:, 0])[..., None, None]
-        initial = (initial_state.ssm.to(v.dtype) + first * previous)[:, :, None]
+        initial = (initial_state.ssm.to(x.dtype) + first * previous)[:, :, None]
     states = rearrange(torch.cat([initial, chunk_states], dim=2), "b h c p n -> b h c (p n)")
     chunk_decay = torch.exp(segsum_stable(F.pad(cum[..., -1], (1, 0))))  # (B, H, K + 1, K + 1)
     states = rearrange(torch.matmul(chunk_decay, states), "b h c (p n) -> b h c p n", p=headdim)
@@ -305,7 +328,7 @@ def _chunked(prep: _Prepared, dt, trap, angles, mimo_x, rotary, initial_state, c
         decay_in = decay_in.repeat_interleave(rank, dim=-1)
     y = y + torch.matmul(qc, entering.transpose(-1, -2)) * decay_in[..., None]
     y = rearrange(y, "b h c (q r) p -> b (c q) r h p", r=rank)[:, :length]
-    last = Mamba3ScanState(angle=theta[:, -1], ssm=final, k=k[:, length - 1], x=prep.x[:, -1])
+    last = Mamba3ScanState(angle=theta[:, -1], ssm=final, k=rearrange(k_last, "b h r n -> b r h n"), x=x[:, -1])
     return y, last
 
 
@@ -348,7 +371,10 @@ def mamba3_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     _check_inputs(x, dt, A, B, C, trap, angles, initial_state, rotary)
     if chunk_size < 1:
         raise ValueError(f"mamba3_scan: chunk_size must be >= 1, got {chunk_size}")
-    prep = _prepare(x, A, B, C, z, B_bias, C_bias, mimo_x, mimo_z)
     state = None if initial_state is None else Mamba3ScanState(*initial_state)
-    y, final = _chunked(prep, dt, trap, angles, mimo_x, rotary, state, chunk_size)
-    return _output(y, prep.v, D, prep.zr, mimo_o), (final if output_final_state else None)
+    y, final = _chunked(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, rotary, state, chunk_size)
+    v = x[:, :, None] if mimo_x is None else torch.einsum("blhp,hrp->blrhp", x, mimo_x)
+    zr = None
+    if z is not None:
+        zr = z[:, :, None] if mimo_z is None else torch.einsum("blhp,hrp->blrhp", z, mimo_z)
+    return _output(y, v, D, zr, mimo_o), (final if output_final_state else None)

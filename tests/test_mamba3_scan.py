@@ -190,6 +190,10 @@ def test_rotation_is_complex_multiplication(rotary):
     expected = torch.complex(first, second) * torch.exp(1j * theta)
     assert_close(torch.complex(out_first, out_second), expected, f"{rotary} rotated pairs")
     assert torch.equal(rest_out, rest_in)
+    if rotary == "pairwise":  # odd strides cannot be viewed as complex numbers: the real form runs
+        odd = rotate(t[:, :11].contiguous(), theta, rotary)  # strides (11, 1)
+        assert_close(odd[:, :8], out[:, :8], "pairwise rotation of an odd-strided tensor")
+        assert torch.equal(odd[:, 8:], t[:, 8:11])
 
 
 def test_backend_choice():

@@ -86,6 +86,14 @@ def rotate(t: torch.Tensor, theta: torch.Tensor, rotary: Rotary = "pairwise") ->
     "pairwise" pairs channels (2i, 2i + 1) (mamba-ssm's SISO layout); "halves" pairs (i, i + N / 2)
     (its MIMO kernels' layout). Pair i turns by theta_i for i < S."""
     size, angles = t.shape[-1], theta.shape[-1]
+    pairs_are_complex = t.stride(-1) == 1 and t.storage_offset() % 2 == 0 and all(
+        stride % 2 == 0 for stride in t.stride()[:-1])
+    if rotary == "pairwise" and pairs_are_complex:
+        # Adjacent pairs viewed as complex numbers: one complex product (and one in the backward)
+        # instead of the real form's slices, products and re-assembly.
+        turned = torch.view_as_complex(t[..., : 2 * angles].unflatten(-1, (angles, 2)))
+        turned = torch.view_as_real(turned * torch.polar(torch.ones_like(theta), theta)).flatten(-2)
+        return torch.cat([turned, t[..., 2 * angles :]], dim=-1)
     cos, sin = torch.cos(theta), torch.sin(theta)
     if rotary == "pairwise":
         pairs = t[..., : 2 * angles].unflatten(-1, (angles, 2))

@@ -29,7 +29,7 @@ D_MODEL = 768
 
 def scan_inputs(length: int, seed: int = 0) -> dict:
     torch.manual_seed(seed)
-    mixer = build_mixer("mamba3", d_model=D_MODEL)
+    mixer = build_mixer("mamba3", d_model=D_MODEL, head_dim=64)
     with torch.no_grad():
         arguments, _ = mixer._scan_inputs(torch.randn(1, length, D_MODEL))
     return arguments
@@ -96,7 +96,7 @@ def main() -> None:
         ratios = ", ".join(f"{b / a:.2f}" for a, b in zip(values, values[1:], strict=False))
         print(f"| {mode} | " + " | ".join(f"{v:.0f}" for v in values) + f" | {ratios} |")
 
-    specs = {"mamba2": {"name": "mamba2"}, "mamba3": {"name": "mamba3"}}
+    specs = {"mamba2": {"name": "mamba2"}, "mamba3": {"name": "mamba3", "overrides": {"head_dim": 64}}}
     rows = measure(specs, [length], args.repeats, D_MODEL)
     print(f"\n## Layers at L = {length} (mamba2: seqarch defaults d_state 64, head dim 32; mamba3: mamba-ssm's)\n")
     baseline = {r["mode"]: r["seconds"] for r in rows if r["mixer"] == "mamba2"}

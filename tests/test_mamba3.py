@@ -51,8 +51,10 @@ RENAMED = {"headdim": "head_dim", "ngroups": "n_groups"}
 
 
 def ours(reference_kwargs: dict, **extra):
-    return build_mixer("mamba3", d_model=WIDTH, **{RENAMED.get(k, k): v for k, v in reference_kwargs.items()},
-                       **extra)
+    """seqarch's mamba3 with the config of mamba-ssm's Mamba3(d_model=64, **reference_kwargs) (whose
+    headdim defaults to 64; seqarch's head_dim to 32)."""
+    kwargs = {"head_dim": 64, **{RENAMED.get(k, k): v for k, v in reference_kwargs.items()}}
+    return build_mixer("mamba3", d_model=WIDTH, **kwargs, **extra)
 
 
 @pytest.mark.parametrize("variant", list(REFERENCE_PARAMETERS))
@@ -151,7 +153,7 @@ def test_chunked_and_sequential_backends_agree():
 
 
 def test_init_state_follows_the_parameters():
-    mixer = build_mixer("mamba3", d_model=WIDTH).to(torch.float64)
+    mixer = build_mixer("mamba3", d_model=WIDTH, head_dim=64).to(torch.float64)
     state = mixer.init_state(3)
     assert state.ssm.dtype == torch.float64 and state.ssm.device == mixer.out_proj.weight.device
     assert state.ssm.shape == (3, 2, 64, 128) and state.angle.shape == (3, 2, 32)
@@ -183,10 +185,10 @@ def test_config_is_validated():
 
 
 def test_accounting():
-    mixer = build_mixer("mamba3", d_model=WIDTH)
+    mixer = build_mixer("mamba3", d_model=WIDTH, head_dim=64)
     # angles 2 x 32, SSM 2 x 64 x 128, previous B 1 x 2 x 128, previous x 2 x 64, float32
     assert mixer.state_nbytes(1, 1000) == (64 + 16384 + 256 + 128) * 4
-    mimo = build_mixer("mamba3", d_model=WIDTH, is_mimo=True, mimo_rank=4)
+    mimo = build_mixer("mamba3", d_model=WIDTH, head_dim=64, is_mimo=True, mimo_rank=4)
     # MIMO keeps the SSM state (the paper's point) and adds only the rank-R previous B
     assert mimo.state_nbytes(1, 1000) - mixer.state_nbytes(1, 1000) == 3 * 256 * 4
     assert mimo.flops_per_token(10) > mixer.flops_per_token(10) == mixer.flops_per_token(10_000)

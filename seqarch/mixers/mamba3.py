@@ -39,10 +39,10 @@ from seqarch.registry import register
 @dataclass(frozen=True)
 class Mamba3Config:
     d_model: int = 256
-    # --- sizes (mamba-ssm's defaults)
+    # --- sizes (mamba-ssm's defaults, but for head_dim)
     d_state: int = 128  # N, state size per head channel
     expand: int = 2  # inner width E = expand * d_model
-    head_dim: int = 64  # P (mamba-ssm: headdim)
+    head_dim: int = 32  # P (mamba-ssm: headdim, default 64); 32 keeps widths in steps of 16 valid, as mamba2
     n_groups: int = 1  # G groups of B/C shared by H / G heads before the per-head biases (mamba-ssm: ngroups)
     # --- rotations (the complex-valued state)
     rope_fraction: float = 0.5  # share of the N state channels that rotate: 0.5 or 1.0

@@ -6,7 +6,8 @@ import pytest
 
 from seqarch.train.config import ConfigError, list_recipes, load_recipe, parse_overrides, resolve
 
-ARCHITECTURES = {"transformer", "mamba", "mamba2", "rwkv6", "rwkv7", "retnet", "hyena", "s4d", "hybrid"}
+ARCHITECTURES = {"transformer", "mamba", "mamba2", "mamba3", "rwkv6", "rwkv7", "retnet", "gated_deltanet", "hyena",
+                 "s4d", "hybrid"}
 
 
 def fit_config(*args: str):
@@ -51,7 +52,7 @@ def test_recipe_by_path_extending_the_base(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["recipe=nope"], "unknown recipe 'nope'; valid: hybrid, hyena, mamba"),
+    (["recipe=nope"], "unknown recipe 'nope'; valid: gated_deltanet, hybrid, hyena, mamba"),
     (["recipe=/no/such.yaml"], "recipe file '/no/such.yaml' does not exist"),
     (["recipe=s4d", "optim.lrr=1"], "unknown config key 'lrr' for optim; valid keys: beta1, beta2"),
     (["recipe=s4d", "colour=red"], "unknown key 'colour'; valid top-level keys: recipe"),

@@ -6,6 +6,7 @@ from seqarch.mixers import (  # noqa: F401  (each module registers its mixer)
     hyena,
     mamba,
     mamba2,
+    mamba3,
     retnet,
     rwkv,
     rwkv7,

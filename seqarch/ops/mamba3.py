@@ -1,0 +1,388 @@
+"""Mamba-3's scan: exponential-trapezoidal SSM with data-dependent rotations, SISO or MIMO rank R.
+
+Lahoti, Li, Chen, Wang, Bick, Kolter, Dao and Gu (2026), "Mamba-3: Improved Sequence Modeling using
+State Space Principles" (arXiv 2603.15569). The semantics are those of mamba-ssm's Mamba-3 kernels
+(`mamba3_siso_combined`, `mamba3_mimo`, and the step function): the same recurrence, rotation
+layouts, state tuple and order of operations, so a checkpoint computes the same function.
+
+Legend: B batch, L length, H heads, P head dim, G groups of B/C (head h reads group h // (H / G)),
+R MIMO rank (R = 1 is SISO), N state size, S rotation angles (S <= N / 2), Q chunk length,
+K chunks (= ceil(L / Q)).
+
+Per head, with dt_t >= 0, a data-dependent A_t < 0, a trapezoid weight lam_t in [0, 1] and an
+angular velocity w_t (S,) (the paper's eq. for the exponential-trapezoidal rule with the complex
+transition written as rotations of B and C by the cumulative angle):
+
+    theta_t = theta_{t-1} + dt_t w_t                        cumulative rotation angles (S,)
+    k_t,r   = Rot(theta_t) (B_t,r + B_bias_r)               q_t,r = Rot(theta_t) (C_t,r + C_bias_r)
+    v_t,r   = x_t * mimo_x_r                                (v_t = x_t when SISO)
+    alpha_t = exp(dt_t A_t),  beta_t = (1 - lam_t) dt_t alpha_t,  gamma_t = lam_t dt_t
+    h_t     = alpha_t h_{t-1} + beta_t sum_r v_{t-1,r} k_{t-1,r}^T + gamma_t sum_r v_t,r k_t,r^T     (P, N)
+    y_t,r   = h_t q_t,r + D v_t,r,   y_t,r *= silu(z_t * mimo_z_r),   y_t = sum_r mimo_o_r * y_t,r
+
+lam_t = 1 drops the previous-input term and leaves Mamba-2's Euler rule (seqarch/ops/ssd.py); the
+rotation is the real form of a complex diagonal transition exp(dt_t (A_t + i w_t)) on pairs of state
+channels. The recurrent state is (theta, h, k_{t-1}, x_{t-1}), as mamba-ssm's (angle, ssm, K, V).
+
+The chunked path: since the input s enters at step s with weight gamma_s and at step s + 1 with
+weight beta_{s+1} = alpha_{s+1} (1 - lam_{s+1}) dt_{s+1}, unrolling gives
+
+    h_t = sum_{s <= t} exp(cum_t - cum_s) c_{t,s} sum_r v_s,r k_s,r^T,    cum_t = sum_{j <= t} dt_j A_j
+    c_{t,s} = gamma_s + (1 - lam_{s+1}) dt_{s+1}   for s < t,    c_{t,t} = gamma_t,
+
+i.e. Mamba-2's SSD with the column scale gamma_s + next_s and one modified diagonal: one
+semiseparable matrix with a modified mask. The algorithm is SSD's (Listing 1): diagonal blocks as
+masked matrix products inside each chunk, per-chunk states, state passing between chunks, and the
+entering state read out by C. Exponentials only see non-positive segment sums of dt A (masked to
+-inf above the diagonal before exp). MIMO flattens (time, rank) into the rows of each chunk. The
+rotations are applied to B and C before the scan; the cumulative angles are summed in float64 and
+wrapped to [0, 2 pi), so long sequences keep their angles exact to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+
+from seqarch.backends import notify_once
+from seqarch.ops.ssd import DEFAULT_CHUNK_SIZE, segsum_stable
+
+Backend = Literal["auto", "chunked", "sequential"]
+BACKENDS = ("auto", "chunked", "sequential")
+Rotary = Literal["pairwise", "halves"]
+TWO_PI = 2 * math.pi
+
+
+class Mamba3ScanState(NamedTuple):
+    """The recurrent state of the scan (mamba-ssm's (angle, ssm, K, V) tuple)."""
+
+    angle: torch.Tensor  # (B, H, S) cumulative rotation angles, in [0, 2 pi)
+    ssm: torch.Tensor  # (B, H, P, N)
+    k: torch.Tensor  # (B, R, H, N) the previous token's rotated, biased B
+    x: torch.Tensor  # (B, H, P) the previous token's input (before the MIMO up-projection)
+
+
+def resolve_backend(backend: Backend, device: torch.device | str = "cpu") -> str:
+    """The path that runs for `backend` on `device`: "chunked" (the default everywhere: mamba-ssm's
+    Mamba-3 kernels are Triton / TileLang / CuTe only) or "sequential"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"mamba3_scan: backend={backend!r}; valid: {', '.join(map(repr, BACKENDS))}")
+    return "chunked" if backend == "auto" else backend
+
+
+# --- shared pieces ------------------------------------------------------------------------------
+def wrap_angle(theta: torch.Tensor) -> torch.Tensor:
+    """theta mod 2 pi, in [0, 2 pi) (gradient 1, as the floor is piecewise constant)."""
+    return theta - TWO_PI * torch.floor(theta / TWO_PI)
+
+
+def rotate(t: torch.Tensor, theta: torch.Tensor, rotary: Rotary = "pairwise") -> torch.Tensor:
+    """Rotate pairs of the last dim of t (..., N) by theta (..., S), S <= N / 2; other channels pass.
+
+    "pairwise" pairs channels (2i, 2i + 1) (mamba-ssm's SISO layout); "halves" pairs (i, i + N / 2)
+    (its MIMO kernels' layout). Pair i turns by theta_i for i < S."""
+    size, angles = t.shape[-1], theta.shape[-1]
+    pairs_are_complex = t.stride(-1) == 1 and t.storage_offset() % 2 == 0 and all(
+        stride % 2 == 0 for stride in t.stride()[:-1])
+    if rotary == "pairwise" and pairs_are_complex:
+        # Adjacent pairs viewed as complex numbers: one complex product (and one in the backward)
+        # instead of the real form's slices, products and re-assembly.
+        turned = torch.view_as_complex(t[..., : 2 * angles].unflatten(-1, (angles, 2)))
+        turned = torch.view_as_real(turned * torch.polar(torch.ones_like(theta), theta)).flatten(-2)
+        return torch.cat([turned, t[..., 2 * angles :]], dim=-1)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    if rotary == "pairwise":
+        pairs = t[..., : 2 * angles].unflatten(-1, (angles, 2))
+        first, second = pairs[..., 0], pairs[..., 1]
+        turned = torch.stack([first * cos - second * sin, first * sin + second * cos], dim=-1).flatten(-2)
+        return torch.cat([turned, t[..., 2 * angles :]], dim=-1)
+    half = size // 2
+    first, second = t[..., :angles], t[..., half : half + angles]
+    return torch.cat([first * cos - second * sin, t[..., angles:half],
+                      first * sin + second * cos, t[..., half + angles :]], dim=-1)
+
+
+def _check_inputs(x, dt, A, B, C, trap, angles, initial_state, rotary) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"mamba3_scan: x must be (B, L, H, P), got shape {tuple(x.shape)}")
+    batch, length, heads, _ = x.shape
+    if length < 1:
+        raise ValueError("mamba3_scan: needs at least one time step")
+    if B.ndim not in (4, 5) or B.shape[:2] != (batch, length) or C.shape != B.shape:
+        raise ValueError(f"mamba3_scan: B and C must both be (B, L, G, N) or (B, L, R, G, N) with (B, L) = "
+                         f"({batch}, {length}), got {tuple(B.shape)} and {tuple(C.shape)}")
+    groups, dstate = B.shape[-2:]
+    if heads % groups:
+        raise ValueError(f"mamba3_scan: H={heads} heads are not a multiple of G={groups} groups")
+    for name, tensor in (("dt", dt), ("trap", trap)):
+        if tuple(tensor.shape) != (batch, length, heads):
+            raise ValueError(f"mamba3_scan: {name} must be (B, L, H) = {(batch, length, heads)}, "
+                             f"got {tuple(tensor.shape)}")
+    if tuple(A.shape) not in ((batch, length, heads), (heads,)):
+        raise ValueError(f"mamba3_scan: A must be (B, L, H) or (H,), got {tuple(A.shape)}")
+    if angles.ndim != 4 or angles.shape[:3] != (batch, length, heads) or 2 * angles.shape[-1] > dstate:
+        raise ValueError(f"mamba3_scan: angles must be (B, L, H, S) with S <= N / 2 = {dstate // 2}, "
+                         f"got {tuple(angles.shape)}")
+    if rotary not in ("pairwise", "halves"):
+        raise ValueError(f"mamba3_scan: rotary={rotary!r}; valid: 'pairwise', 'halves'")
+    if initial_state is not None and len(initial_state) != 4:
+        raise ValueError("mamba3_scan: initial_state must be (angle, ssm, k, x)")
+
+
+class _Prepared(NamedTuple):
+    x: torch.Tensor  # (B, L, H, P)
+    v: torch.Tensor  # (B, L, R, H, P)
+    k: torch.Tensor  # (B, L, R, H, N), biased, not yet rotated
+    q: torch.Tensor  # (B, L, R, H, N)
+    zr: torch.Tensor | None  # (B, L, R, H, P)
+    A: torch.Tensor  # (B, L, H)
+
+
+def _prepare(x, A, B, C, z, B_bias, C_bias, mimo_x, mimo_z) -> _Prepared:
+    """Bring B/C to heads and rank (B, L, R, H, N) with biases, and x, z to rank (B, L, R, H, P)."""
+    heads = x.shape[2]
+    if B.ndim == 4:
+        B, C = B[:, :, None], C[:, :, None]
+    groups = B.shape[3]
+    k = repeat(B, "b l r g n -> b l r (g e) n", e=heads // groups)
+    q = repeat(C, "b l r g n -> b l r (g e) n", e=heads // groups)
+    if B_bias is not None:
+        k = k + rearrange(B_bias, "h r n -> r h n")
+    if C_bias is not None:
+        q = q + rearrange(C_bias, "h r n -> r h n")
+    v = x[:, :, None] if mimo_x is None else torch.einsum("blhp,hrp->blrhp", x, mimo_x)
+    zr = None
+    if z is not None:
+        zr = z[:, :, None] if mimo_z is None else torch.einsum("blhp,hrp->blrhp", z, mimo_z)
+    if A.ndim == 1:
+        A = A.expand(*x.shape[:3])
+    return _Prepared(x, v, k, q, zr, A)
+
+
+def _output(y, v, D, zr, mimo_o):
+    """y (B, ..., R, H, P) += D v, *= silu(z_r), then contracted over R with mimo_o (or squeezed at R = 1)."""
+    if D is not None:
+        y = y + v * (D[:, None] if D.ndim == 1 else D)
+    if zr is not None:
+        y = y * F.silu(zr)
+    if mimo_o is not None:
+        return torch.einsum("...rhp,hrp->...hp", y, mimo_o)
+    return y.squeeze(-3) if y.shape[-3] == 1 else y
+
+
+def _zero_state(x, k, angles) -> Mamba3ScanState:
+    batch, _, heads, headdim = x.shape
+    rank, dstate = k.shape[2], k.shape[-1]
+    return Mamba3ScanState(angle=x.new_zeros(batch, heads, angles.shape[-1]),
+                           ssm=x.new_zeros(batch, heads, headdim, dstate),
+                           k=x.new_zeros(batch, rank, heads, dstate), x=x.new_zeros(batch, heads, headdim))
+
+
+# --- the recurrence, one step -------------------------------------------------------------------
+def _step(prep_t, v_prev_scale, dt_t, A_t, trap_t, angles_t, state: Mamba3ScanState, rotary):
+    """One step of the recurrence on prepared tensors at time t (no output transform).
+
+    prep_t: (x (B, H, P), v (B, R, H, P), k, q (B, R, H, N)); v_prev_scale maps the previous x to
+    its rank-R values. Returns (y_r (B, R, H, P), new state)."""
+    x_t, v_t, k_t, q_t = prep_t
+    theta = wrap_angle(state.angle + angles_t * dt_t[..., None])  # (B, H, S)
+    k_t = rotate(k_t, theta[:, None], rotary)
+    q_t = rotate(q_t, theta[:, None], rotary)
+    alpha = torch.exp(dt_t * A_t)  # (B, H)
+    beta = (1 - trap_t) * dt_t * alpha
+    gamma = trap_t * dt_t
+    previous = torch.einsum("brhp,brhn->bhpn", v_prev_scale(state.x), state.k)
+    current = torch.einsum("brhp,brhn->bhpn", v_t, k_t)
+    h = alpha[..., None, None] * state.ssm + beta[..., None, None] * previous + gamma[..., None, None] * current
+    y = torch.einsum("bhpn,brhn->brhp", h, q_t)
+    return y, Mamba3ScanState(angle=theta, ssm=h, k=k_t, x=x_t)
+
+
+def _v_of(mimo_x):
+    if mimo_x is None:
+        return lambda x_prev: x_prev[:, None]
+    return lambda x_prev: torch.einsum("bhp,hrp->brhp", x_prev, mimo_x)
+
+
+def mamba3_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                trap: torch.Tensor, angles: torch.Tensor, state: Mamba3ScanState, D: torch.Tensor | None = None,
+                z: torch.Tensor | None = None, B_bias: torch.Tensor | None = None,
+                C_bias: torch.Tensor | None = None, mimo_x: torch.Tensor | None = None,
+                mimo_z: torch.Tensor | None = None, mimo_o: torch.Tensor | None = None,
+                rotary: Rotary = "pairwise") -> tuple[torch.Tensor, Mamba3ScanState]:
+    """One decoding step: the tensors of `mamba3_scan` without the L axis -> (y_t, new state)."""
+    prep = _prepare(x[:, None], A[:, None] if A.ndim == 2 else A, B[:, None], C[:, None],
+                    None if z is None else z[:, None], B_bias, C_bias, mimo_x, mimo_z)
+    y, state = _step((x, prep.v[:, 0], prep.k[:, 0], prep.q[:, 0]), _v_of(mimo_x), dt, prep.A[:, 0], trap,
+                     angles, state, rotary)
+    zr = None if prep.zr is None else prep.zr[:, 0]
+    return _output(y, prep.v[:, 0], D, zr, mimo_o), state
+
+
+def mamba3_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                    trap: torch.Tensor, angles: torch.Tensor, D: torch.Tensor | None = None,
+                    z: torch.Tensor | None = None, B_bias: torch.Tensor | None = None,
+                    C_bias: torch.Tensor | None = None, mimo_x: torch.Tensor | None = None,
+                    mimo_z: torch.Tensor | None = None, mimo_o: torch.Tensor | None = None,
+                    rotary: Rotary = "pairwise", initial_state: Mamba3ScanState | None = None,
+                    output_final_state: bool = False):
+    """The recurrence of the module docstring, one time step at a time (shapes as `mamba3_scan`)."""
+    _check_inputs(x, dt, A, B, C, trap, angles, initial_state, rotary)
+    prep = _prepare(x, A, B, C, z, B_bias, C_bias, mimo_x, mimo_z)
+    state = _zero_state(x, prep.k, angles) if initial_state is None else Mamba3ScanState(*initial_state)
+    v_prev = _v_of(mimo_x)
+    outputs = []
+    for t in range(x.shape[1]):
+        y_t, state = _step((x[:, t], prep.v[:, t], prep.k[:, t], prep.q[:, t]), v_prev, dt[:, t], prep.A[:, t],
+                           trap[:, t], angles[:, t], state, rotary)
+        outputs.append(y_t)
+    y = _output(torch.stack(outputs, dim=1), prep.v, D, prep.zr, mimo_o)
+    return y, (state if output_final_state else None)
+
+
+# --- the chunked path ---------------------------------------------------------------------------
+def _cumulative_angles(angles, dt, angle0):
+    """theta_t = wrap(theta_0 + sum_{j <= t} dt_j w_j): (B, L, H, S), summed in float64."""
+    steps = (angles.double() * dt.double()[..., None]).cumsum(dim=1)
+    if angle0 is not None:
+        steps = steps + angle0.double()[:, None]
+    return wrap_angle(steps).to(angles.dtype)
+
+
+def _head_major(M, bias, heads):
+    """B or C (B, L, R, G, N) plus the per-head bias (H, R, N) -> (B, H, L, R, N), laid out so that
+    chunking L is a view (the broadcast writes the head-major layout directly)."""
+    groups = M.shape[3]
+    M = rearrange(M, "b l r g n -> b g 1 l r n")
+    if bias is None:
+        return repeat(M, "b g 1 l r n -> b (g e) l r n", e=heads // groups)
+    out = M + rearrange(bias, "(g e) r n -> 1 g e 1 r n", g=groups)
+    return rearrange(out, "b g e l r n -> b (g e) l r n")
+
+
+def _chunked(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, rotary, initial_state, chunk_size):
+    """Returns y (B, L, R, H, P) before the skip, gate and down-projection, and the final state."""
+    batch, length, heads, headdim = x.shape
+    if B.ndim == 4:
+        B, C = B[:, :, None], C[:, :, None]
+    rank, dstate = B.shape[2], B.shape[-1]
+    chunk = min(chunk_size, length)
+    pad = (-length) % chunk
+
+    theta = _cumulative_angles(angles, dt, None if initial_state is None else initial_state.angle)  # (B, L, H, S)
+    theta_h = rearrange(theta, "b l h s -> b h l 1 s")
+    k = rotate(_head_major(B, B_bias, heads), theta_h, rotary)  # (B, H, L, R, N)
+    q = rotate(_head_major(C, C_bias, heads), theta_h, rotary)
+    if mimo_x is None:
+        v = rearrange(x, "b l h p -> b h l 1 p")
+    else:
+        v = torch.einsum("blhp,hrp->bhlrp", x, mimo_x)
+
+    dt_h, trap_h = rearrange(dt, "b l h -> b h l"), rearrange(trap, "b l h -> b h l")
+    current = trap_h * dt_h  # gamma_t
+    following = F.pad(((1 - trap_h) * dt_h)[..., 1:], (0, 1))  # (1 - lam_{t+1}) dt_{t+1}, 0 after the end
+    scale = current + following  # the weight of input s in every later state
+    dA = dt_h * (rearrange(A, "b l h -> b h l") if A.ndim == 3 else A[:, None])
+    if pad:
+        # dt = 0 on the padding: decay 1, weight 0, so the final state is untouched.
+        k_last = k[:, :, -1]
+        k, q, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (k, q, v))
+        dA, scale, current = (F.pad(t, (0, pad)) for t in (dA, scale, current))
+    else:
+        k_last = k[:, :, -1]
+    kc = k.reshape(batch, heads, -1, chunk * rank, dstate)  # (B, H, K, Q R, N)
+    qc = q.reshape(batch, heads, -1, chunk * rank, dstate)
+    vc = v.reshape(batch, heads, -1, chunk * rank, headdim)
+    cum = dA.unflatten(-1, (-1, chunk)).cumsum(dim=-1)  # (B, H, K, Q)
+    scale_c = scale.unflatten(-1, (-1, chunk))
+    current_c = current.unflatten(-1, (-1, chunk))
+
+    # 1. Diagonal blocks: (q k^T o M) v with M[t, s] = exp(cum_t - cum_s) scale_s below the diagonal
+    #    and gamma_t on it (the trapezoid's previous-input term of s = t enters only at t + 1).
+    above = torch.ones(chunk, chunk, dtype=torch.bool, device=cum.device).triu(1)
+    # masked before exp, so exp only sees segment sums <= 0
+    mask = (cum[..., :, None] - cum[..., None, :]).masked_fill_(above, float("-inf")).exp_() * scale_c[..., None, :]
+    mask.diagonal(dim1=-2, dim2=-1).copy_(current_c)  # exp(0) gamma_t
+    if rank > 1:
+        mask = mask.repeat_interleave(rank, dim=-1).repeat_interleave(rank, dim=-2)
+    y = torch.matmul(torch.matmul(qc, kc.transpose(-1, -2)) * mask, vc)  # (B, H, K, Q R, P)
+
+    # 2. Each chunk's state from its own inputs, weighted as seen from any later chunk.
+    to_end = torch.exp(cum[..., -1:] - cum) * scale_c  # (B, H, K, Q)
+    if rank > 1:
+        to_end = to_end.repeat_interleave(rank, dim=-1)
+    chunk_states = torch.matmul(vc.transpose(-1, -2), kc * to_end[..., None])  # (B, H, K, P, N)
+
+    # 3. State passing. The state entering the first chunk carries the previous token's
+    #    trapezoid term, (1 - lam_1) dt_1 sum_r v_0,r k_0,r^T, which the first step adds.
+    if initial_state is None:
+        initial = chunk_states.new_zeros(batch, heads, 1, headdim, dstate)
+    else:
+        previous = torch.einsum("brhp,brhn->bhpn", _v_of(mimo_x)(initial_state.x.to(x.dtype)), initial_state.k)
+        first = ((1 - trap[:, 0]) * dt[:, 0])[..., None, None]
+        initial = (initial_state.ssm.to(x.dtype) + first * previous)[:, :, None]
+    states = rearrange(torch.cat([initial, chunk_states], dim=2), "b h c p n -> b h c (p n)")
+    chunk_decay = torch.exp(segsum_stable(F.pad(cum[..., -1], (1, 0))))  # (B, H, K + 1, K + 1)
+    states = rearrange(torch.matmul(chunk_decay, states), "b h c (p n) -> b h c p n", p=headdim)
+    entering, final = states[:, :, :-1], states[:, :, -1]
+
+    # 4. The entering state read out by C, decayed to each position.
+    decay_in = torch.exp(cum)
+    if rank > 1:
+        decay_in = decay_in.repeat_interleave(rank, dim=-1)
+    y = y + torch.matmul(qc, entering.transpose(-1, -2)) * decay_in[..., None]
+    y = rearrange(y, "b h c (q r) p -> b (c q) r h p", r=rank)[:, :length]
+    last = Mamba3ScanState(angle=theta[:, -1], ssm=final, k=rearrange(k_last, "b h r n -> b r h n"), x=x[:, -1])
+    return y, last
+
+
+def mamba3_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                trap: torch.Tensor, angles: torch.Tensor, D: torch.Tensor | None = None,
+                z: torch.Tensor | None = None, B_bias: torch.Tensor | None = None,
+                C_bias: torch.Tensor | None = None, mimo_x: torch.Tensor | None = None,
+                mimo_z: torch.Tensor | None = None, mimo_o: torch.Tensor | None = None,
+                rotary: Rotary = "pairwise", initial_state: Mamba3ScanState | None = None,
+                output_final_state: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                backend: Backend = "auto"):
+    """The Mamba-3 scan.
+
+    Args:
+        x: (B, L, H, P) inputs.
+        dt: (B, L, H) steps, >= 0 (mamba-ssm's DT = softplus(dd_dt + dt_bias)).
+        A: (B, L, H) or (H,) decay rates, < 0 (ADT = A * dt is the log-decay).
+        B, C: (B, L, G, N) (SISO) or (B, L, R, G, N) input and output maps.
+        trap: (B, L, H) trapezoid weights lam in [0, 1] (mamba-ssm's sigmoid(trap)).
+        angles: (B, L, H, S) angular velocities (mamba-ssm's tanh(angle_proj) * pi); the step turns
+            the state by dt * angles.
+        D: (H,) skip; z: (B, L, H, P) gate (silu); B_bias, C_bias: (H, R, N).
+        mimo_x, mimo_z, mimo_o: (H, R, P) MIMO up-projections of x and z and down-projection of y.
+        rotary: "pairwise" (SISO layout) or "halves" (MIMO layout); see `rotate`.
+        initial_state: a `Mamba3ScanState` (angle (B, H, S), ssm (B, H, P, N), k (B, R, H, N), x (B, H, P)).
+        output_final_state: also return the final state.
+        chunk_size: Q of the chunked path.
+        backend: "auto" | "chunked" | "sequential" (see `resolve_backend`).
+
+    Returns:
+        (y, final state or None); y is (B, L, H, P), or (B, L, R, H, P) when R > 1 and mimo_o is None.
+    """
+    path = resolve_backend(backend, x.device)
+    notify_once(f"mamba3_scan-{path}-{x.device.type}", f"mamba3_scan runs the {path} path on {x.device.type}")
+    arguments = {"D": D, "z": z, "B_bias": B_bias, "C_bias": C_bias, "mimo_x": mimo_x, "mimo_z": mimo_z,
+                 "mimo_o": mimo_o, "rotary": rotary, "initial_state": initial_state,
+                 "output_final_state": output_final_state}
+    if path == "sequential":
+        return mamba3_scan_ref(x, dt, A, B, C, trap, angles, **arguments)
+    _check_inputs(x, dt, A, B, C, trap, angles, initial_state, rotary)
+    if chunk_size < 1:
+        raise ValueError(f"mamba3_scan: chunk_size must be >= 1, got {chunk_size}")
+    state = None if initial_state is None else Mamba3ScanState(*initial_state)
+    y, final = _chunked(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, rotary, state, chunk_size)
+    v = x[:, :, None] if mimo_x is None else torch.einsum("blhp,hrp->blrhp", x, mimo_x)
+    zr = None
+    if z is not None:
+        zr = z[:, :, None] if mimo_z is None else torch.einsum("blhp,hrp->blrhp", z, mimo_z)
+    return _output(y, v, D, zr, mimo_o), (final if output_final_state else None)

@@ -1,0 +1,209 @@
+"""The chunked Mamba-3 scan against its sequential reference (outputs, final states and gradients),
+at odd lengths, float32 and float64, SISO and MIMO; carried states; the one-step function; the
+reduction to Mamba-2's SSD; the rotation as complex multiplication; backend selection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqarch.ops.mamba3 import (
+    Mamba3ScanState,
+    mamba3_scan,
+    mamba3_scan_ref,
+    mamba3_step,
+    resolve_backend,
+    rotate,
+)
+from seqarch.ops.ssd import ssd_ref
+from tests.tolerance import assert_close
+
+BATCH, HEADS, HEADDIM, GROUPS, DSTATE, ANGLES = 2, 4, 3, 2, 8, 2
+CHUNK = 16  # small, so that 63 and 257 cross several chunk boundaries and pad the last one
+
+
+def make_inputs(length: int, dtype, rank: int = 1, seed: int = 0, initial_state: bool = False) -> dict:
+    """Random inputs at the scales the mixer feeds the op: dt = softplus(.) around 0.3 (with a tail),
+    A = -(1 + |.|) as the heavy-tail activation gives, RMS-normed B/C plus biases near 1,
+    trapezoid weights in (0, 1), angular velocities tanh(.) * pi."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    bc_shape = (BATCH, length, GROUPS, DSTATE) if rank == 1 else (BATCH, length, rank, GROUPS, DSTATE)
+    inputs = {
+        "x": randn(BATCH, length, HEADS, HEADDIM),
+        "dt": F.softplus(randn(BATCH, length, HEADS) - 1),
+        "A": -(1 + randn(BATCH, length, HEADS).abs()),
+        "B": F.rms_norm(randn(*bc_shape), (DSTATE,)),
+        "C": F.rms_norm(randn(*bc_shape), (DSTATE,)),
+        "trap": torch.sigmoid(randn(BATCH, length, HEADS)),
+        "angles": torch.tanh(randn(BATCH, length, HEADS, ANGLES)) * math.pi,
+        "D": randn(HEADS),
+        "z": randn(BATCH, length, HEADS, HEADDIM),
+        "B_bias": 1 + 0.3 * randn(HEADS, rank, DSTATE),
+        "C_bias": 1 + 0.3 * randn(HEADS, rank, DSTATE),
+    }
+    if rank > 1:
+        inputs.update(mimo_x=randn(HEADS, rank, HEADDIM), mimo_z=randn(HEADS, rank, HEADDIM),
+                      mimo_o=randn(HEADS, rank, HEADDIM))
+    if initial_state:
+        inputs["initial_state"] = Mamba3ScanState(
+            angle=torch.rand(BATCH, HEADS, ANGLES, generator=gen, dtype=dtype) * 2 * math.pi,
+            ssm=randn(BATCH, HEADS, HEADDIM, DSTATE), k=randn(BATCH, rank, HEADS, DSTATE),
+            x=randn(BATCH, HEADS, HEADDIM))
+    return inputs
+
+
+def run_with_grads(fn, inputs: dict, **options):
+    """Output, final state and the gradient of every floating input under fixed random cotangents."""
+    leaves = {}
+    for name, value in inputs.items():
+        if name == "initial_state":
+            leaves[name] = Mamba3ScanState(*(t.detach().clone().requires_grad_(True) for t in value))
+        else:
+            leaves[name] = value.detach().clone().requires_grad_(True)
+    y, final = fn(**leaves, output_final_state=True, **options)
+    gen = torch.Generator().manual_seed(7)
+    loss = (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum()
+    # The angle is wrapped to [0, 2 pi), so only its cos / sin are smooth: weight those.
+    loss = loss + (torch.cos(final.angle) * torch.randn(final.angle.shape, generator=gen, dtype=y.dtype)).sum()
+    for tensor in (final.ssm, final.k, final.x):
+        loss = loss + (tensor * torch.randn(tensor.shape, generator=gen, dtype=y.dtype)).sum()
+    loss.backward()
+    grads = {}
+    for name, leaf in leaves.items():
+        if name == "initial_state":
+            fields = zip(Mamba3ScanState._fields, leaf, strict=True)
+            grads.update({f"initial_state.{field}": t.grad for field, t in fields})
+        else:
+            grads[name] = leaf.grad
+    return y, final, grads
+
+
+def compare(inputs: dict, label: str, dtype, **options) -> None:
+    y_ref, final_ref, grads_ref = run_with_grads(mamba3_scan_ref, inputs, **options)
+    y, final, grads = run_with_grads(mamba3_scan, inputs, chunk_size=CHUNK, backend="chunked", **options)
+    assert_close(y, y_ref, f"{label} y", dtype=dtype)
+    assert_close(torch.cos(final.angle), torch.cos(final_ref.angle), f"{label} final angle", dtype=dtype)
+    for field in ("ssm", "k", "x"):
+        assert_close(getattr(final, field), getattr(final_ref, field), f"{label} final {field}", dtype=dtype)
+    for name, grad_ref in grads_ref.items():
+        assert grads[name] is not None, f"{label}: no gradient for {name}"
+        assert_close(grads[name], grad_ref, f"{label} d{name}", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("length", [1, 7, 63, 257])
+def test_chunked_matches_reference_siso(length, dtype):
+    compare(make_inputs(length, dtype), f"siso L={length}", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("length", [1, 63])
+def test_chunked_matches_reference_with_initial_state(length, dtype):
+    compare(make_inputs(length, dtype, initial_state=True), f"initial state L={length}", dtype)
+
+
+@pytest.mark.parametrize("rotary", ["pairwise", "halves"])
+@pytest.mark.parametrize("length", [7, 63])
+def test_chunked_matches_reference_mimo(length, rotary):
+    inputs = make_inputs(length, torch.float64, rank=3, initial_state=True)
+    compare(inputs, f"mimo R=3 {rotary} L={length}", torch.float64, rotary=rotary)
+
+
+def test_mimo_without_down_projection_returns_every_rank():
+    inputs = make_inputs(19, torch.float64, rank=2)
+    del inputs["mimo_o"]
+    y = mamba3_scan(**inputs, chunk_size=CHUNK)[0]
+    y_ref = mamba3_scan_ref(**inputs)[0]
+    assert y.shape == (BATCH, 19, 2, HEADS, HEADDIM)
+    assert_close(y, y_ref, "mimo per-rank outputs")
+
+
+@pytest.mark.parametrize("backend", ["chunked", "sequential"])
+def test_split_sequence_continues_from_final_state(backend):
+    """scan(a) then scan(b) from its final state == scan(a + b): the state carries the angle, the
+    SSM state and the previous token's k and x (the trapezoid's second term)."""
+    inputs = make_inputs(45, torch.float64)
+    y, final = mamba3_scan(**inputs, output_final_state=True, chunk_size=CHUNK, backend=backend)
+    per_step = {"x", "dt", "A", "B", "C", "trap", "angles", "z"}
+    first = {k: (v[:, :20] if k in per_step else v) for k, v in inputs.items()}
+    second = {k: (v[:, 20:] if k in per_step else v) for k, v in inputs.items()}
+    y_a, state = mamba3_scan(**first, output_final_state=True, chunk_size=CHUNK, backend=backend)
+    y_b, final_b = mamba3_scan(**second, initial_state=state, output_final_state=True, chunk_size=CHUNK,
+                               backend=backend)
+    assert_close(torch.cat([y_a, y_b], dim=1), y, f"{backend}: split vs whole")
+    assert_close(final_b.ssm, final.ssm, f"{backend}: final ssm after split")
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_step_matches_reference(rank):
+    inputs = make_inputs(9, torch.float64, rank=rank, initial_state=True)
+    y_ref, final_ref = mamba3_scan_ref(**inputs, output_final_state=True, rotary="halves")
+    state = inputs.pop("initial_state")
+    per_step = {"x", "dt", "A", "B", "C", "trap", "angles", "z"}
+    outputs = []
+    for t in range(9):
+        y_t, state = mamba3_step(**{k: (v[:, t] if k in per_step else v) for k, v in inputs.items()}, state=state,
+                                 rotary="halves")
+        outputs.append(y_t)
+    assert_close(torch.stack(outputs, dim=1), y_ref, f"R={rank} steps vs reference")
+    assert_close(state.ssm, final_ref.ssm, f"R={rank} step state")
+
+
+@pytest.mark.parametrize("backend", ["chunked", "sequential"])
+def test_trapezoid_weight_one_and_no_rotation_is_mamba2(backend):
+    """lam = 1 keeps only the current input (Euler's rule) and zero angles make the rotation the
+    identity: the scan is then Mamba-2's SSD with the same x, dt, A, B, C, D, z (no biases)."""
+    inputs = make_inputs(63, torch.float64)
+    A = -(1 + torch.rand(HEADS, dtype=torch.float64))
+    x, dt, B, C, D, z = (inputs[k] for k in ("x", "dt", "B", "C", "D", "z"))
+    y3 = mamba3_scan(x, dt, A, B, C, torch.ones_like(dt), torch.zeros_like(inputs["angles"]), D=D, z=z,
+                     chunk_size=CHUNK, backend=backend)[0]
+    assert_close(y3, ssd_ref(x, dt, A, B, C, D=D, z=z), f"{backend}: lam=1, theta=0 vs ssd_ref")
+    # and the trapezoid's second term is real: lam < 1 changes the output
+    y_trap = mamba3_scan(x, dt, A, B, C, inputs["trap"], torch.zeros_like(inputs["angles"]), D=D, z=z,
+                         backend=backend)[0]
+    assert (y_trap - y3).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("rotary", ["pairwise", "halves"])
+def test_rotation_is_complex_multiplication(rotary):
+    """Rot(theta) on a pair (a, b) is (a + i b) e^{i theta}; channels past the S pairs pass through."""
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    theta = torch.rand(5, 4, generator=gen, dtype=torch.float64) * 6
+    out = rotate(t, theta, rotary)
+    if rotary == "pairwise":
+        first, second, rest_in, rest_out = t[:, 0:8:2], t[:, 1:8:2], t[:, 8:], out[:, 8:]
+        out_first, out_second = out[:, 0:8:2], out[:, 1:8:2]
+    else:
+        first, second, rest_in, rest_out = t[:, :4], t[:, 6:10], t[:, [4, 5, 10, 11]], out[:, [4, 5, 10, 11]]
+        out_first, out_second = out[:, :4], out[:, 6:10]
+    expected = torch.complex(first, second) * torch.exp(1j * theta)
+    assert_close(torch.complex(out_first, out_second), expected, f"{rotary} rotated pairs")
+    assert torch.equal(rest_out, rest_in)
+    if rotary == "pairwise":  # odd strides cannot be viewed as complex numbers: the real form runs
+        odd = rotate(t[:, :11].contiguous(), theta, rotary)  # strides (11, 1)
+        assert_close(odd[:, :8], out[:, :8], "pairwise rotation of an odd-strided tensor")
+        assert torch.equal(odd[:, 8:], t[:, 8:11])
+
+
+def test_backend_choice():
+    assert resolve_backend("auto", "cpu") == "chunked"
+    assert resolve_backend("sequential", "cpu") == "sequential"
+    with pytest.raises(ValueError, match="valid: 'auto', 'chunked', 'sequential'"):
+        resolve_backend("compiled", "cpu")
+
+
+def test_bad_shapes_are_named():
+    inputs = make_inputs(5, torch.float32)
+    with pytest.raises(ValueError, match="angles must be"):
+        mamba3_scan(**{**inputs, "angles": torch.randn(BATCH, 5, HEADS, DSTATE)})
+    with pytest.raises(ValueError, match="trap must be"):
+        mamba3_scan(**{**inputs, "trap": torch.rand(BATCH, 5, 1)})

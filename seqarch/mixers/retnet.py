@@ -109,6 +109,9 @@ class RetNet(SequenceMixer):
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
             nn.init.xavier_uniform_(proj.weight, gain=2**-2.5)
         nn.init.xavier_uniform_(self.out_proj.weight, gain=2**-1)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj):
+            proj._no_reinit = True  # the model init keeps torchscale's gains; W_O is also a residual projection
+        self.out_proj._is_residual_projection = True
         inv_freq, _ = rope_frequencies(config.key_dim, config.rope_base)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
     def _project(self, x: torch.Tensor, start: int):

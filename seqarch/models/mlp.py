@@ -22,6 +22,7 @@ class SwiGLU(nn.Module):
         hidden = swiglu_hidden_size(d_model, ratio)
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False, device=device, dtype=dtype)
         self.down = nn.Linear(hidden, d_model, bias=False, device=device, dtype=dtype)
+        self.down._is_residual_projection = True  # scaled by 1/sqrt(depth) in the model init (GPT-2's fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

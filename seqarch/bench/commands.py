@@ -37,8 +37,7 @@ def quality_rows(settings: BenchSettings, progress=print) -> list[dict[str, Any]
         return None
     if settings.quality != "true":
         return load_quality(settings.quality)
-    sweep = quality_settings(settings.quality_grid, mixers=settings.mixers, seed=settings.seed,
-                             out=str(Path(settings.out) / "quality"))
+    sweep = quality_settings(settings.quality_grid, mixers=settings.mixers, out=str(Path(settings.out) / "quality"))
     return run_quality_sweep(sweep, progress)
 
 

@@ -1,19 +1,17 @@
-"""The quality sweep alone: every registered mixer trained on MQAR at a few widths and lengths.
+"""The quality sweep: every registered mixer on MQAR (and state tracking), resumable run by run.
 
-    python benchmarks/run_quality_sweep.py                  # the default grid, ~20 min on one CPU thread
-    python benchmarks/run_quality_sweep.py --quick          # one small cell per mixer, about two minutes
-    python benchmarks/run_quality_sweep.py --preset large   # a preset of seqarch.bench.quality.GRIDS
-    python benchmarks/run_quality_sweep.py widths=[64,128] seq_lens=[128,512] steps=2000 mixers=attention,mamba
+    python benchmarks/run_quality_sweep.py --preset quick        # < 10 min on one thread; one lr, one seed
+    python benchmarks/run_quality_sweep.py                       # issue 14's grid: ~34 single-thread hours
+    python benchmarks/run_quality_sweep.py budget_s=6000         # ... 100 minutes of it; rerun to continue
+    python benchmarks/run_quality_sweep.py --preset state        # parity and Z5 at L 32, evaluated at 32/64/128
+    python benchmarks/run_quality_sweep.py mixers=attention,mamba lrs=[1e-3] seeds=[0]
 
-`key=value` arguments set any field of `seqarch.bench.quality.QualitySettings` on top of the preset
-(the default preset stops starting cells after 30 minutes: add budget_s=0 for a larger grid).
-Writes benchmarks/results/quality/<name>/ (default name: the preset, or "quick"): quality.json
-(one row per mixer x width x length), quality.md with the accuracy table and its two plots,
-settings.json (every QualitySettings field of the run, wall_seconds added at the end) and
-machine.json (CPU, cores, load at the start, torch threads of the sweep, versions, date). The run
-folders of every cell (config, metrics, checkpoints) go to a temporary folder unless --keep-runs.
-Feed quality.json to the speed report with `seqarch bench quality=<path>`, or run both at once
-with `seqarch bench quality=true`.
+`key=value` arguments set any field of `seqarch.bench.quality.QualitySettings` on top of the preset.
+Writes benchmarks/results/quality/<name>/ (default name: the preset): runs/<key>.json, one per finished
+run (the cache a rerun skips), quality.json (one row per cell x block x mixer), quality.md (the report,
+INVALID in its title when attention misses 0.99 on a finished MQAR cell), settings.json (every field, the
+wall time of this invocation) and machine.json. Feed quality.json to the speed report with
+`seqarch bench quality=<path>`.
 """
 
 from __future__ import annotations
@@ -21,16 +19,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from seqarch.bench.machine import machine_info
-from seqarch.bench.quality import GRIDS, QualitySettings, quality_settings, run_quality_sweep, write_quality
-from seqarch.bench.report import write_quality_report
+from seqarch.bench.quality import GRIDS, QualitySettings, quality_settings, run_quality_sweep, write_quality_report
 from seqarch.bench.settings import parse_overrides
 from seqarch.configs import make_config
 
@@ -41,35 +36,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="key=value fields of QualitySettings")
     parser.add_argument("--preset", default="default", choices=list(GRIDS))
-    parser.add_argument("--quick", action="store_true", help="the quick preset: one small cell per mixer, 60 steps")
-    parser.add_argument("--name", default=None, help="results folder name (default: the preset, or quick)")
-    parser.add_argument("--keep-runs", action="store_true", help="keep each cell's run folder beside the results")
+    parser.add_argument("--name", default=None, help="results folder name (default: the preset)")
     args = parser.parse_args()
 
-    preset = "quick" if args.quick else args.preset
-    out = RESULTS / (args.name or preset)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    runs = out if args.keep_runs else Path(tempfile.mkdtemp(prefix="seqarch-quality-"))
+    out = RESULTS / (args.name or args.preset)
+    out.mkdir(parents=True, exist_ok=True)
     values = parse_overrides(args.overrides, QualitySettings, "run_quality_sweep")
     values.pop("mixer_overrides", None)
-    base = quality_settings(preset, out=str(runs))
+    base = quality_settings(args.preset, out=str(out))
     settings = make_config(QualitySettings, owner="run_quality_sweep", **{**dataclasses.asdict(base), **values})
 
-    torch.set_num_threads(settings.threads)  # as each cell's fit does, so machine.json records the sweep's threads
+    torch.set_num_threads(settings.threads)
     (out / "machine.json").write_text(json.dumps(machine_info(), indent=1) + "\n")
     started = time.perf_counter()
     rows = run_quality_sweep(settings)
     wall_seconds = round(time.perf_counter() - started, 1)
-    write_quality(rows, out / "quality.json")
     recorded = {**dataclasses.asdict(settings), "out": str(out.relative_to(RESULTS.parents[2])),
-                "wall_seconds": wall_seconds}
+                "preset": args.preset, "wall_seconds_this_invocation": wall_seconds}
     (out / "settings.json").write_text(json.dumps(recorded, indent=1) + "\n")
-    report = write_quality_report(rows, out)
-    if not args.keep_runs:
-        shutil.rmtree(runs)
-    print(f"quality sweep: {len(rows)} cells in {wall_seconds:.0f} s; wrote {report}")
+    header = [f"Preset `{args.preset}`: `python benchmarks/run_quality_sweep.py --preset {args.preset}`; "
+              f"this invocation ran {wall_seconds:.0f} s on {settings.threads} thread(s) (finished runs are cached in "
+              f"runs/ and skipped on rerun). Every field: settings.json; machine: machine.json.", ""]
+    report = write_quality_report(rows, out, header)
+    print(f"quality sweep: {len(rows)} rows in {wall_seconds:.0f} s; wrote {report}")
 
 
 if __name__ == "__main__":

@@ -73,3 +73,70 @@ def test_task_bundles_report_chance_and_use_distinct_validation_examples():
     train_inputs = bundle.train.tensors[0]
     val_inputs = bundle.val.tensors[0]
     assert not any(torch.equal(v, t) for v in val_inputs for t in train_inputs)
+
+
+def _docstring_example(function) -> tuple[list[str], list[str]]:
+    lines = [line.split() for line in function.__doc__.splitlines() if line.strip().startswith("inputs")]
+    [row] = lines
+    split = row.index("targets")
+    return row[1:split], row[split + 1:]
+
+
+def test_the_mqar_docstring_example_is_a_valid_example():
+    """The worked example reads as the task: each scored position holds a key of the context, and its target
+    is the value that followed that key; nothing else is scored."""
+    inputs, targets = _docstring_example(multiquery_associative_recall)
+    assert len(inputs) == len(targets)
+    pairs = dict(zip(inputs[0:4:2], inputs[1:4:2], strict=True))
+    scored = [t for t, target in enumerate(targets) if target != "-"]
+    assert scored and all(inputs[t] in pairs and targets[t] == pairs[inputs[t]] for t in scored)
+
+
+def test_mqar_scores_only_query_positions_and_filler_is_uniform_over_the_vocabulary():
+    inputs, targets = multiquery_associative_recall(300, 64, 32, 4, generator=torch.Generator().manual_seed(5))
+    scored = targets != IGNORE
+    assert (scored.sum(dim=1) == 4).all()  # one scored position per key, nothing else carries loss
+    assert (targets[:, :8] == IGNORE).all()  # never inside the key-value context
+    filler = inputs[:, 8:][~scored[:, 8:]]
+    counts = torch.bincount(filler, minlength=32).float()
+    assert counts.min() > 0.6 * counts.mean()  # Zoology: zeros replaced by tokens drawn from all of [0, V)
+
+
+@pytest.mark.parametrize("group", ["parity", "z5", "s5"])
+def test_word_problem_targets_are_the_running_products(group):
+    from seqarch.data.state_tracking import GROUPS, word_problem
+
+    table = GROUPS[group]
+    inputs, targets = word_problem(20, 13, group, generator=torch.Generator().manual_seed(1))
+    assert inputs.shape == targets.shape == (20, 13) and int(inputs.max()) < len(table)
+    for row_inputs, row_targets in zip(inputs.tolist(), targets.tolist(), strict=True):
+        if group == "parity":
+            assert row_targets == [sum(row_inputs[:t + 1]) % 2 for t in range(13)]
+        elif group == "z5":
+            assert row_targets == [sum(row_inputs[:t + 1]) % 5 for t in range(13)]
+        else:
+            state = 0
+            for token, target in zip(row_inputs, row_targets, strict=True):
+                state = int(table[state, token])
+                assert target == state
+
+
+def test_s5_table_is_the_symmetric_group():
+    from seqarch.data.state_tracking import GROUPS
+
+    table = GROUPS["s5"]
+    assert table.shape == (120, 120)
+    assert (table[0] == torch.arange(120)).all() and (table[:, 0] == torch.arange(120)).all()  # 0 is the identity
+    assert all(sorted(row) == list(range(120)) for row in table.tolist())  # Latin square: every element invertible
+    a, b, c = torch.randint(120, (3, 500), generator=torch.Generator().manual_seed(0))
+    assert (table[table[a, b], c] == table[a, table[b, c]]).all()  # associative
+    assert not (table == table.T).all()  # not abelian, unlike Z5
+
+
+def test_the_state_tracking_docstring_examples():
+    from seqarch.data import state_tracking
+
+    text = state_tracking.__doc__
+    assert "(parity): inputs 1 0 1 1 0 -> targets 1 1 0 1 1" in text and "(z5): inputs 3 4 1 -> targets 3 2 3" in text
+    assert [sum([1, 0, 1, 1, 0][:t + 1]) % 2 for t in range(5)] == [1, 1, 0, 1, 1]
+    assert [sum([3, 4, 1][:t + 1]) % 5 for t in range(3)] == [3, 2, 3]

@@ -43,24 +43,20 @@ def test_warmup_then_cosine_to_the_floor():
 @pytest.mark.timeout(1800)  # ~1 min on a quiet 2-core machine; many times that when it is shared
 def test_a_small_model_learns_mqar(tmp_path, capsys):
     # Three key-value pairs, 16 possible values: before the recall circuit forms the model can only
-    # guess among the values in context (accuracy ~1/3), so > 0.9 means it recalls. Recall needs
-    # the key next to its value: two attention layers must first grow a previous-token head, which
-    # with this budget happened for seed 0 only (seeds 1, 2 stayed at ~0.35 for 800 steps at lr 2e-3
-    # to 1e-2, with or without noise tokens, at d 96 or 128). A first layer with a short
-    # convolution (Hyena) hands the attention layer that shift, as in Zoology's Based and H3; the
-    # attention layer does the associative lookup. In a plain PyTorch loop this model passes 0.93
-    # by step 200 for seeds 0, 1 and 2 and ends at 0.98-0.99 at step 400; through `seqarch fit`
-    # seed 0 reaches 0.92 at step 300 and 0.98 at step 400.
-    args = ["fit", "recipe=transformer", "model.mixer=[hyena,attention]", "data=mqar", "data.seq_len=24",
+    # guess among the values in context (accuracy ~1/3), so > 0.9 means it recalls. Two plain
+    # attention layers (the default block, SwiGLU included) learn it with the model init of
+    # seqarch.models.block (measured through `seqarch fit`: 0.995 at step 400, lr 1e-3). Under
+    # PyTorch's default init on the projections this model stayed at ~0.35 (issue 14).
+    args = ["fit", "recipe=transformer", "model.mixer=attention", "data=mqar", "data.seq_len=24",
             "data.vocab_size=32", "data.num_kv_pairs=3", "data.num_train=20000", "data.num_val=256",
-            "data.batch_size=64", "model.d_model=96", "model.n_layers=2", "model.attention.n_heads=2",
-            "optim.lr=2e-3", "optim.weight_decay=0.0", "optim.warmup_steps=10", "optim.min_lr_ratio=1.0",
+            "data.batch_size=64", "model.d_model=64", "model.n_layers=2",
+            "optim.lr=1e-3", "optim.weight_decay=0.0", "optim.warmup_steps=10", "optim.min_lr_ratio=1.0",
             "optim.grad_clip=0.0", "trainer.max_steps=400", "trainer.val_every=400", "trainer.val_batches=4",
             "trainer.num_threads=1", "trainer.progress=false", f"out_dir={tmp_path}"]
     assert main(args) == 0, capsys.readouterr().err
     (run,) = (tmp_path / "transformer").iterdir()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["layers"] == ["hyena", "attention"]
+    assert summary["layers"] == ["attention", "attention"]
     assert summary["metric"] == "accuracy" and summary["baseline"] == pytest.approx(1 / 16)
     assert summary["val_accuracy"] > 0.9, summary["val_accuracy"]
 

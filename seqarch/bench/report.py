@@ -202,7 +202,17 @@ def quality_table(quality: list[dict[str, Any]]) -> str:
     return _table(["mixer", "L"] + (["kv pairs"] if with_pairs else []) + [f"d={width}" for width in widths], body)
 
 
+def _is_sweep_rows(quality) -> bool:
+    """Rows of seqarch.bench.quality's sweep (task, block, lr and seeds per row), not bare accuracy rows."""
+    return bool(quality) and all("task" in row and "block" in row for row in quality)
+
+
 def _quality_section(quality, figures) -> list[str]:
+    if _is_sweep_rows(quality):
+        from seqarch.bench.quality import quality_lines
+
+        body = [("#" + line) if line.startswith("## ") else line for line in quality_lines(quality)]
+        return ["## Quality: MQAR recall and state tracking", ""] + body
     lines = ["## Quality: MQAR accuracy vs width and length", ""]
     if not quality:
         return lines + [
@@ -225,16 +235,6 @@ def _quality_section(quality, figures) -> list[str]:
         lines += ["Cells that failed:", ""] + [f"- {error}" for error in errors] + [""]
     return lines + [f"![accuracy vs width]({figures['accuracy_vs_width']})",
                     f"![accuracy vs length]({figures['accuracy_vs_length']})", ""]
-
-
-def write_quality_report(quality: list[dict[str, Any]], out: Path) -> Path:
-    """The quality section alone (quality.md and its two plots in `out`), for a sweep run without
-    the speed benchmark; returns quality.md's path."""
-    out.mkdir(parents=True, exist_ok=True)
-    figures = _quality_plots(quality, out)
-    report = out / "quality.md"
-    report.write_text("\n".join(["# seqarch quality report", ""] + _quality_section(quality, figures)))
-    return report
 
 
 def _analytic_table(rows, with_measured: dict | None = None) -> str:
@@ -264,7 +264,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, context: dict[str, Any],
     modes = list(dict.fromkeys(row["mode"] for row in rows))
     large_name = context.get("extrapolate", "large model")
     figures = _plots(rows, mixers, modes, out, analytic_bench, analytic_large, large_name)
-    if quality:
+    if quality and not _is_sweep_rows(quality):
         figures.update(_quality_plots(quality, out))
 
     load = ", ".join(f"{value:.2f}" for value in machine["load_average_1_5_15"] or [])

@@ -203,6 +203,7 @@ class AttentionMixer(SequenceMixer):
         self.q_proj = nn.Linear(config.d_model, heads * head_dim, bias=config.bias, **factory)
         self.kv_proj = nn.Linear(config.d_model, 2 * kv_heads * head_dim, bias=config.bias, **factory)
         self.out_proj = nn.Linear(heads * head_dim, config.d_model, bias=config.bias, **factory)
+        self.out_proj._is_residual_projection = True  # scaled by 1/sqrt(depth) in the model init (GPT-2)
         inv_freq, slopes, self.attention_scale = None, None, 1.0
         if config.positional in ("rope", "rerope"):
             inv_freq, self.attention_scale = rope_frequencies(head_dim, config.rope_base, config.max_position,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_state
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
 from seqarch.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqarch.ops.delta_rule import (
     DEFAULT_CHUNK_SIZE,
@@ -49,9 +49,7 @@ L2_NORM_EPS = 1e-6
 
 
 def _check_positive(owner: str, config, names: tuple[str, ...]) -> None:
-    for name in names:
-        if getattr(config, name) <= 0:
-            raise ValueError(f"{owner}: {name} must be > 0, got {getattr(config, name)}")
+    check_positive(owner, **{name: getattr(config, name) for name in names})
 
 
 @dataclass(frozen=True)
@@ -204,6 +202,7 @@ class _DeltaRuleMixer(SequenceMixer):
             self.g_proj = nn.Linear(config.d_model, config.value_dim, bias=False, **factory)
         self.o_norm = OutputNorm(config.head_v_dim, config.norm_eps, **factory)
         self.o_proj = nn.Linear(config.value_dim, config.d_model, bias=False, **factory)
+        self.o_proj._is_residual_projection = True  # fla's model init divides it by sqrt(residual branches)
 
     def _init_linear_and_conv(self) -> None:
         """As fla's `_init_weights`: every Linear and conv weight N(0, initializer_range), biases 0."""

@@ -133,6 +133,8 @@ class HyenaMixer(SequenceMixer):
             config.decay_target, config.filter_lr, config.pos_emb_lr, **factory)
         self.skip = nn.Parameter(torch.randn(config.n_filters, width, **factory))  # D^n in h * w + D w
         self.out_proj = nn.Linear(width, width, **factory)
+        self.out_proj._is_residual_projection = True  # scaled by 1/sqrt(depth) in the model init (safari)
+        self.filter._no_reinit = True  # the implicit filter's MLP keeps its own init (sine, decay window)
         self._kernel_cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
     # --- mode ---------------------------------------------------------------------------------

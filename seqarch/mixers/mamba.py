@@ -96,6 +96,9 @@ class MambaMixer(SequenceMixer):
         self.x_proj = nn.Linear(inner, rank + 2 * state, bias=False, **factory)
         self.dt_proj = nn.Linear(rank, inner, bias=True, **factory)
         self.out_proj = nn.Linear(inner, config.d_model, bias=config.bias, **factory)
+        self.out_proj._is_residual_projection = True  # mamba-ssm's model init divides it by sqrt(depth)
+        for proj in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj):  # mamba-ssm's model init keeps
+            proj._no_reinit = True  # PyTorch's default init on these (and dt_proj's dt init)
         self._init_dt()
         A = repeat(torch.arange(1, state + 1, dtype=torch.float32), "n -> e n", e=inner)
         self.A_log = nn.Parameter(torch.log(A).to(**factory))

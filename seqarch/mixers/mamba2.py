@@ -134,6 +134,8 @@ class Mamba2Mixer(SequenceMixer):
         self.D = nn.Parameter(torch.ones(heads, **factory))
         self.norm = GatedRMSNorm(config.d_inner, config.d_inner // config.ngroups, config.norm_eps, **factory)
         self.out_proj = nn.Linear(config.d_inner, config.d_model, bias=config.bias, **factory)
+        self.out_proj._is_residual_projection = True  # mamba-ssm's model init divides it by sqrt(depth)
+        self.in_proj._no_reinit = self.out_proj._no_reinit = True  # mamba-ssm keeps PyTorch's default init
         for param in (self.dt_bias, self.A_log, self.D):
             param._no_weight_decay = True
 

@@ -162,6 +162,8 @@ class Mamba3Mixer(SequenceMixer):
         if cfg.is_outproj_norm:
             self.norm = GroupRMSNorm(cfg.d_inner, group_size=cfg.head_dim, **factory)
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=False, **factory)
+        self.out_proj._is_residual_projection = True  # mamba-ssm's model init divides it by sqrt(depth)
+        self.in_proj._no_reinit = self.out_proj._no_reinit = True  # mamba-ssm keeps PyTorch's default init
         for param in (self.dt_bias, self.D):
             param._no_weight_decay = True
 

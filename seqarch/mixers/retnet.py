@@ -125,6 +125,9 @@ class RetNetMixer(SequenceMixer):
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
             nn.init.xavier_uniform_(proj.weight, gain=2**-2.5)
         nn.init.xavier_uniform_(self.out_proj.weight)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj):
+            proj._no_reinit = True  # the model init keeps torchscale's gains; W_O is also a residual projection
+        self.out_proj._is_residual_projection = True
 
     def _project(self, x: torch.Tensor, start: int):
         """x (B, L, D) at absolute positions start.. -> q, k (B, H, L, K), v (B, H, L, V), gate (B, L, H V)."""

@@ -152,6 +152,7 @@ class RWKV6Mixer(SequenceMixer):
         self.value = nn.Linear(width, width, bias=False, **factory)
         self.gate = nn.Linear(width, width, bias=False, **factory)
         self.output = nn.Linear(width, width, bias=False, **factory)
+        self.output._is_residual_projection = True  # scaled by 1/sqrt(depth) in the model init
         self.ln_x = nn.GroupNorm(heads, width, eps=config.norm_eps, **factory)
 
     # --- pieces ---------------------------------------------------------------------------
@@ -256,6 +257,7 @@ class RWKV6ChannelMix(SequenceMixer):
         self.key = nn.Linear(width, config.ffn_hidden, bias=False, **factory)
         self.receptance = nn.Linear(width, width, bias=False, **factory)
         self.value = nn.Linear(config.ffn_hidden, width, bias=False, **factory)
+        self.value._is_residual_projection = True  # the channel-mix's output, as SwiGLU's down projection
 
     def _mix(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         xx = x_prev - x

@@ -213,6 +213,9 @@ class RWKV7Mixer(SequenceMixer):
             # RWKV-LM zeroes the output projection; a small one keeps the block near the identity at
             # the start while every time-mix parameter gets a gradient from the first step.
             self.output.weight.uniform_(-0.1 * bound, 0.1 * bound)
+        for proj in (self.receptance, self.key, self.value, self.output):
+            proj._no_reinit = True  # the model init keeps RWKV-LM's scales (it only rescales the output)
+        self.output._is_residual_projection = True
         for name, param in self.named_parameters():
             if name.startswith(("x_", "k_", "r_k")) or name in ("w0", "a0", "v0"):
                 param._no_weight_decay = True
@@ -343,6 +346,8 @@ class RWKV7ChannelMix(SequenceMixer):
             self.key.weight.uniform_(-0.5 * width**-0.5, 0.5 * width**-0.5)
             # RWKV-LM zeroes it; small so the key and x_k learn from the first step (as the time-mix output).
             self.value.weight.uniform_(-0.1 * config.ffn_hidden**-0.5, 0.1 * config.ffn_hidden**-0.5)
+        self.key._no_reinit = self.value._no_reinit = True
+        self.value._is_residual_projection = True  # the channel-mix's output, as SwiGLU's down projection
 
     def flops_per_token(self, seq_len: int) -> int:
         """FLOPs beyond the Linear weights: the token shift and one interpolation (3 D) and the

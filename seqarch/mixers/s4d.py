@@ -95,6 +95,7 @@ class S4DMixer(SequenceMixer):
         self.C = nn.Parameter((torch.randn(width, modes, 2) * 0.5**0.5).to(**factory))
         self.D = nn.Parameter(torch.randn(width).to(**factory))
         self.out_proj = nn.Linear(width, 2 * width, **factory)
+        self.out_proj._is_residual_projection = True  # GLU output linear, scaled by 1/sqrt(depth) in the model init
         for param in (self.log_dt, self.log_A_real, self.A_imag):
             param._no_weight_decay = True
 

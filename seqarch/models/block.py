@@ -7,10 +7,22 @@ A Block follows the SequenceMixer contract itself (forward / init_state / prefil
 stack of blocks decodes token by token. A mixer that brings its own channel mixer (RWKV's
 channel-mix, which has a token-shift state) returns it from `own_mlp()`; the block uses it in
 place of SwiGLU and carries its state.
+
+Initialisation (`init_weights`, run at construction and again by SeqLM with the model's depth) follows
+GPT-2 / Zoology / mamba-ssm's `_init_weights`: every nn.Linear of the mixer and the MLP is drawn from
+N(0, 0.02) with a zero bias, except modules and parameters tagged `_no_reinit = True` (their owner's
+reference init is kept, e.g. Mamba's projections as mamba-ssm keeps them, Hyena's implicit filter), and
+every module tagged `_is_residual_projection = True` (a mixer's output projection, the MLP's down
+projection: the ones that write into the residual stream) is then scaled by 1 / sqrt(N), N the number
+of residual branches of the whole model (2 per layer with an MLP, 1 without: mamba-ssm's
+n_residuals_per_layer * n_layer), so the residual stream's variance does not grow with depth. Other
+parameters (A_log, dt biases, decays, token-shift mixes, norms, convolutions) keep their mixer's init.
+The mixers say which module is which by these tags, so the block never matches parameter names.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +59,33 @@ class Block(nn.Module):
             self.mlp = None
         self.norm_mlp = (nn.RMSNorm(d_model, eps=norm_eps, device=device, dtype=dtype)
                          if self.mlp is not None else None)
+        self.init_weights(self.residual_branches)
+
+    @property
+    def residual_branches(self) -> int:
+        """Branches this block adds to the residual stream: the mixer, and the MLP if any."""
+        return 1 + (self.mlp is not None)
+
+    def residual_projections(self) -> list[nn.Module]:
+        """The modules whose output is added to the residual stream (tagged by their owner)."""
+        return [module for module in self.modules() if getattr(module, "_is_residual_projection", False)]
+
+    @torch.no_grad()
+    def init_weights(self, total_residual_branches: int, std: float = 0.02) -> None:
+        """(Re-)initialise the projections for a model with `total_residual_branches` residual branches
+        (sum of `residual_branches` over its blocks); see the module docstring. Calling it again (SeqLM
+        does, once it knows its depth) redraws the N(0, std) projections and moves a kept-init residual
+        projection from its previous scale to the new one, so the result does not depend on call order."""
+        redrawn = _reinitialised_linears(self)
+        for linear in redrawn:
+            nn.init.normal_(linear.weight, std=std)
+            if linear.bias is not None and not getattr(linear.bias, "_no_reinit", False):
+                nn.init.zeros_(linear.bias)
+        scale = 1.0 / math.sqrt(total_residual_branches)
+        for module in self.residual_projections():
+            previous = 1.0 if any(module is linear for linear in redrawn) else getattr(module, "_residual_scale", 1.0)
+            module.weight.mul_(scale / previous)
+            module._residual_scale = scale
 
     @property
     def state_grows_with_length(self) -> bool:
@@ -87,3 +126,17 @@ class Block(nn.Module):
         if self.stateful_mlp:
             total += self.mlp.state_nbytes(batch_size, seq_len, dtype)
         return total
+
+
+def _reinitialised_linears(module: nn.Module) -> list[nn.Linear]:
+    """Every nn.Linear below `module` that the model init redraws: not tagged `_no_reinit`, and not
+    inside a module tagged `_no_reinit` (a mixer part that owns its init, such as an implicit filter)."""
+    found = []
+    for child in module.children():
+        if getattr(child, "_no_reinit", False):
+            continue
+        if isinstance(child, nn.Linear):
+            found.append(child)
+        else:
+            found += _reinitialised_linears(child)
+    return found

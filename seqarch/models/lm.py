@@ -92,7 +92,6 @@ class SeqLM(nn.Module):
         self.check_finite = False
         factory = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(vocab_size, d_model, **factory)
-        nn.init.normal_(self.embedding.weight, std=0.02)
         self.layers = nn.ModuleList(
             build_block(name, mlp=mlp, norm_eps=norm_eps, mlp_hidden=mlp_hidden, mlp_bias=mlp_bias, d_model=d_model,
                         **factory,
@@ -103,6 +102,19 @@ class SeqLM(nn.Module):
         self.head = nn.Linear(d_model, vocab_size, bias=False, **factory)
         if tie_embeddings:
             self.head.weight = self.embedding.weight
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self, std: float = 0.02) -> None:
+        """GPT-2 / mamba-ssm's model init: embedding (and an untied head) N(0, std); each block's
+        projections N(0, std) unless their mixer keeps its own, residual projections scaled by
+        1/sqrt(residual branches of the whole model) (see seqarch.models.block)."""
+        nn.init.normal_(self.embedding.weight, std=std)
+        if self.head.weight is not self.embedding.weight:
+            nn.init.normal_(self.head.weight, std=std)
+        branches = sum(layer.residual_branches for layer in self.layers)
+        for layer in self.layers:
+            layer.init_weights(branches, std=std)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], device=None, dtype=None) -> SeqLM:

@@ -29,6 +29,7 @@ class SwiGLU(nn.Module):
         self.hidden = hidden
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias, device=device, dtype=dtype)  # [gate; up]
         self.down = nn.Linear(hidden, d_model, bias=bias, device=device, dtype=dtype)
+        self.down._is_residual_projection = True  # scaled by 1/sqrt(depth) in the model init (GPT-2's fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

@@ -228,6 +228,28 @@ def test_compiled_wide_heads_general_a_b_and_scale(dtype):
 
 
 @needs_compiler
+def test_compiled_threads_split_the_heads_of_a_batch_element():
+    """B = 3, H = 2 at a size where the forward runs on two threads: the thread pool splits the six
+    (batch, head) tasks 3 + 3, so one thread advances a whole batch element and part of the next in
+    lockstep, the other the rest."""
+    inputs = make_inputs(33, torch.float64, batch=3)  # crosses one checkpoint (C = 32)
+    generator = torch.Generator().manual_seed(9)
+    wide = {name: torch.randn(*t.shape[:-1], 64, generator=generator, dtype=torch.float64)
+            for name, t in inputs.items() if name in ("q", "k", "v")}
+    inputs.update(wide, a=-F.normalize(wide["k"], dim=-1), b=F.normalize(wide["k"], dim=-1) * 0.5,
+                  gk=-torch.rand(wide["q"].shape, generator=generator, dtype=torch.float64),
+                  initial_state=torch.randn(3, HEADS - 1, 64, 64, generator=generator, dtype=torch.float64))
+    inputs = {name: t[:, :, : HEADS - 1] if name != "initial_state" else t for name, t in inputs.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        actual = run_with_grads(compiled_op, inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(actual, run_with_grads(generalized_delta_rule_ref, inputs), "compiled B=3 H=2 on two threads")
+
+
+@needs_compiler
 @pytest.mark.parametrize("used", ["output_only", "state_only"])
 def test_compiled_gradients_when_only_one_result_is_used(used):
     """No final-state gradient (output_final_state=False), or no output gradient: the kernel sees None."""

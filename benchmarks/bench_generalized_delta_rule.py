@@ -1,7 +1,8 @@
-"""generalized_delta_rule forward: the chunked DPLR form vs the sequential reference vs
-flash-linear-attention's naive `dplr_recurrence`, time, peak memory and achieved GFLOP/s.
+"""generalized_delta_rule forward: the compiled C++ kernel and the chunked DPLR form vs the sequential
+reference vs flash-linear-attention's naive `dplr_recurrence`, time, peak memory and achieved GFLOP/s.
 
-Forms: "chunked" (`generalized_delta_rule(backend="chunked")`), "sequential"
+Forms: "compiled" (`generalized_delta_rule(backend="compiled")`, the C++ CPU kernel; skipped with a note
+when it cannot build here), "chunked" (`generalized_delta_rule(backend="chunked")`), "sequential"
 (`generalized_delta_rule_ref`, the token loop), "fla_naive" (fla-core's
 ops/generalized_delta_rule/dplr/naive.py `dplr_recurrence`, loaded by path; skipped with a note when
 fla-core is not installed: `pip install --no-deps -r requirements-reference.txt`).
@@ -17,7 +18,8 @@ run) are run interleaved (A B C D, D C B A, ...) and the median is kept, so a sl
 machine hits every form alike; ratios are within one T. Peak memory: each (form, T) runs once in a
 fresh subprocess and reports its peak resident memory above the resident memory it had before the
 call (inputs included in the baseline). GFLOP/s of the chunked form counts the multiply-adds of its
-matrix products, triangular solve and pairwise sub-chunk scores (`chunked_flops`).
+matrix products, triangular solve and pairwise sub-chunk scores (`chunked_flops`); of the compiled
+kernel, the recurrence's 5 multiply-adds per state element and token (`recurrence_flops`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from seqarch.ops.generalized_delta_rule import (
     DEFAULT_SUBCHUNK_SIZE,
     generalized_delta_rule,
     generalized_delta_rule_ref,
+    resolve_backend,
 )
 
 HEADS, HEAD_SIZE = 12, 64
@@ -70,8 +73,8 @@ def make_inputs(length: int, seed: int = 0):
 
 def run_form(form: str, inputs, naive=None) -> None:
     with torch.no_grad():
-        if form == "chunked":
-            generalized_delta_rule(*inputs, backend="chunked")
+        if form in ("compiled", "chunked"):
+            generalized_delta_rule(*inputs, backend=form)
         elif form == "sequential":
             generalized_delta_rule_ref(*inputs)
         elif form == "fla_naive":  # (B, H, T, K) layout
@@ -100,6 +103,12 @@ def chunked_flops(length: int, chunk: int = DEFAULT_CHUNK_SIZE, sub: int = DEFAU
     return heads * chunks * per_chunk
 
 
+def recurrence_flops(length: int, heads: int = HEADS, key: int = HEAD_SIZE, value: int = HEAD_SIZE) -> float:
+    """Floating-point operations of the recurrence's forward (2 per multiply-add): per state element and
+    token, the read a^T S, the update e S + b sa + k v (3) and the output q^T S."""
+    return 2 * 5 * heads * length * key * value
+
+
 def measure_peak_memory(form: str, length: int) -> int:
     inputs = make_inputs(length)
     naive = load_fla_naive() if form == "fla_naive" else None
@@ -112,8 +121,8 @@ def peak_memory_in_subprocess(form: str, length: int, threads: int) -> int:
     return int(result.stdout.strip().splitlines()[-1])
 
 
-def benchmark(args, naive) -> list[dict]:
-    forms = ["chunked", "sequential"] + (["fla_naive"] if naive is not None else [])
+def benchmark(args, naive, with_compiled: bool) -> list[dict]:
+    forms = (["compiled"] if with_compiled else []) + ["chunked", "sequential"] + (["fla_naive"] if naive else [])
     left, right = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
     rows = []
     for length in args.lengths:
@@ -121,6 +130,8 @@ def benchmark(args, naive) -> list[dict]:
         jobs = {form: (lambda form=form, inputs=inputs: run_form(form, inputs, naive)) for form in forms}
         jobs["mm"] = lambda: torch.mm(left, right)
         jobs["chunked"]()  # warm-up; the token loops need none
+        if with_compiled:
+            jobs["compiled"]()
         jobs["mm"]()
         times = {name: [] for name in jobs}
         for repeat in range(args.repeats):
@@ -132,7 +143,8 @@ def benchmark(args, naive) -> list[dict]:
         mm_gflops = 2 * MATMUL_SIZE**3 / medians["mm"] / 1e9
         for form in forms:
             peak = peak_memory_in_subprocess(form, length, args.threads)
-            gflops = chunked_flops(length) / medians[form] / 1e9 if form == "chunked" else None
+            counted = {"chunked": chunked_flops, "compiled": recurrence_flops}.get(form)
+            gflops = counted(length) / medians[form] / 1e9 if counted else None
             rows.append({"length": length, "form": form, "seconds": medians[form], "peak_mb": peak / 2**20,
                          "vs_sequential": medians["sequential"] / medians[form],
                          "vs_fla_naive": medians["fla_naive"] / medians[form] if naive is not None else None,
@@ -181,8 +193,13 @@ def main() -> None:
     print(f"generalized_delta_rule forward, B=1, H={HEADS}, K=V={HEAD_SIZE}, float32, {args.threads} thread(s), "
           f"chunk {DEFAULT_CHUNK_SIZE} / sub-chunk {DEFAULT_SUBCHUNK_SIZE}, torch {torch.__version__}; "
           f"median of {args.repeats} interleaved runs\n")
+    try:
+        with_compiled = resolve_backend("compiled", "cpu") == "compiled"
+    except RuntimeError as error:
+        print(f"compiled skipped: {error}")
+        with_compiled = False
     print_header()
-    rows = benchmark(args, naive)
+    rows = benchmark(args, naive, with_compiled)
     print_memory_scaling(rows)
 
 

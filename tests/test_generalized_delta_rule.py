@@ -1,5 +1,6 @@
-"""generalized_delta_rule: the chunked DPLR form against the sequential recurrence (forward, final
-state and gradients), and the recurrence against flash-linear-attention's own `dplr_recurrence`."""
+"""generalized_delta_rule: the chunked DPLR form and the compiled C++ kernel against the sequential
+recurrence (forward, final state and gradients; finite differences for the kernel), and both against
+flash-linear-attention's own `dplr_recurrence`."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import seqarch.ops.generalized_delta_rule as gdr_module
+from seqarch.backends import cpp_compiler_available
 from seqarch.ops.generalized_delta_rule import (
+    describe_backend,
     generalized_delta_rule,
     generalized_delta_rule_ref,
     generalized_delta_rule_step,
     resolve_backend,
 )
+from tests.compiled import compiled, needs_compiler
 from tests.tolerance import RELATIVE_TOLERANCE, assert_close
 
 HEADS, KEY, VALUE = 3, 8, 5
@@ -146,15 +151,149 @@ def test_output_dtype_and_no_state_by_default():
 
 
 def test_backend_resolution_and_bad_arguments():
-    assert resolve_backend("auto", "cpu") == "chunked"
+    assert resolve_backend("auto", "cpu") == ("compiled" if cpp_compiler_available() else "chunked")
+    assert resolve_backend("chunked", "cpu") == "chunked"
     assert resolve_backend("sequential", "cpu") == "sequential"
-    with pytest.raises(ValueError, match="backend='compiled'"):
-        resolve_backend("compiled", "cpu")
+    assert resolve_backend("auto", "meta") == "chunked"  # the kernel is CPU-only
+    with pytest.raises(ValueError, match="backend='compiled' is a CPU kernel"):
+        resolve_backend("compiled", "meta")
+    with pytest.raises(ValueError, match="backend='parallel'"):
+        resolve_backend("parallel", "cpu")
+    assert "compiled C++ CPU kernel" in describe_backend("auto") or not cpp_compiler_available()
     inputs = make_inputs(5, torch.float32)
     with pytest.raises(ValueError, match="initial_state"):
         generalized_delta_rule(**{**inputs, "initial_state": inputs["initial_state"][:1]})
     with pytest.raises(ValueError, match="chunk_size"):
         generalized_delta_rule(**inputs, chunk_size=12, subchunk_size=8)
+
+
+# --- the compiled kernel ------------------------------------------------------------------------------
+def compiled_op(**kwargs):
+    return generalized_delta_rule(**kwargs, backend="compiled")
+
+
+@needs_compiler
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("length", [1, 7, 63, 257])
+def test_compiled_matches_recurrence(length, dtype, with_state):
+    """Forward, final state and every gradient (q, k, v, a, b, gk, initial_state); C = 32 checkpoints, so
+    63 and 257 end inside a chunk and 257 walks nine of them."""
+    inputs = make_inputs(length, dtype, with_state=with_state)
+    actual = run_with_grads(compiled_op, inputs)
+    assert actual[0].dtype == dtype and actual[1].dtype == dtype
+    assert_same(actual, run_with_grads(generalized_delta_rule_ref, inputs), f"compiled L={length}")
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_compiled_survives_strong_decay(dtype):
+    """Log-decays down to -20 per step, and checkpoint intervals of 1, 5 and 64 tokens."""
+    inputs = make_inputs(130, dtype, decay_range=(-20.0, 0.0))
+    expected = run_with_grads(generalized_delta_rule_ref, inputs)
+    for chunk_size in (1, 5, 64):
+        actual = run_with_grads(compiled_op, inputs, chunk_size=chunk_size, subchunk_size=1)
+        assert_same(actual, expected, f"compiled gk in (-20, 0) C={chunk_size}")
+
+
+@needs_compiler
+def test_compiled_float32_against_float64_recurrence():
+    """float32 kernel against the float64 recurrence over 1500 tokens, strong and RWKV-7-range decays."""
+    for decay_range in [(-20.0, -5.0), (-0.606531, 0.0)]:
+        inputs = make_inputs(1500, torch.float64, decay_range=decay_range, batch=1)
+        out_ref, state_ref = generalized_delta_rule_ref(**inputs, output_final_state=True)
+        out, state = compiled_op(**{name: t.float() for name, t in inputs.items()}, output_final_state=True)
+        assert_close(out.double(), out_ref, f"gk in {decay_range} output", dtype=torch.float32)
+        assert_close(state.double(), state_ref, f"gk in {decay_range} final state", dtype=torch.float32)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_compiled_wide_heads_general_a_b_and_scale(dtype):
+    """K = 64 as RWKV-7 with V = 57 (not a multiple of any vector width), independent random a, b (not
+    RWKV-7's pairing) and an explicit scale."""
+    generator = torch.Generator().manual_seed(4)
+    batch, length, heads, keys, values = 2, 41, 2, 64, 57
+
+    def randn(*shape, std=1.0):
+        return std * torch.randn(*shape, generator=generator, dtype=dtype)
+
+    shape = (batch, length, heads, keys)
+    inputs = {"q": randn(*shape), "k": randn(*shape, std=0.125), "v": randn(batch, length, heads, values),
+              "a": randn(*shape, std=0.05), "b": randn(*shape, std=0.05),
+              "gk": -torch.rand(*shape, generator=generator, dtype=dtype),
+              "initial_state": randn(batch, heads, keys, values)}
+    assert_same(run_with_grads(compiled_op, inputs, scale=0.3, chunk_size=16, subchunk_size=8),
+                run_with_grads(generalized_delta_rule_ref, inputs, scale=0.3), f"compiled K={keys} V={values}")
+
+
+@needs_compiler
+def test_compiled_threads_split_the_heads_of_a_batch_element():
+    """B = 3, H = 2 at a size where the forward runs on two threads: the thread pool splits the six
+    (batch, head) tasks 3 + 3, so one thread advances a whole batch element and part of the next in
+    lockstep, the other the rest."""
+    inputs = make_inputs(33, torch.float64, batch=3)  # crosses one checkpoint (C = 32)
+    generator = torch.Generator().manual_seed(9)
+    wide = {name: torch.randn(*t.shape[:-1], 64, generator=generator, dtype=torch.float64)
+            for name, t in inputs.items() if name in ("q", "k", "v")}
+    inputs.update(wide, a=-F.normalize(wide["k"], dim=-1), b=F.normalize(wide["k"], dim=-1) * 0.5,
+                  gk=-torch.rand(wide["q"].shape, generator=generator, dtype=torch.float64),
+                  initial_state=torch.randn(3, HEADS - 1, 64, 64, generator=generator, dtype=torch.float64))
+    inputs = {name: t[:, :, : HEADS - 1] if name != "initial_state" else t for name, t in inputs.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        actual = run_with_grads(compiled_op, inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(actual, run_with_grads(generalized_delta_rule_ref, inputs), "compiled B=3 H=2 on two threads")
+
+
+@needs_compiler
+@pytest.mark.parametrize("used", ["output_only", "state_only"])
+def test_compiled_gradients_when_only_one_result_is_used(used):
+    """No final-state gradient (output_final_state=False), or no output gradient: the kernel sees None."""
+    inputs = make_inputs(45, torch.float64)
+    grads = {}
+    for name, op in (("compiled", compiled_op), ("recurrence", generalized_delta_rule_ref)):
+        leaves = {n: t.clone().requires_grad_(True) for n, t in inputs.items()}
+        out, state = op(**leaves, output_final_state=used == "state_only")
+        assert (state is None) == (used == "output_only")
+        generator = torch.Generator().manual_seed(7)
+        target = state if used == "state_only" else out
+        (target * torch.randn(target.shape, generator=generator, dtype=target.dtype)).sum().backward()
+        grads[name] = {n: t.grad for n, t in leaves.items()}
+    for name, grad in grads["compiled"].items():
+        expected = grads["recurrence"][name]  # None where autograd finds no path (q does not reach the state)
+        assert_close(grad, torch.zeros_like(grad) if expected is None else expected, f"{used} d{name}")
+
+
+@needs_compiler
+def test_compiled_finite_differences_float64():
+    inputs = make_inputs(7, torch.float64, batch=1, decay_range=(-3.0, 0.0))
+    leaves = tuple(inputs[n].clone().requires_grad_(True) for n in ("q", "k", "v", "a", "b", "gk", "initial_state"))
+
+    def op(q, k, v, a, b, gk, initial_state):
+        return generalized_delta_rule(q, k, v, a, b, gk, initial_state=initial_state, output_final_state=True,
+                                      chunk_size=3, subchunk_size=1, backend="compiled")
+
+    assert torch.autograd.gradcheck(op, leaves, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+class UnusableKernel:
+    def usable(self):
+        return False, "test: no kernel here"
+
+
+def test_without_the_kernel_auto_runs_the_chunked_form(monkeypatch):
+    """A kernel that cannot build: "auto" runs the chunked form (with the notice), "compiled" raises."""
+    monkeypatch.setattr(gdr_module, "KERNEL", UnusableKernel())
+    assert resolve_backend("auto", "cpu") == "chunked"
+    with pytest.raises(RuntimeError, match="test: no kernel here"):
+        resolve_backend("compiled", "cpu")
+    inputs = make_inputs(9, torch.float64)
+    out, _ = generalized_delta_rule(**inputs)
+    assert_close(out, generalized_delta_rule(**inputs, backend="chunked")[0], "auto without the kernel")
 
 
 # --- against flash-linear-attention ------------------------------------------------------------------
@@ -169,10 +308,11 @@ def _load_fla_naive():
     return module
 
 
+@pytest.mark.parametrize("form", [compiled("compiled"), "chunked"])
 @pytest.mark.parametrize("length", [1, 7, 63, 257])
-def test_against_fla_dplr_recurrence(length):
+def test_against_fla_dplr_recurrence(length, form):
     """fla's `dplr_recurrence` ((B, H, T, K) layout, always scale K^-0.5, float32 inside) against the
-    chunked form, forward and gradients, in float32."""
+    chunked form and the compiled kernel, forward and gradients, in float32."""
     naive = _load_fla_naive()
     inputs = make_inputs(length, torch.float32)
 
@@ -182,5 +322,6 @@ def test_against_fla_dplr_recurrence(length):
                                            output_final_state=output_final_state)
         return out.transpose(1, 2), state
 
-    assert_same(run_with_grads(FORMS["chunked"], inputs), run_with_grads(fla_op, inputs), f"vs fla L={length}",
+    op = FORMS["chunked"] if form == "chunked" else compiled_op
+    assert_same(run_with_grads(op, inputs), run_with_grads(fla_op, inputs), f"{form} vs fla L={length}",
                 dtype=torch.float32)

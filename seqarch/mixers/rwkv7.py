@@ -45,8 +45,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input
-from seqarch.ops.generalized_delta_rule import generalized_delta_rule, generalized_delta_rule_step
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
+from seqarch.ops.generalized_delta_rule import (
+    describe_backend,
+    generalized_delta_rule,
+    generalized_delta_rule_step,
+)
 from seqarch.registry import register
 
 _DECAY_SCALE = math.exp(-0.5)  # the decay exp(-exp(-softplus(-z) - 0.5)) = exp(-exp(-0.5) sigmoid(z))
@@ -75,19 +79,19 @@ class RWKV7Config:
     # Layer position for the initialisation (RWKV-LM's layer_id / n_layer); the defaults are its first layer.
     layer_id: int = 0
     n_layers: int = 1
-    # generalized delta rule: "auto" (= "chunked"), "chunked" (DPLR chunked form), "sequential" (token loop)
-    backend: Literal["auto", "chunked", "sequential"] = "auto"
-    chunk_size: int = 32  # tokens per chunk of the chunked form
+    # generalized delta rule: "auto" ("compiled" on CPU where it builds, else "chunked"), "compiled" (C++ CPU
+    # kernel), "chunked" (DPLR chunked form), "sequential" (token loop)
+    backend: Literal["auto", "compiled", "chunked", "sequential"] = "auto"
+    chunk_size: int = 32  # tokens per chunk: of the chunked form, and the checkpoints of "compiled"
     subchunk_size: int = 8  # tokens whose pairwise decays are formed exactly; divides chunk_size
     norm_eps: float = 64e-5  # ln_x GroupNorm eps, RWKV-LM's value
 
     def __post_init__(self):
         if self.d_model < 2:
             raise ValueError(f"rwkv7: d_model must be >= 2, got {self.d_model}")
-        for name in ("n_heads", "head_dim", "decay_lora_rank", "a_lora_rank", "value_lora_rank", "gate_lora_rank"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"rwkv7: {name} must be >= 1, got {value}")
+        check_positive("rwkv7", **{name: getattr(self, name) for name in ("n_heads", "head_dim", "decay_lora_rank",
+                                                                           "a_lora_rank", "value_lora_rank",
+                                                                           "gate_lora_rank")})
         if self.n_heads is not None and self.head_dim is not None and self.n_heads * self.head_dim != self.d_model:
             raise ValueError(f"rwkv7: n_heads={self.n_heads} x head_dim={self.head_dim} != d_model={self.d_model}")
         if self.d_model % self.heads or self.d_model % self.head_size:
@@ -146,13 +150,6 @@ def _orthogonal(rows: int, cols: int, scale: float) -> torch.Tensor:
     """RWKV-LM's ortho_init for a (rows, cols) LoRA factor."""
     gain = math.sqrt(rows / cols) if rows > cols else 1.0
     return nn.init.orthogonal_(torch.empty(rows, cols), gain=gain * scale)
-
-
-def _check_state(state, batch: int, what: str, cls: type) -> None:
-    if not isinstance(state, cls):
-        raise ValueError(f"{what}: expected a {cls.__name__}, got {type(state).__name__}")
-    if state.batch_size != batch:
-        raise ValueError(f"{what}: state has batch size {state.batch_size}, input has {batch}")
 
 
 @register("rwkv7", RWKV7Config)
@@ -265,10 +262,7 @@ class RWKV7Mixer(SequenceMixer):
 
     # --- the contract -----------------------------------------------------------------------
     def describe_paths(self, device: torch.device | str = "cpu") -> str:
-        backend = self.config.backend
-        if backend == "sequential":
-            return "backend=sequential: token-by-token generalized delta rule (reference); recurrent step"
-        return f"backend={backend}: eager chunked DPLR generalized delta rule (PyTorch); recurrent step"
+        return f"generalized delta rule {describe_backend(self.config.backend, device)}; recurrent step"
 
     def forward(self, x: torch.Tensor, v_first: torch.Tensor | None = None) -> torch.Tensor:
         check_input(x, self.d_model, 3, "rwkv7.forward")
@@ -276,19 +270,17 @@ class RWKV7Mixer(SequenceMixer):
         return self._run(x, None, v_first)[0]
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> RWKV7State:
-        weight = self.output.weight
-        device = weight.device if device is None else device
-        dtype = weight.dtype if dtype is None else dtype
         cfg = self.config
+        factory = self.state_factory(device, dtype)
         return RWKV7State(
-            shift=torch.zeros(batch_size, self.d_model, device=device, dtype=dtype),
-            wkv=torch.zeros(batch_size, cfg.heads, cfg.head_size, cfg.head_size, device=device, dtype=dtype),
+            shift=torch.zeros(batch_size, self.d_model, **factory),
+            wkv=torch.zeros(batch_size, cfg.heads, cfg.head_size, cfg.head_size, **factory),
         )
 
     def prefill(self, x: torch.Tensor, state: RWKV7State,
                 v_first: torch.Tensor | None = None) -> tuple[torch.Tensor, RWKV7State]:
         check_input(x, self.d_model, 3, "rwkv7.prefill")
-        _check_state(state, x.shape[0], "rwkv7.prefill", RWKV7State)
+        check_state(state, RWKV7State, x.shape[0], "rwkv7.prefill")
         self._check_v_first(v_first, x.shape, "rwkv7.prefill")
         if x.shape[1] == 0:
             return x, state
@@ -298,7 +290,7 @@ class RWKV7Mixer(SequenceMixer):
     def step(self, x_t: torch.Tensor, state: RWKV7State,
              v_first: torch.Tensor | None = None) -> tuple[torch.Tensor, RWKV7State]:
         check_input(x_t, self.d_model, 2, "rwkv7.step")
-        _check_state(state, x_t.shape[0], "rwkv7.step", RWKV7State)
+        check_state(state, RWKV7State, x_t.shape[0], "rwkv7.step")
         self._check_v_first(v_first, x_t.shape, "rwkv7.step")
         r, k, v, a, b, log_decay, g = self._project(x_t.unsqueeze(1), state.shift.to(x_t.dtype).unsqueeze(1),
                                                     None if v_first is None else v_first.unsqueeze(1))
@@ -318,8 +310,7 @@ class RWKV7Mixer(SequenceMixer):
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         cfg = self.config
-        element = torch.empty((), dtype=dtype).element_size()
-        return batch_size * (self.d_model + cfg.heads * cfg.head_size * cfg.head_size) * element
+        return batch_size * (self.d_model + cfg.heads * cfg.head_size * cfg.head_size) * element_size(dtype)
 
     def own_mlp(self) -> RWKV7ChannelMix:
         weight = self.output.weight
@@ -362,13 +353,11 @@ class RWKV7ChannelMix(SequenceMixer):
         return self._mix(x, _token_shift(x, None))
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> RWKV7ChannelMixState:
-        weight = self.key.weight
-        return RWKV7ChannelMixState(shift=torch.zeros(batch_size, self.d_model, device=device or weight.device,
-                                                      dtype=dtype or weight.dtype))
+        return RWKV7ChannelMixState(shift=torch.zeros(batch_size, self.d_model, **self.state_factory(device, dtype)))
 
     def prefill(self, x: torch.Tensor, state: RWKV7ChannelMixState) -> tuple[torch.Tensor, RWKV7ChannelMixState]:
         check_input(x, self.d_model, 3, "rwkv7 channel-mix prefill")
-        _check_state(state, x.shape[0], "rwkv7 channel-mix prefill", RWKV7ChannelMixState)
+        check_state(state, RWKV7ChannelMixState, x.shape[0], "rwkv7 channel-mix prefill")
         if x.shape[1] == 0:
             return x, state
         y = self._mix(x, _token_shift(x, state.shift))
@@ -376,9 +365,14 @@ class RWKV7ChannelMix(SequenceMixer):
 
     def step(self, x_t: torch.Tensor, state: RWKV7ChannelMixState) -> tuple[torch.Tensor, RWKV7ChannelMixState]:
         check_input(x_t, self.d_model, 2, "rwkv7 channel-mix step")
-        _check_state(state, x_t.shape[0], "rwkv7 channel-mix step", RWKV7ChannelMixState)
+        check_state(state, RWKV7ChannelMixState, x_t.shape[0], "rwkv7 channel-mix step")
         y = self._mix(x_t.unsqueeze(1), state.shift.to(x_t.dtype).unsqueeze(1)).squeeze(1)  # x_k is (1, 1, D)
         return y, RWKV7ChannelMixState(shift=x_t.to(state.shift.dtype))
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        return batch_size * self.d_model * torch.empty((), dtype=dtype).element_size()
+        return batch_size * self.d_model * element_size(dtype)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """FLOPs beyond the Linear weights: the token shift and its interpolation (3 D) and the squared
+        ReLU (2 F)."""
+        return 3 * self.d_model + 2 * self.config.ffn_hidden

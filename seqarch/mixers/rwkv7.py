@@ -340,11 +340,6 @@ class RWKV7ChannelMix(SequenceMixer):
         self.key._no_reinit = self.value._no_reinit = True
         self.value._is_residual_projection = True  # the channel-mix's output, as SwiGLU's down projection
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """FLOPs beyond the Linear weights: the token shift and one interpolation (3 D) and the
-        squared ReLU (2 F); independent of the context length."""
-        return 3 * self.d_model + 2 * self.config.ffn_hidden
-
     def _mix(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         return self.value(torch.relu(self.key(x + (x_prev - x) * self.x_k)).square())
 

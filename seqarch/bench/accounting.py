@@ -86,7 +86,7 @@ def count_parameters(mixer: str, d_model: int, n_layers: int, vocab_size: int, m
 
 
 def match_width(mixer: str, target_params: int, n_layers: int, vocab_size: int, mlp: bool = True,
-                mixer_kwargs: dict[str, Any] | None = None, multiple_of: int = 16,
+                mixer_kwargs: dict[str, Any] | None = None, multiple_of: int = 8,
                 max_width: int = 16384) -> int:
     """The width (a multiple of `multiple_of`) whose model has the parameter count closest to
     `target_params`. Widths the mixer's config rejects (e.g. not divisible by its heads) are skipped.

@@ -101,7 +101,7 @@ class DeltaNetConfig:
 class GatedDeltaNetConfig:
     d_model: int = 256
     n_heads: int | None = None  # H; None: max(1, round(0.75 d_model / head_dim)): H K ≈ 0.75 d_model, as fla asks
-    head_dim: int = 64  # K (fla's default 256 is for d_model 2048)
+    head_dim: int = 32  # K; 32 keeps parameter counts fine-grained at small widths (as mamba2 here); fla: 256 at d 2048
     expand_v: float = 2.0  # V = expand_v * K
     use_gate: bool = True  # output gate silu(g_proj(x)) after the RMSNorm
     d_conv: int = 4  # W, width of the short causal convs on q, k, v (fla: conv_size)

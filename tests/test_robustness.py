@@ -366,3 +366,16 @@ def test_s4d_refuses_half_precision_weights_because_it_cannot_run_them(dtype):
         SeqLM(16, d_model=8, n_layers=2, mixer=["attention", "s4d"], dtype=dtype)
     SeqLM(16, d_model=8, n_layers=1, mixer="attention", dtype=dtype)  # other mixers are fine
     SeqLM(16, d_model=8, n_layers=1, mixer="s4d", dtype=dtype, device="meta")  # sizes only (seqarch memory)
+
+
+def test_bench_results_json_is_strict_even_with_a_non_finite_row(tmp_path):
+    """A failed or diverged case's NaN / inf reach results.json as null, so strict JSON parsers read it."""
+    from seqarch.bench.report import write_results
+    from seqarch.bench.runner import COLUMNS
+
+    row = {column: None for column in COLUMNS}
+    row.update(mixer="s4d", seq_len=256, time_s=float("nan"), tokens_per_s=float("inf"))
+    write_results([row], tmp_path, {"machine": {"threads": 1}})
+    text = (tmp_path / "results.json").read_text()
+    loaded = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
+    assert loaded["rows"][0]["time_s"] is None and loaded["rows"][0]["tokens_per_s"] is None

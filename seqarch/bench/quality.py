@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from seqarch.data.state_tracking import GROUPS, word_problem
 from seqarch.data.synthetic import IGNORE, multiquery_associative_recall
 from seqarch.registry import list_mixers
+from seqarch.train.runs import finite_or_null
 
 Task = Literal["mqar", "parity", "z5", "s5"]
 GATE_ACCURACY = 0.99  # attention must reach this on every finished MQAR cell, or the report is INVALID
@@ -292,7 +293,7 @@ def run_quality_sweep(settings: QualitySettings, progress=print) -> list[dict[st
         except Exception as error:  # a mixer that cannot run at this size is a result, not a crash of the sweep
             result = {"key": spec.key, "spec": dataclasses.asdict(spec), "status": "error",
                       "error": f"{type(error).__name__}: {error}".splitlines()[0]}
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        path.write_text(json.dumps(finite_or_null(result), indent=1, allow_nan=False) + "\n")  # strict JSON
         results[spec.key] = result
         accuracy_text = f"{result['accuracy']:.3f}" if result["status"] == "ok" else result["error"]
         progress(f"quality {spec.cell.name:<18} {spec.block:<8} {spec.mixer:<10} lr {spec.lr:<7g} seed {spec.seed} "
@@ -346,7 +347,7 @@ def sanity_gate(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_quality(rows: list[dict[str, Any]], path: Path) -> None:
-    path.write_text(json.dumps(rows, indent=1) + "\n")
+    path.write_text(json.dumps(finite_or_null(rows), indent=1, allow_nan=False) + "\n")  # strict JSON
 
 
 # --- report --------------------------------------------------------------------------------------

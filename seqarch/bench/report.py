@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from seqarch.bench.analysis import crossover, exponents, ok_rows  # noqa: E402
 from seqarch.bench.runner import COLUMNS  # noqa: E402
+from seqarch.train.runs import finite_or_null  # noqa: E402
 
 MODE_TITLES = {"train": "train (forward + backward)", "prefill": "prefill", "decode": "decode (one token after L)"}
 QUALITY_KEYS = ("mixer", "d_model", "seq_len", "accuracy")
@@ -52,7 +53,9 @@ def _table(header: list[str], body: list[list[str]]) -> str:
 
 def write_results(rows: list[dict[str, Any]], out: Path, context: dict[str, Any]) -> None:
     """results.json (rows + machine + settings) and results.csv (rows, COLUMNS in order)."""
-    (out / "results.json").write_text(json.dumps({**context, "rows": rows}, indent=1) + "\n")
+    # Strict JSON: a failed case's NaN / inf are written as null.
+    payload = finite_or_null({**context, "rows": rows})
+    (out / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
         writer.writeheader()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_state
 from seqarch.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from seqarch.ops.delta_rule import (
     DEFAULT_CHUNK_SIZE,
@@ -264,10 +264,10 @@ class _DeltaRuleMixer(SequenceMixer):
         return self.o_proj(rearrange(o, "... h d -> ... (h d)"))
 
     def _check_state(self, state, batch: int, what: str) -> None:
-        if type(state) is not self.state_type:
-            raise ValueError(f"{what} expects a {self.state_type.__name__}, got {type(state).__name__}")
-        if state.batch_size != batch:
-            raise ValueError(f"{what}: the state holds batch size {state.batch_size}, the input {batch}")
+        if type(state) is not self.state_type:  # exactly: the two mixers' states have the same fields
+            raise ValueError(f"{what} expects a {self.state_type.__name__} (from init_state), "
+                             f"got {type(state).__name__}")
+        check_state(state, self.state_type, batch, what)  # the contract's batch and dtype checks
         cfg = self.config
         expected = (batch, cfg.n_heads, cfg.head_dim, cfg.head_v_dim)
         if tuple(state.recurrent.shape) != expected or tuple(state.conv.shape) != (batch, cfg.conv_dim,

@@ -17,10 +17,12 @@
 //
 // which is S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T, the reference's recurrence.
 //
-// Forward: one task per (batch, head) on ATen's thread pool, S in a local buffer. Per token and tile
-// of up to 32 columns of S: one read pass over the rows accumulates P^T k and P^T (s q) in registers,
-// then one read-write pass writes S = a P + k w^T; the inner loops run over V on contiguous memory
-// and vectorise. With checkpoints on, the state entering every chunk of C tokens is stored (B, H, N, K, V).
+// Forward: (batch, head) tasks on ATen's thread pool, each state in a local buffer; up to four heads of
+// one batch element advance together token by token (their rows of token t are adjacent), and the
+// rows a few tokens ahead are prefetched. Per token and tile of up to 32 columns of S: one read pass
+// over the rows accumulates P^T k and P^T (s q), then one read-write pass writes S = a P + k w^T; the
+// inner loops run over V on contiguous memory and vectorise. With checkpoints on, the state entering
+// every chunk of C tokens is stored (B, H, N, K, V).
 //
 // Backward: with G_t = dL/dS_t (G_{T-1} = dL/dS_final or 0) and Gh = G_t + (s q_t) do_t^T (the
 // adjoint of S_t including its read-out), the chain rule through the four lines above gives

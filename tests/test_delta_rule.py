@@ -201,6 +201,34 @@ def test_resolve_backend():
     assert resolve_backend("auto", "meta") == "chunked"
 
 
+class UnusableKernel:
+    """Stands in for the op's KERNEL where it cannot be built; never builds anything."""
+
+    def usable(self):
+        return False, "no C++ compiler on PATH"
+
+    def available(self):
+        return False
+
+
+def test_without_the_kernel_auto_runs_the_chunked_path(monkeypatch, capsys):
+    import seqarch.backends as backends
+    import seqarch.ops.delta_rule as delta_rule_module
+
+    monkeypatch.setattr(delta_rule_module, "KERNEL", UnusableKernel())
+    monkeypatch.setattr(backends, "notify_once", lambda key, message: print(message))
+    assert resolve_backend("auto", "cpu", "gated_delta_rule") == "chunked"
+    assert "gated_delta_rule runs the eager chunked PyTorch path (no C++ compiler on PATH)" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="backend='compiled' was requested but the kernel is unavailable: no C"):
+        resolve_backend("compiled", "cpu")
+    assert delta_rule_module.describe_backend("auto", "cpu") == "backend=auto: chunked WY/UT PyTorch path"
+    t = make_inputs(length=9)
+    o, s = run_gated(gated_delta_rule, t)
+    o_ref, s_ref = run_gated(gated_delta_rule_ref, t)
+    assert_close(o, o_ref, "fallback o")
+    assert_close(s, s_ref, "fallback final state")
+
+
 @needs_compiler
 def test_compiled_is_what_auto_runs_on_cpu():
     t = make_inputs(length=9)

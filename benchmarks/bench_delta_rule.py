@@ -1,10 +1,12 @@
-"""The gated delta rule, forward: the chunked WY/UT path vs the sequential reference vs
-flash-linear-attention's `naive_recurrent_gated_delta_rule`, and the chunked path's matmul rate.
+"""The gated delta rule, forward: the compiled C++ kernel and the chunked WY/UT path vs the sequential
+reference vs flash-linear-attention's `naive_recurrent_gated_delta_rule`, and the chunked path's matmul rate.
 
 Legend: B batch (1), H heads (12), T length, K = V head dims (64), C chunk length (64).
 
     python benchmarks/bench_delta_rule.py                       # T = 1024, 2048, 4096; 3 interleaved repeats
     python benchmarks/bench_delta_rule.py --lengths 4096 --threads 1
+
+The compiled form is skipped, and said so, when the kernel cannot be built here (no C++ compiler).
 
 Timing: in this process, the forms are run interleaved (A B C A B C ...) and the median is kept, so a
 slow spell of a shared machine hits every form alike; speed-ups are ratios within one T. fla's naive
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from seqarch.bench.memory import peak_rss_growth_bytes
-from seqarch.ops.delta_rule import DEFAULT_CHUNK_SIZE, gated_delta_rule, gated_delta_rule_ref
+from seqarch.ops.delta_rule import DEFAULT_CHUNK_SIZE, KERNEL, gated_delta_rule, gated_delta_rule_ref
 
 HEADS, HEAD_DIM = 12, 64
 
@@ -58,8 +60,11 @@ def make_inputs(length: int, seed: int = 0):
     return q, k, v, g, beta
 
 
-def forms(fla) -> dict:
-    result = {
+def forms(fla, with_compiled: bool = True) -> dict:
+    result = {}
+    if with_compiled:
+        result["compiled"] = lambda q, k, v, g, beta: gated_delta_rule(q, k, v, g, beta, backend="compiled")
+    result |= {
         "chunked": lambda q, k, v, g, beta: gated_delta_rule(q, k, v, g, beta, backend="chunked"),
         "sequential": gated_delta_rule_ref,
     }
@@ -82,6 +87,8 @@ def chunked_flops(length: int, heads: int = HEADS, dk: int = HEAD_DIM, dv: int =
 
 def measure_peak_memory(form: str, length: int) -> int:
     fla = load_fla_naive() if form == "fla_naive" else None
+    if form == "compiled":
+        KERNEL.load()  # the extension's own memory is not the form's
     function = forms(fla)[form]
     inputs = make_inputs(length)
     with torch.no_grad():
@@ -111,18 +118,25 @@ def benchmark(args) -> None:
     if fla is None:
         print("fla-core is not installed: fla's naive function is skipped "
               "(pip install --no-deps -r requirements-reference.txt)")
-    functions = forms(fla)
+    usable, reason = KERNEL.usable()
+    if not usable:
+        print(f"the compiled kernel is unavailable here: {reason}")
+    functions = forms(fla, usable)
+    reference = "compiled" if usable else "chunked"
     print(f"threads {torch.get_num_threads()}, B=1, H={HEADS}, K=V={HEAD_DIM}, C={DEFAULT_CHUNK_SIZE}, "
           f"{args.repeats} interleaved repeats, medians\n")
-    print(f"| {'T':>5} | {'form':<10} | {'median s':>9} | {'peak MB':>8} | {'chunked is x faster':>19} |")
-    print(f"|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 10}|{'-' * 21}|")
+    header, header_chunked = f"{reference} is x faster", "chunked is x faster"
+    print(f"| {'T':>5} | {'form':<10} | {'median s':>9} | {'peak MB':>8} | {header:>20} | {header_chunked:>19} |")
+    print(f"|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 10}|{'-' * 22}|{'-' * 21}|")
     rates = []
     with torch.no_grad():
         for length in args.lengths:
             inputs = make_inputs(length)
             names = list(functions)
             times = {name: [] for name in names}
-            functions["chunked"](*inputs)  # warm-up
+            for name in ("compiled", "chunked"):  # warm-up (and the kernel's build or load)
+                if name in functions:
+                    functions[name](*inputs)
             mm_times = []
             for repeat in range(args.repeats):
                 for name in names if repeat % 2 == 0 else reversed(names):
@@ -133,9 +147,10 @@ def benchmark(args) -> None:
             medians = {name: statistics.median(values) for name, values in times.items()}
             for name in names:
                 peak = peak_memory_in_subprocess(name, length, args.threads) / 2**20
-                ratio = medians[name] / medians["chunked"]
-                print(f"| {length:>5} | {name:<10} | {medians[name]:>9.3f} | {peak:>8.1f} | {ratio:>18.1f}x |",
-                      flush=True)
+                ratio = medians[name] / medians[reference]
+                ratio_chunked = medians[name] / medians["chunked"]
+                print(f"| {length:>5} | {name:<10} | {medians[name]:>9.3f} | {peak:>8.1f} | {ratio:>19.1f}x | "
+                      f"{ratio_chunked:>18.1f}x |", flush=True)
             chunked_rate = chunked_flops(length) / medians["chunked"] / 1e9
             rates.append((length, chunked_rate, statistics.median(mm_times)))
     print("\nmatmul rate (GFLOP/s): the chunked path's matrix products vs torch.mm 2048^3, same run")

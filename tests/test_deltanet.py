@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from seqarch import build_mixer
 from seqarch.mixers.deltanet import DeltaNetState, GatedDeltaNetState
+from tests.compiled import needs_compiler
 from tests.contract_checks import BATCH, check_paths_agree, check_prefill_then_continue
 from tests.test_delta_rule import FLA_MISSING, fla_root, load_fla_naive
 from tests.tolerance import assert_close
@@ -161,9 +162,9 @@ def test_step_and_prefill_refuse_foreign_states(name, other_state):
         mixer.step(torch.randn(BATCH, WIDTH), foreign)
     with pytest.raises(ValueError, match="expects a"):
         mixer.prefill(torch.randn(BATCH, 3, WIDTH), foreign)
-    with pytest.raises(ValueError, match="batch of"):
+    with pytest.raises(ValueError, match="a batch of"):
         mixer.step(torch.randn(BATCH + 1, WIDTH), state)
-    with pytest.raises(ValueError, match="batch of"):
+    with pytest.raises(ValueError, match="a batch of"):
         mixer.prefill(torch.randn(BATCH + 1, 3, WIDTH), state)
     other = build_mixer(name, d_model=WIDTH, d_conv=3).init_state(BATCH)
     with pytest.raises(ValueError, match="shapes"):
@@ -196,7 +197,7 @@ def test_negative_eigenvalues_double_beta():
 
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="backend"):
-        build_mixer("gated_deltanet", d_model=WIDTH, backend="compiled")
+        build_mixer("gated_deltanet", d_model=WIDTH, backend="fused")
     with pytest.raises(ValueError, match="n_heads"):
         build_mixer("deltanet", d_model=WIDTH, n_heads=5)
     with pytest.raises(ValueError, match="head_dim"):
@@ -209,3 +210,32 @@ def test_describe_paths_and_flops():
     assert "sequential" in build_mixer("deltanet", d_model=WIDTH, backend="sequential").describe_paths("cpu")
     cfg = mixer.config
     assert mixer.flops_per_token(10) == mixer.flops_per_token(10_000) > 7 * cfg.n_heads * cfg.head_dim * cfg.head_v_dim
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_compiled_backend_matches_chunked(name, dtype):
+    """The same layer on backend="compiled" and backend="chunked": outputs, the carried state of prefill,
+    and the gradients of every parameter and of the input."""
+    torch.manual_seed(0)
+    chunked = build_mixer(name, d_model=WIDTH, backend="chunked", use_gate=True).to(dtype)
+    fast = build_mixer(name, d_model=WIDTH, backend="compiled", use_gate=True).to(dtype)
+    fast.load_state_dict(chunked.state_dict())
+    x = torch.randn(BATCH, 37, WIDTH, dtype=dtype)
+    results = []
+    for mixer in (fast, chunked):
+        inputs = x.clone().requires_grad_(True)
+        y = mixer(inputs)
+        y_prefill, state = mixer.prefill(x, mixer.init_state(BATCH))
+        weights = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad((y * weights).sum(), [inputs, *mixer.parameters()])
+        results.append((y, y_prefill, state.recurrent, grads))
+    (y, y_prefill, recurrent, grads), (y_ref, y_prefill_ref, recurrent_ref, grads_ref) = results
+    tolerance = 1e-4 if dtype == torch.float32 else None
+    assert_close(y, y_ref, f"{name} forward", tolerance=tolerance)
+    assert_close(y_prefill, y_prefill_ref, f"{name} prefill", tolerance=tolerance)
+    assert_close(recurrent, recurrent_ref, f"{name} carried state", tolerance=tolerance)
+    names = ["x", *(n for n, _ in fast.named_parameters())]
+    for param_name, grad, grad_ref in zip(names, grads, grads_ref, strict=True):
+        assert_close(grad, grad_ref, f"{name} d{param_name}", tolerance=tolerance)

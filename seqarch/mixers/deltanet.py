@@ -39,11 +39,11 @@ from seqarch.ops.delta_rule import (
     delta_rule_step,
     gated_delta_rule,
     gated_delta_rule_step,
-    resolve_backend,
 )
+from seqarch.ops.delta_rule import describe_backend as describe_delta_rule_backend
 from seqarch.registry import register
 
-Backend = Literal["auto", "chunked", "sequential"]
+Backend = Literal["auto", "compiled", "chunked", "sequential"]
 # flash-linear-attention's l2norm adds this inside the square root.
 L2_NORM_EPS = 1e-6
 
@@ -65,8 +65,8 @@ class DeltaNetConfig:
     allow_neg_eigval: bool = False  # beta in (0, 2): I - beta k k^T may have eigenvalue < 0 (Grazzi et al. 2025)
     norm_eps: float = 1e-5  # epsilon of the output RMSNorm
     initializer_range: float = 0.02  # std of the Linear and conv weights (fla's _init_weights)
-    chunk_size: int = DEFAULT_CHUNK_SIZE  # C of the chunked delta rule
-    backend: Backend = "auto"  # "auto" | "chunked" | "sequential"; see seqarch.ops.delta_rule.resolve_backend
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # C of the chunked delta rule (checkpoint interval of the compiled one)
+    backend: Backend = "auto"  # "auto" | "compiled" | "chunked" | "sequential"; see ops.delta_rule.resolve_backend
 
     def __post_init__(self):
         _check_positive("deltanet", self, ("d_model", "n_heads", "expand_k", "expand_v", "d_conv", "norm_eps",
@@ -114,11 +114,11 @@ class GatedDeltaNetConfig:
     norm_eps: float = 1e-5  # epsilon of the output RMSNorm
     initializer_range: float = 0.02  # std of the Linear and conv weights (fla's _init_weights)
     chunk_size: int = DEFAULT_CHUNK_SIZE  # C of the chunked gated delta rule
-    backend: Backend = "auto"  # "auto" | "chunked" | "sequential"; see seqarch.ops.delta_rule.resolve_backend
+    backend: Backend = "auto"  # "auto" | "compiled" | "chunked" | "sequential"; see ops.delta_rule.resolve_backend
 
     def __post_init__(self):
         if self.n_heads is None and isinstance(self.head_dim, int) and self.head_dim > 0:
-            # Resolved once at construction (the config is frozen after): 3 heads of 64 at d_model 256.
+            # Resolved once at construction (the config is frozen after): 6 heads of 32 at d_model 256.
             object.__setattr__(self, "n_heads", max(1, round(0.75 * self.d_model / self.head_dim)))
         _check_positive("gated_deltanet", self, ("d_model", "n_heads", "head_dim", "expand_v", "d_conv",
                                                  "norm_eps", "initializer_range", "chunk_size"))
@@ -266,7 +266,10 @@ class _DeltaRuleMixer(SequenceMixer):
         return self.o_proj(rearrange(o, "... h d -> ... (h d)"))
 
     def _check_state(self, state, batch: int, what: str) -> None:
-        check_state(state, self.state_type, batch, what)
+        if type(state) is not self.state_type:  # exactly: the two mixers' states have the same fields
+            raise ValueError(f"{what} expects a {self.state_type.__name__} (from init_state), "
+                             f"got {type(state).__name__}")
+        check_state(state, self.state_type, batch, what)  # the contract's batch and dtype checks
         cfg = self.config
         expected = (batch, cfg.n_heads, cfg.head_dim, cfg.head_v_dim)
         if tuple(state.recurrent.shape) != expected or tuple(state.conv.shape) != (batch, cfg.conv_dim,
@@ -300,10 +303,11 @@ class _DeltaRuleMixer(SequenceMixer):
 
     # --- the contract -----------------------------------------------------------------------
     def describe_paths(self, device: torch.device | str = "cpu") -> str:
-        path = resolve_backend(self.config.backend, device)
-        what = {"chunked": "chunked WY/UT delta rule (PyTorch matrix products)",
-                "sequential": "sequential reference"}[path]
-        return f"backend={self.config.backend}: {what}; recurrent step"
+        backend = self.config.backend
+        what = {"compiled": "compiled C++ CPU kernel", "chunked": "chunked WY/UT delta rule (PyTorch matrix products)",
+                "sequential": "sequential reference"}.get(backend)
+        described = describe_delta_rule_backend(backend, device) if what is None else f"backend={backend}: {what}"
+        return f"delta rule {described}; recurrent step"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.d_model, 3, f"{self.name}.forward")

@@ -33,6 +33,13 @@ M_n = exp(gamma_C) I - (K o exp(gamma_C - gamma))^T W and D_n = (K o exp(gamma_C
 one (K x K) @ (K x V) product per chunk, and the outputs are O = O_intra + (Q o exp(gamma) - A W) S_n
 with A = Q K^T o Gamma, again batched over chunks.
 
+The compiled path (backend "compiled"; seqarch/ops/csrc/delta_rule.cpp) runs the recurrence itself in
+C++, one task per (batch, head) on ATen's thread pool with S in a local buffer, two passes over S per
+token (r = S^T k and S^T q, then S = alpha S + k u^T), in the op's (B, T, H, .) layout without copies;
+its backward walks time in reverse with the adjoint of the state, recomputing each chunk's states from
+checkpoints stored every C tokens by the forward. One kernel serves both ops (g absent = alpha 1).
+"auto" picks it on CPU where it builds, else the chunked path, with a one-time notice.
+
 Numerics: every exponent is a segment sum of log-gates over a range inside one chunk, accumulated
 directly from the g_t (never the difference of two long cumulative sums), and the entries above the
 diagonal are set to -inf before exp. So with g_t <= 0 exp only sees numbers <= 0: a gate of -20 per
@@ -44,27 +51,49 @@ final state unchanged. Half-precision inputs are computed in float32.
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch.autograd.function import once_differentiable
 
-from seqarch.backends import notify_once
+from seqarch.backends import (
+    CompiledKernel,
+    check_backend,
+    compiled_or_eager,
+    describe_compiled_or_eager,
+    notify_once,
+)
 
-Backend = Literal["auto", "chunked", "sequential"]
-BACKENDS = ("auto", "chunked", "sequential")
-# C of the chunked path; measured on CPU at T = 4096, H = 12, K = V = 64 (docs/mixers/deltanet.md).
+Backend = Literal["auto", "compiled", "chunked", "sequential"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+# C of the chunked path (measured on CPU at T = 4096, H = 12, K = V = 64, docs/mixers/deltanet.md) and
+# the checkpoint interval of the compiled backward.
 DEFAULT_CHUNK_SIZE = 64
+# -ffast-math lets the compiler vectorise the sums over V (reassociation), as for wkv6.
+KERNEL = CompiledKernel("seqarch_delta_rule", os.path.join(os.path.dirname(__file__), "csrc", "delta_rule.cpp"),
+                        ("-march=native", "-ffast-math"))
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The path that runs for `backend` on `device`: "chunked" (the default everywhere: PyTorch
-    matrix products, no compiled kernel) or "sequential" (the reference loop over time)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"delta_rule: backend={backend!r}; valid: {', '.join(map(repr, BACKENDS))}")
-    torch.device(device)  # a bad device name fails here, as in the other ops
-    return "chunked" if backend == "auto" else backend
+def resolve_backend(backend: str, device: torch.device | str, op: str = "delta_rule") -> str:
+    """The path that runs for `backend` on `device`: "compiled" (the C++ CPU kernel), "chunked"
+    (PyTorch matrix products) or "sequential" (the reference loop over time). "auto" on CPU builds
+    the compiled kernel if needed (once, cached) and falls back to "chunked" with a one-time notice
+    saying why; on other devices it is "chunked"; an explicit "compiled" that cannot run raises.
+    `op` names the op in messages ("delta_rule" or "gated_delta_rule")."""
+    check_backend(op, backend, BACKENDS)
+    device = torch.device(device)  # a bad device name fails here, as in the other ops
+    if backend in ("chunked", "sequential"):
+        return backend
+    return compiled_or_eager(op, backend, device, KERNEL)
+
+
+def describe_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """What `resolve_backend` would pick, in words, without building anything (for `seqarch list`)."""
+    check_backend("delta_rule", backend, BACKENDS)
+    return describe_compiled_or_eager(backend, device, KERNEL, "chunked WY/UT")
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, what: str) -> None:
@@ -281,8 +310,9 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         scale: multiplies q; None means K^-0.5.
         initial_state: (B, H, K, V) or None (zeros).
         output_final_state: also return the state after the last token.
-        backend: "auto" | "chunked" | "sequential" (see `resolve_backend`).
-        chunk_size: C of the chunked path.
+        backend: "auto" | "compiled" | "chunked" | "sequential" (see `resolve_backend`).
+        chunk_size: C of the chunked path; the checkpoint interval of the compiled backward
+            (O(B H (T / C) K V) memory).
 
     Returns:
         o (B, T, H, V) in v's dtype, and the final state (B, H, K, V) (float32 or float64) or None.
@@ -305,9 +335,50 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
 def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, backend, chunk_size):
     if chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
-    path = resolve_backend(backend, q.device)
+    path = resolve_backend(backend, q.device, op)
+    if path == "compiled":  # compiled_or_eager has said so
+        return _compiled(q, k, v, g, beta, _scale(q, scale), initial_state, output_final_state, chunk_size)
     notify_once(f"{op}:{path}:{q.device.type}", f"{op} runs the {path} PyTorch path on {q.device.type}")
     if path == "sequential":
         return gated_delta_rule_ref(q, k, v, g, beta, scale, initial_state, output_final_state)
     o, final = _chunked(q, k, v, g, beta, _scale(q, scale), initial_state, output_final_state, chunk_size)
     return o.to(v.dtype), final
+
+
+# --- the compiled path (KERNEL, built on first use) -----------------------------------------------------
+class _CompiledDeltaRule(torch.autograd.Function):
+    """The (gated) delta rule through the C++ kernel. q, k (B, T, H, K), v (B, T, H, V), g (B, T, H) or
+    None, beta (B, T, H), initial_state (B, H, K, V) or None, contiguous, in one compute dtype ->
+    o (B, T, H, V), final state (B, H, K, V)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, initial_state, scale, chunk):
+        needs_backward = any(ctx.needs_input_grad[:6])
+        o, final_state, checkpoints = KERNEL.load().forward(q, k, v, g, beta, initial_state, scale, chunk,
+                                                            needs_backward)
+        ctx.save_for_backward(q, k, v, g, beta, checkpoints)
+        ctx.scale, ctx.chunk, ctx.has_initial_state = scale, chunk, initial_state is not None
+        ctx.set_materialize_grads(False)
+        return o, final_state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dfinal_state):
+        q, k, v, g, beta, checkpoints = ctx.saved_tensors
+        do = torch.zeros_like(v) if do is None else do.contiguous()
+        dfinal_state = None if dfinal_state is None else dfinal_state.contiguous()
+        dq, dk, dv, dg, dbeta, dinitial = KERNEL.load().backward(q, k, v, g, beta, ctx.scale, checkpoints, do,
+                                                                 dfinal_state, ctx.chunk)
+        return (dq, dk, dv, dg if g is not None else None, dbeta, dinitial if ctx.has_initial_state else None,
+                None, None)
+
+
+def _compiled(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):
+    """Cast to the compute dtype (at least float32), make contiguous, run the kernel, cast o back."""
+    dtype, out_dtype = _compute_dtype(q, k, v, g, beta, initial_state), v.dtype
+    q, k, v, beta = (t.to(dtype).contiguous() for t in (q, k, v, beta))
+    g = None if g is None else g.to(dtype).contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.to(dtype).contiguous()
+    o, final = _CompiledDeltaRule.apply(q, k, v, g, beta, initial_state, float(scale), chunk_size)
+    return o.to(out_dtype), (final if output_final_state else None)

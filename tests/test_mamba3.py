@@ -168,9 +168,9 @@ def test_state_of_another_type_or_batch_is_refused():
         mixer.step(torch.randn(BATCH, WIDTH), other)
     with pytest.raises(ValueError, match="expects a Mamba3State"):
         mixer.prefill(torch.randn(BATCH, 4, WIDTH), other)
-    with pytest.raises(ValueError, match="batch size 3"):
+    with pytest.raises(ValueError, match="a batch of 3"):
         mixer.step(torch.randn(BATCH, WIDTH), mixer.init_state(3))
-    with pytest.raises(ValueError, match="batch size 3"):
+    with pytest.raises(ValueError, match="a batch of 3"):
         mixer.prefill(torch.randn(BATCH, 4, WIDTH), mixer.init_state(3))
     assert isinstance(mixer.init_state(1), Mamba3State)
 

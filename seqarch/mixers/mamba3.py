@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from seqarch.backends import notify_once
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input
+from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
 from seqarch.ops.mamba3 import Mamba3ScanState, mamba3_scan, mamba3_step, resolve_backend
 from seqarch.registry import register
 
@@ -63,9 +63,8 @@ class Mamba3Config:
     backend: Literal["auto", "chunked", "sequential"] = "auto"  # see seqarch.ops.mamba3.resolve_backend
 
     def __post_init__(self):
-        for name in ("d_model", "d_state", "expand", "head_dim", "n_groups", "mimo_rank", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"mamba3: {name} must be >= 1, got {getattr(self, name)}")
+        check_positive("mamba3", **{name: getattr(self, name) for name in ("d_model", "d_state", "expand", "head_dim",
+                                                                          "n_groups", "mimo_rank", "chunk_size")})
         if self.d_inner % self.head_dim:
             raise ValueError(f"mamba3: inner width expand * d_model = {self.d_inner} is not divisible by "
                              f"head_dim={self.head_dim}")
@@ -218,12 +217,6 @@ class Mamba3Mixer(SequenceMixer):
         notify_once(f"mamba3-{path}-{device.type}", f"mamba3 runs the {path} scan on {device.type}")
         return path
 
-    def _check_state(self, state, batch: int, what: str) -> None:
-        if not isinstance(state, Mamba3State):
-            raise ValueError(f"{what} expects a Mamba3State, got {type(state).__name__}")
-        if state.batch_size != batch:
-            raise ValueError(f"{what}: the state holds batch size {state.batch_size}, the input has {batch}")
-
     def _mix(self, u: torch.Tensor, state: Mamba3State | None):
         cfg = self.config
         self._path(u.device)
@@ -267,12 +260,12 @@ class Mamba3Mixer(SequenceMixer):
 
     def prefill(self, x: torch.Tensor, state: Mamba3State) -> tuple[torch.Tensor, Mamba3State]:
         check_input(x, self.d_model, 3, "mamba3.prefill")
-        self._check_state(state, x.shape[0], "mamba3.prefill")
+        check_state(state, Mamba3State, x.shape[0], "mamba3.prefill")
         return self._mix(x, state)
 
     def step(self, x_t: torch.Tensor, state: Mamba3State) -> tuple[torch.Tensor, Mamba3State]:
         check_input(x_t, self.d_model, 2, "mamba3.step")
-        self._check_state(state, x_t.shape[0], "mamba3.step")
+        check_state(state, Mamba3State, x_t.shape[0], "mamba3.step")
         arguments, z = self._scan_inputs(x_t)
         initial = Mamba3ScanState(*(t.to(x_t.dtype) for t in (state.angle, state.ssm, state.k, state.x)))
         y, final = mamba3_step(**arguments, state=initial)

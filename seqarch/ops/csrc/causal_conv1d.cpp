@@ -24,6 +24,7 @@
 namespace {
 
 using seqarch_kernels::data_or_null;
+using seqarch_kernels::value_or_undefined;
 using seqarch_kernels::sigmoid;
 
 // Rows of x with W - 1 rows of history in front: row(b, s) for s in [-(W - 1), L), (D,) contiguous.
@@ -143,18 +144,16 @@ PaddedRows<scalar_t> padded_rows(const at::Tensor& x_rows, const at::Tensor& his
           x_rows.size(1), x_rows.size(2), width};
 }
 
-at::Tensor optional_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() ? t.value() : at::Tensor(); }
-
 // x (B, D, L), weight (D, W), bias (D,), initial_states (B, D, W - 1) -> y (B, D, L) as a view of a
 // contiguous (B, L, D) tensor.
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                    const c10::optional<at::Tensor>& initial_states, bool silu) {
   const int64_t batch = x.size(0), dim = x.size(1), len = x.size(2), width = weight.size(1);
   const at::Tensor x_rows = channel_last_rows(x);
-  const at::Tensor init = optional_tensor(initial_states);
+  const at::Tensor init = value_or_undefined(initial_states);
   const at::Tensor history_rows = init.defined() ? channel_last_rows(init) : at::Tensor();
   const at::Tensor weight_t = weight.t().contiguous();  // (W, D)
-  const at::Tensor bias_t = optional_tensor(bias);
+  const at::Tensor bias_t = value_or_undefined(bias);
   const at::Tensor zeros = at::zeros({dim}, x.options());
   auto y = at::empty({batch, len, dim}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_forward", [&] {
@@ -170,10 +169,10 @@ std::vector<at::Tensor> backward(const at::Tensor& x, const at::Tensor& weight, 
   const int64_t batch = x.size(0), dim = x.size(1), len = x.size(2), width = weight.size(1);
   const int64_t threads = at::get_num_threads();
   const at::Tensor x_rows = channel_last_rows(x), dy_rows = channel_last_rows(dy);
-  const at::Tensor init = optional_tensor(initial_states);
+  const at::Tensor init = value_or_undefined(initial_states);
   const at::Tensor history_rows = init.defined() ? channel_last_rows(init) : at::Tensor();
   const at::Tensor weight_t = weight.t().contiguous();
-  const at::Tensor bias_t = optional_tensor(bias);
+  const at::Tensor bias_t = value_or_undefined(bias);
   const at::Tensor zeros = at::zeros({dim}, x.options());
   auto dpre = at::empty({batch, len, dim}, x.options());
   auto dx = at::empty({batch, len, dim}, x.options());

@@ -56,6 +56,7 @@
 namespace {
 
 using seqarch_kernels::data_or_null;
+using seqarch_kernels::value_or_undefined;
 using seqarch_kernels::decay_exp;
 
 struct Sizes {
@@ -352,8 +353,6 @@ void backward_kernel(const Sizes& n, const Inputs<scalar_t>& in, scalar_t scale,
     }
   });
 }
-
-at::Tensor value_or_undefined(const c10::optional<at::Tensor>& t) { return t.has_value() ? t.value() : at::Tensor(); }
 
 Sizes sizes_of(const at::Tensor& q, const at::Tensor& v, int64_t chunk) {
   TORCH_CHECK(chunk >= 1, "generalized_delta_rule kernel: chunk must be >= 1, got ", chunk);

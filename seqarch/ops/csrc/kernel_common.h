@@ -1,6 +1,7 @@
-// Helpers shared by the CPU kernels (selective_scan.cpp, wkv6.cpp).
+// Helpers shared by the CPU kernels (selective_scan.cpp, wkv6.cpp, causal_conv1d.cpp, delta_rule.cpp,
+// generalized_delta_rule.cpp).
 //
-// seqarch.backends.load_cpp_extension hashes every header in this folder into the build name, so a
+// seqarch.backends.CompiledKernel hashes every header in this folder into the build name, so a
 // change here rebuilds each kernel that includes it.
 
 #pragma once
@@ -47,5 +48,8 @@ template <typename scalar_t>
 const scalar_t* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
+
+// An optional tensor argument from Python (None) as an undefined tensor, which data_or_null maps to nullptr.
+inline at::Tensor value_or_undefined(const c10::optional<at::Tensor>& t) { return t.has_value() ? t.value() : at::Tensor(); }
 
 }  // namespace seqarch_kernels

@@ -48,6 +48,7 @@
 namespace {
 
 using seqarch_kernels::data_or_null;
+using seqarch_kernels::value_or_undefined;
 using seqarch_kernels::decay_exp;
 using seqarch_kernels::sigmoid;
 
@@ -657,8 +658,6 @@ void backward_tiles(const at::Tensor& u, const at::Tensor& delta, const at::Tens
 #endif
 
 int64_t num_chunks(int64_t len, int64_t chunk) { return (len + chunk - 1) / chunk; }
-
-at::Tensor value_or_undefined(const c10::optional<at::Tensor>& t) { return t.has_value() ? t.value() : at::Tensor(); }
 
 template <typename scalar_t>
 Elementwise<scalar_t> elementwise(const at::Tensor& D, const at::Tensor& z, const at::Tensor& delta_bias,

@@ -48,6 +48,7 @@
 namespace {
 
 using seqarch_kernels::data_or_null;
+using seqarch_kernels::value_or_undefined;
 using seqarch_kernels::decay_exp;
 
 // The per-token scalars over K: q = scale r_t, e = exp(w_t); returns sum_k q_k u_k k_k.
@@ -285,8 +286,6 @@ void backward_kernel(const Sizes& n, const at::Tensor& r, const at::Tensor& k, c
     }
   });
 }
-
-at::Tensor value_or_undefined(const c10::optional<at::Tensor>& t) { return t.has_value() ? t.value() : at::Tensor(); }
 
 Sizes sizes_of(const at::Tensor& r, const at::Tensor& v, int64_t chunk) {
   TORCH_CHECK(chunk >= 1, "wkv6 kernel: chunk must be >= 1, got ", chunk);

@@ -8,9 +8,6 @@ The fla tests need the test-only reference packages: pip install --no-deps -r re
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,31 +23,12 @@ from seqarch.ops.delta_rule import (
     resolve_backend,
 )
 from tests.compiled import compiled, needs_compiler
+from tests.references import load_fla_file
 from tests.tolerance import assert_close
 
 LENGTHS = [1, 7, 63, 257]
 DTYPES = [torch.float32, torch.float64]
 FAST = [compiled("compiled"), "chunked"]  # the fast paths, each held against the reference
-
-
-def fla_root() -> Path | None:
-    spec = importlib.util.find_spec("fla")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-FLA_MISSING = "fla-core==0.6.0 is not installed (pip install --no-deps -r requirements-reference.txt)"
-needs_fla = pytest.mark.skipif(fla_root() is None, reason=FLA_MISSING)
-
-
-def load_fla_naive(relative: str):
-    """A module of fla's pure-PyTorch naive functions, loaded from its file without importing fla."""
-    path = fla_root() / relative
-    spec = importlib.util.spec_from_file_location(f"fla_naive_{path.parent.name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_inputs(batch=2, length=63, heads=3, dk=16, dv=24, dtype=torch.float64, gate_low=-1.0, gate_high=0.0,
@@ -333,11 +311,10 @@ def test_bad_shapes_are_named(bad, message):
 
 
 # --- flash-linear-attention's naive functions ------------------------------------------------------------
-@needs_fla
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("length", [7, 63, 257])
 def test_gated_matches_fla_naive_recurrent(length, backend):
-    naive = load_fla_naive("ops/gated_delta_rule/naive.py")
+    naive = load_fla_file("ops/gated_delta_rule/naive.py")
     t = make_inputs(length=length, dtype=torch.float32, gate_low=-3.0)
     o, s = run_gated(gated_delta_rule, t, backend=backend)
     # fla's naive recurrent function takes beta before g.
@@ -347,9 +324,8 @@ def test_gated_matches_fla_naive_recurrent(length, backend):
     assert_close(s, s_fla, f"final state vs fla naive_recurrent_gated_delta_rule (T={length})")
 
 
-@needs_fla
 def test_gated_matches_fla_naive_chunk_with_strong_gates():
-    naive = load_fla_naive("ops/gated_delta_rule/naive.py")
+    naive = load_fla_file("ops/gated_delta_rule/naive.py")
     t = make_inputs(length=200, dtype=torch.float32, gate_low=-0.5)
     o, s = run_gated(gated_delta_rule, t, scale=0.3)
     o_fla, s_fla = naive.naive_chunk_gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"], scale=0.3,
@@ -358,10 +334,9 @@ def test_gated_matches_fla_naive_chunk_with_strong_gates():
     assert_close(s, s_fla, "final state vs fla naive_chunk_gated_delta_rule")
 
 
-@needs_fla
 @pytest.mark.parametrize("length", [7, 63])
 def test_delta_rule_matches_fla_naive_recurrence(length):
-    naive = load_fla_naive("ops/delta_rule/naive.py")
+    naive = load_fla_file("ops/delta_rule/naive.py")
     t = make_inputs(length=length, dtype=torch.float32)
     o, s = run_plain(delta_rule, t)
     # fla's naive delta rule takes the (B, H, T, K) layout and always scales q by K^-0.5.

@@ -18,19 +18,10 @@ from seqarch import build_mixer
 from seqarch.mixers.deltanet import DeltaNetState, GatedDeltaNetState
 from tests.compiled import needs_compiler
 from tests.contract_checks import BATCH, check_paths_agree, check_prefill_then_continue
-from tests.test_delta_rule import FLA_MISSING, fla_root, load_fla_naive
+from tests.references import fla_layer_source, load_fla_file
 from tests.tolerance import assert_close
 
 WIDTH = 64
-
-
-def fla_layer_source(name: str) -> str:
-    root = fla_root()
-    path = None if root is None else root / "layers" / name
-    if path is None or not path.exists():
-        pytest.skip(f"fla/layers/{name} not found: flash-linear-attention==0.6.0 is not installed "
-                    "(pip install --no-deps -r requirements-reference.txt)")
-    return path.read_text()
 
 
 def fla_modules(source: str) -> dict[str, tuple[str, str]]:
@@ -106,7 +97,6 @@ def fla_layer_math(mixer, x: torch.Tensor, naive) -> torch.Tensor:
     return mixer.o_proj(o.reshape(batch, length, cfg.value_dim))
 
 
-@pytest.mark.skipif(fla_root() is None, reason=FLA_MISSING)
 @pytest.mark.parametrize("name, overrides", [
     ("gated_deltanet", {}),
     ("gated_deltanet", {"allow_neg_eigval": True, "conv_bias": True, "expand_v": 1.0}),
@@ -114,7 +104,7 @@ def fla_layer_math(mixer, x: torch.Tensor, naive) -> torch.Tensor:
     ("deltanet", {"use_gate": True, "allow_neg_eigval": True}),
 ], ids=["gated", "gated-negeig-convbias", "delta", "delta-gate-negeig"])
 def test_layer_matches_fla_layer_math(name, overrides):
-    naive = load_fla_naive("ops/gated_delta_rule/naive.py" if name == "gated_deltanet" else "ops/delta_rule/naive.py")
+    naive = load_fla_file("ops/gated_delta_rule/naive.py" if name == "gated_deltanet" else "ops/delta_rule/naive.py")
     mixer = build_mixer(name, d_model=WIDTH, **overrides)
     with torch.no_grad():  # weights at a scale where every term matters (the init's 0.02 makes v tiny)
         for param in mixer.parameters():

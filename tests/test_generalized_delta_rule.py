@@ -4,9 +4,6 @@ flash-linear-attention's own `dplr_recurrence`."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +18,7 @@ from seqarch.ops.generalized_delta_rule import (
     resolve_backend,
 )
 from tests.compiled import compiled, needs_compiler
+from tests.references import load_fla_file
 from tests.tolerance import RELATIVE_TOLERANCE, assert_close
 
 HEADS, KEY, VALUE = 3, 8, 5
@@ -297,23 +295,12 @@ def test_without_the_kernel_auto_runs_the_chunked_form(monkeypatch):
 
 
 # --- against flash-linear-attention ------------------------------------------------------------------
-def _load_fla_naive():
-    spec = importlib.util.find_spec("fla")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("fla-core is not installed (pip install --no-deps -r requirements-reference.txt)")
-    path = os.path.join(spec.submodule_search_locations[0], "ops", "generalized_delta_rule", "dplr", "naive.py")
-    module_spec = importlib.util.spec_from_file_location("fla_dplr_naive", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)  # plain torch + einops; importing `fla` itself would pull triton
-    return module
-
-
 @pytest.mark.parametrize("form", [compiled("compiled"), "chunked"])
 @pytest.mark.parametrize("length", [1, 7, 63, 257])
 def test_against_fla_dplr_recurrence(length, form):
     """fla's `dplr_recurrence` ((B, H, T, K) layout, always scale K^-0.5, float32 inside) against the
     chunked form and the compiled kernel, forward and gradients, in float32."""
-    naive = _load_fla_naive()
+    naive = load_fla_file("ops/generalized_delta_rule/dplr/naive.py")
     inputs = make_inputs(length, torch.float32)
 
     def fla_op(q, k, v, a, b, gk, initial_state, output_final_state):

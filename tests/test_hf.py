@@ -13,10 +13,11 @@ import torch
 
 from seqarch import SeqLM, build_mixer
 from tests.contract_checks import check_gradients, check_paths_agree, check_prefill_then_continue
+from tests.references import require
 from tests.tolerance import assert_close
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+transformers = require("transformers")
+require("safetensors")
 
 VOCAB = 101
 LOGIT_TOLERANCE = 1e-4  # relative to the largest logit, float32

@@ -16,6 +16,7 @@ from seqarch.positional import (
     rope_frequencies,
     sinusoidal_positions,
 )
+from tests.references import require
 from tests.tolerance import assert_close
 
 HEAD_DIM, BASE, TRAINED = 64, 10000.0, 2048
@@ -132,7 +133,7 @@ def test_llama3_scaling_keeps_high_divides_low_and_blends_between(factor, low, h
 
 
 def _hf_config(rope_parameters: dict, head_dim: int = HEAD_DIM):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     return transformers.LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim,
                                     max_position_embeddings=4 * TRAINED, rope_parameters=rope_parameters)
 

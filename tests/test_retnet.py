@@ -16,6 +16,7 @@ from tests.contract_checks import (
     check_prefill_then_continue,
     check_state_bytes,
 )
+from tests.references import require
 from tests.tolerance import assert_close
 
 VARIANTS = {
@@ -170,7 +171,7 @@ def torchscale_twin(mixer):
     """torchscale's MultiScaleRetention with the mixer's weights (same parameter names), float64."""
     from types import SimpleNamespace
 
-    retention_module = pytest.importorskip("torchscale.component.multiscale_retention")
+    retention_module = require("torchscale.component.multiscale_retention")
     cfg = mixer.config
     args = SimpleNamespace(multiway=False, layernorm_eps=cfg.norm_eps)
     twin = retention_module.MultiScaleRetention(args, cfg.d_model, cfg.value_width, cfg.heads).double()
@@ -204,7 +205,7 @@ def relative_error(actual, expected):
 
 def test_initialisation_is_torchscales():
     """Same seed, same parameters: Xavier-uniform gain 2^-2.5 on q, k, v, g and gain 1 on W_O."""
-    retention_module = pytest.importorskip("torchscale.component.multiscale_retention")
+    retention_module = require("torchscale.component.multiscale_retention")
     from types import SimpleNamespace
 
     torch.manual_seed(3)

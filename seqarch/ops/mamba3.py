@@ -47,9 +47,10 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from torch.autograd.function import once_differentiable
 
 from seqarch.backends import notify_once
-from seqarch.ops.ssd import DEFAULT_CHUNK_SIZE, segsum_stable
+from seqarch.ops.ssd import DEFAULT_CHUNK_SIZE
 
 Backend = Literal["auto", "chunked", "sequential"]
 BACKENDS = ("auto", "chunked", "sequential")
@@ -253,88 +254,239 @@ def _cumulative_angles(angles, dt, angle0):
     return wrap_angle(steps).to(angles.dtype)
 
 
-def _head_major(M, bias, heads):
-    """B or C (B, L, R, G, N) plus the per-head bias (H, R, N) -> (B, H, L, R, N), laid out so that
-    chunking L is a view (the broadcast writes the head-major layout directly)."""
+def _halves(t: torch.Tensor, angles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the two members of each rotated pair of t (..., N) in the "halves" layout: (..., S) each."""
+    half = t.shape[-1] // 2
+    return t[..., :angles], t[..., half : half + angles]
+
+
+def _turn_(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate the pairs (i, i + N / 2) of t in place by the angles whose cos and sin (..., S) are
+    given (pass -sin to turn back)."""
+    first, second = _halves(t, cos.shape[-1])
+    turned = (first * cos).addcmul_(second, sin, value=-1)
+    second.mul_(cos).addcmul_(first, sin)
+    first.copy_(turned)
+
+
+def _pairwise_as_halves(dstate: int, angles: int, device) -> torch.Tensor:
+    """The channel order that moves the pairs (2i, 2i + 1), i < S, to (i, i + N / 2), the other
+    channels keeping their order in the free places. The scan only sees products of q and k over
+    channels, so it may run in any channel order; in this one the pairs are contiguous blocks."""
+    half, rest = dstate // 2, torch.arange(2 * angles, dstate, device=device)
+    evens, odds = torch.arange(0, 2 * angles, 2, device=device), torch.arange(1, 2 * angles, 2, device=device)
+    return torch.cat([evens, rest[: half - angles], odds, rest[half - angles :]])
+
+
+def _per_head(M: torch.Tensor, bias: torch.Tensor | None, heads: int) -> torch.Tensor:
+    """B or C (B, L, R, G, N) plus the per-head bias (H, R, N) -> a new (B, H, L, R, N) tensor, written
+    head-major by the broadcast itself."""
     groups = M.shape[3]
     M = rearrange(M, "b l r g n -> b g 1 l r n")
     if bias is None:
-        return repeat(M, "b g 1 l r n -> b (g e) l r n", e=heads // groups)
-    out = M + rearrange(bias, "(g e) r n -> 1 g e 1 r n", g=groups)
-    return rearrange(out, "b g e l r n -> b (g e) l r n")
+        return repeat(M, "b g 1 l r n -> b (g e) l r n", e=heads // groups).contiguous()
+    return (M + rearrange(bias, "(g e) r n -> 1 g e 1 r n", g=groups)).flatten(1, 2)
 
 
-def _chunked(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, rotary, initial_state, chunk_size):
-    """Returns y (B, L, R, H, P) before the skip, gate and down-projection, and the final state."""
+def _per_group(dM: torch.Tensor, groups: int) -> torch.Tensor:
+    """The adjoint of `_per_head`'s broadcast: (B, H, L, R, N) summed over the heads of each group
+    -> (B, L, R, G, N)."""
+    return rearrange(dM.unflatten(1, (groups, -1)).sum(2), "b g l r n -> b l r g n")
+
+
+def _time_masks(chunk: int, rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over the Q R rows (time, rank) of a chunk: `later` [i, j] when row i's time is after row j's,
+    `same` when the times are equal."""
+    time = torch.arange(chunk, device=device).repeat_interleave(rank)
+    return time[:, None] > time[None, :], time[:, None] == time[None, :]
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The chunked scan with B/C biases and rotations inside, and its backward written out.
+
+    Rows are (time, rank) pairs, M = Q R per chunk. Inputs: B, C (B, Lq, R, G, N) with Lq a multiple
+    of Q; B_bias, C_bias (H, R, N) or None; theta (B, H, Lq, S) cumulative angles; v (B, H, Lq, R, P);
+    per row of every chunk (B, H, K, M): cum (chunk-local cumulative dt A), scale (gamma_s +
+    (1 - lam_{s+1}) dt_{s+1}) and current (gamma_t); initial (B, H, P, N) or None, the state entering
+    the first chunk. Returns y (B, H, K, M, P), the final state (B, H, P, N) and the rotated, biased
+    B of time `length` - 1 (B, H, R, N).
+
+    Forward per chunk (module docstring): W = (q k^T) o (exp(cum_i - cum_j) scale_j [later] +
+    current_i [same time]), y = W v + exp(cum_i) q h_in^T, chunk state (v o exp(cum_end - cum_j)
+    scale_j)^T k, and the states passed from chunk to chunk one after another (K steps on (P, N)
+    states, instead of a (K+1)^2 decay matrix). The backward runs the same products transposed and
+    the state passing in reverse, and turns dk, dq back through the rotations (d theta from the
+    rotated pairs), so no (B, H, L, N) intermediate of autograd's chain is kept or re-made.
+    """
+
+    @staticmethod
+    def forward(ctx, B, C, B_bias, C_bias, theta, v, cum, scale, current, initial, D, heads, chunk, length):
+        batch, length_q, rank, groups, dstate = B.shape
+        headdim, n_chunks, rows = v.shape[-1], length_q // chunk, chunk * rank
+        cos, sin = torch.cos(theta)[:, :, :, None], torch.sin(theta)[:, :, :, None]  # (B, H, Lq, 1, S)
+        k, q = _per_head(B, B_bias, heads), _per_head(C, C_bias, heads)  # (B, H, Lq, R, N)
+        _turn_(k, cos, sin)
+        _turn_(q, cos, sin)
+        kc, qc = (t.view(batch, heads, n_chunks, rows, dstate) for t in (k, q))
+        vc = v.reshape(batch, heads, n_chunks, rows, headdim)
+
+        # 1. Diagonal blocks. seg = exp(cum_i - cum_j) on strictly later rows, 0 elsewhere (masked
+        #    before exp, so exp only sees segment sums <= 0).
+        later, same = _time_masks(chunk, rank, cum.device)
+        seg = (cum[..., :, None] - cum[..., None, :]).masked_fill_(~later, float("-inf")).exp_()  # (B, H, K, M, M)
+        weights = seg * scale[..., None, :]
+        if rank == 1:
+            weights.diagonal(dim1=-2, dim2=-1).copy_(current)
+        else:
+            weights = torch.where(same, current[..., :, None], weights)
+        scores = torch.matmul(qc, kc.transpose(-1, -2))
+        mixing = scores * weights
+        if D is not None:  # the skip D v is the diagonal of the same product
+            mixing.diagonal(dim1=-2, dim2=-1).add_(D[:, None, None])
+        y = torch.matmul(mixing, vc)  # (B, H, K, M, P)
+
+        # 2. Each chunk's state from its own inputs, as seen at the chunk's end.
+        decay_end = torch.exp(cum[..., -1:] - cum)  # (B, H, K, M)
+        to_end = decay_end * scale
+        chunk_states = torch.matmul((vc * to_end[..., None]).transpose(-1, -2), kc)  # (B, H, K, P, N)
+
+        # 3. State passing, chunk after chunk: entering[c + 1] = exp(cum_end[c]) entering[c] + chunk_states[c].
+        totals = torch.exp(cum[..., -1])[..., None, None]  # (B, H, K, 1, 1)
+        entering = torch.empty_like(chunk_states)
+        if initial is None:
+            entering[:, :, 0].zero_()
+        else:
+            entering[:, :, 0].copy_(initial)
+        for c in range(n_chunks - 1):
+            torch.addcmul(chunk_states[:, :, c], entering[:, :, c], totals[:, :, c], out=entering[:, :, c + 1])
+        final = torch.addcmul(chunk_states[:, :, -1], entering[:, :, -1], totals[:, :, -1])
+
+        # 4. The entering state read out by q, decayed to each row.
+        y_in = torch.matmul(qc, entering.transpose(-1, -2)).mul_(torch.exp(cum)[..., None])
+        y += y_in
+        k_last = k[:, :, length - 1].clone()
+
+        ctx.save_for_backward(k, q, vc, cum, scale, seg, weights, scores, mixing, decay_end, entering, totals, y_in,
+                              cos, sin, B_bias, C_bias)
+        ctx.sizes = (heads, groups, chunk, rank, length, initial is not None, D is not None)
+        return y, final, k_last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dfinal, dk_last):
+        (k, q, vc, cum, scale, seg, weights, scores, mixing, decay_end, entering, totals, y_in, cos, sin, B_bias,
+         C_bias) = ctx.saved_tensors
+        heads, groups, chunk, rank, length, has_initial, has_skip = ctx.sizes
+        dy = dy.contiguous()  # it arrives in the (B, L, R, H, P) order of the output
+        kc, qc = (t.view(vc.shape[:-1] + t.shape[-1:]) for t in (k, q))
+
+        # 4. Read-out of the entering states: y_in = exp(cum_i) q_i h_in^T.
+        d_cum = (dy * y_in).sum(-1)  # (B, H, K, M)
+        dy_in = dy * torch.exp(cum)[..., None]
+        dq = torch.matmul(dy_in, entering)  # (B, H, K, M, N)
+        d_entering = torch.matmul(dy_in.transpose(-1, -2), qc)  # (B, H, K, P, N)
+
+        # 3. State passing in reverse: g = d(state after chunk c), d entering[c] = d_entering[c] + total_c g.
+        d_after = torch.empty_like(d_entering)  # d(state after chunk c) = d(chunk state c)
+        d_after[:, :, -1].copy_(dfinal)
+        for c in range(d_entering.shape[2] - 1, 0, -1):
+            torch.addcmul(d_entering[:, :, c], d_after[:, :, c], totals[:, :, c], out=d_after[:, :, c - 1])
+        d_initial = torch.addcmul(d_entering[:, :, 0], d_after[:, :, 0], totals[:, :, 0]) if has_initial else None
+        d_cum[..., -1] += (d_after * entering).sum((-1, -2)) * totals[..., 0, 0]
+
+        # 2. Chunk states = (v o to_end)^T k.
+        to_end = decay_end * scale
+        d_vw = torch.matmul(kc, d_after.transpose(-1, -2))  # (B, H, K, M, P)
+        dk = torch.matmul(vc * to_end[..., None], d_after)  # (B, H, K, M, N)
+        dv = d_vw * to_end[..., None]
+        d_to_end = (d_vw * vc).sum(-1)  # (B, H, K, M)
+        d_scale = d_to_end * decay_end
+        d_log_end = d_to_end * to_end
+        d_cum -= d_log_end
+        d_cum[..., -1] += d_log_end.sum(-1)
+
+        # 1. Diagonal blocks: y = mixing v, mixing = scores o weights + D on the diagonal.
+        d_w = torch.matmul(dy, vc.transpose(-1, -2))  # (B, H, K, M, M)
+        dv += torch.matmul(mixing.transpose(-1, -2), dy)
+        dD = d_w.diagonal(dim1=-2, dim2=-1).sum((0, 2, 3)) if has_skip else None
+        d_scores = d_w * weights
+        dq += torch.matmul(d_scores, kc)
+        dk += torch.matmul(d_scores.transpose(-1, -2), qc)
+        d_weights = d_w.mul_(scores)
+        if rank == 1:
+            d_current = d_weights.diagonal(dim1=-2, dim2=-1).clone()
+        else:
+            d_current = (d_weights * _time_masks(chunk, rank, cum.device)[1]).sum(-1)
+        d_seg = d_weights.mul_(seg)  # zero off the strictly later rows, as seg is
+        d_scale += d_seg.sum(-2)
+        d_log_seg = d_seg.mul_(scale[..., None, :])
+        d_cum += d_log_seg.sum(-1) - d_log_seg.sum(-2)
+
+        # The rotations and biases: d theta from the rotated pairs, then turn dk, dq back.
+        dk, dq = dk.view_as(k), dq.view_as(q)
+        dk[:, :, length - 1] += dk_last
+        angles = cos.shape[-1]
+        d_theta = torch.zeros_like(cos[:, :, :, 0])  # (B, H, Lq, S)
+        for grad, rotated in ((dk, k), (dq, q)):
+            first, second = _halves(rotated, angles)
+            d_first, d_second = _halves(grad, angles)
+            d_theta += (d_second * first - d_first * second).sum(-2)
+            _turn_(grad, cos, -sin)
+        dB, dC = _per_group(dk, groups), _per_group(dq, groups)
+        dB_bias = None if B_bias is None else dk.sum((0, 2))
+        dC_bias = None if C_bias is None else dq.sum((0, 2))
+        dv = dv.view(vc.shape[:2] + (-1, rank, vc.shape[-1]))
+        return dB, dC, dB_bias, dC_bias, d_theta, dv, d_cum, d_scale, d_current, d_initial, dD, None, None, None
+
+
+def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, initial_state, chunk_size):
+    """Returns y (B, L, R, H, P) with the skip D v (D of shape (H,) or None) before the gate and
+    down-projection, and the final state."""
     batch, length, heads, headdim = x.shape
     if B.ndim == 4:
         B, C = B[:, :, None], C[:, :, None]
-    rank, dstate = B.shape[2], B.shape[-1]
+    rank = B.shape[2]
     chunk = min(chunk_size, length)
     pad = (-length) % chunk
 
     theta = _cumulative_angles(angles, dt, None if initial_state is None else initial_state.angle)  # (B, L, H, S)
-    theta_h = rearrange(theta, "b l h s -> b h l 1 s")
-    k = rotate(_head_major(B, B_bias, heads), theta_h, rotary)  # (B, H, L, R, N)
-    q = rotate(_head_major(C, C_bias, heads), theta_h, rotary)
     if mimo_x is None:
         v = rearrange(x, "b l h p -> b h l 1 p")
     else:
         v = torch.einsum("blhp,hrp->bhlrp", x, mimo_x)
-
     dt_h, trap_h = rearrange(dt, "b l h -> b h l"), rearrange(trap, "b l h -> b h l")
     current = trap_h * dt_h  # gamma_t
     following = F.pad(((1 - trap_h) * dt_h)[..., 1:], (0, 1))  # (1 - lam_{t+1}) dt_{t+1}, 0 after the end
     scale = current + following  # the weight of input s in every later state
     dA = dt_h * (rearrange(A, "b l h -> b h l") if A.ndim == 3 else A[:, None])
+    theta_h = rearrange(theta, "b l h s -> b h l s")
     if pad:
         # dt = 0 on the padding: decay 1, weight 0, so the final state is untouched.
-        k_last = k[:, :, -1]
-        k, q, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (k, q, v))
+        B, C = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (B, C))
+        v = F.pad(v, (0, 0, 0, 0, 0, pad))
+        theta_h = F.pad(theta_h, (0, 0, 0, pad))
         dA, scale, current = (F.pad(t, (0, pad)) for t in (dA, scale, current))
-    else:
-        k_last = k[:, :, -1]
-    kc = k.reshape(batch, heads, -1, chunk * rank, dstate)  # (B, H, K, Q R, N)
-    qc = q.reshape(batch, heads, -1, chunk * rank, dstate)
-    vc = v.reshape(batch, heads, -1, chunk * rank, headdim)
     cum = dA.unflatten(-1, (-1, chunk)).cumsum(dim=-1)  # (B, H, K, Q)
-    scale_c = scale.unflatten(-1, (-1, chunk))
-    current_c = current.unflatten(-1, (-1, chunk))
-
-    # 1. Diagonal blocks: (q k^T o M) v with M[t, s] = exp(cum_t - cum_s) scale_s below the diagonal
-    #    and gamma_t on it (the trapezoid's previous-input term of s = t enters only at t + 1).
-    above = torch.ones(chunk, chunk, dtype=torch.bool, device=cum.device).triu(1)
-    # masked before exp, so exp only sees segment sums <= 0
-    mask = (cum[..., :, None] - cum[..., None, :]).masked_fill_(above, float("-inf")).exp_() * scale_c[..., None, :]
-    mask.diagonal(dim1=-2, dim2=-1).copy_(current_c)  # exp(0) gamma_t
+    scale_c, current_c = scale.unflatten(-1, (-1, chunk)), current.unflatten(-1, (-1, chunk))
     if rank > 1:
-        mask = mask.repeat_interleave(rank, dim=-1).repeat_interleave(rank, dim=-2)
-    y = torch.matmul(torch.matmul(qc, kc.transpose(-1, -2)) * mask, vc)  # (B, H, K, Q R, P)
+        cum, scale_c, current_c = (t.repeat_interleave(rank, dim=-1) for t in (cum, scale_c, current_c))
 
-    # 2. Each chunk's state from its own inputs, weighted as seen from any later chunk.
-    to_end = torch.exp(cum[..., -1:] - cum) * scale_c  # (B, H, K, Q)
-    if rank > 1:
-        to_end = to_end.repeat_interleave(rank, dim=-1)
-    chunk_states = torch.matmul(vc.transpose(-1, -2), kc * to_end[..., None])  # (B, H, K, P, N)
-
-    # 3. State passing. The state entering the first chunk carries the previous token's
-    #    trapezoid term, (1 - lam_1) dt_1 sum_r v_0,r k_0,r^T, which the first step adds.
-    if initial_state is None:
-        initial = chunk_states.new_zeros(batch, heads, 1, headdim, dstate)
-    else:
+    # The state entering the first chunk carries the previous token's trapezoid term,
+    # (1 - lam_1) dt_1 sum_r v_0,r k_0,r^T, which the first step adds.
+    initial = None
+    if initial_state is not None:
         previous = torch.einsum("brhp,brhn->bhpn", _v_of(mimo_x)(initial_state.x.to(x.dtype)), initial_state.k)
         first = ((1 - trap[:, 0]) * dt[:, 0])[..., None, None]
-        initial = (initial_state.ssm.to(x.dtype) + first * previous)[:, :, None]
-    states = rearrange(torch.cat([initial, chunk_states], dim=2), "b h c p n -> b h c (p n)")
-    chunk_decay = torch.exp(segsum_stable(F.pad(cum[..., -1], (1, 0))))  # (B, H, K + 1, K + 1)
-    states = rearrange(torch.matmul(chunk_decay, states), "b h c (p n) -> b h c p n", p=headdim)
-    entering, final = states[:, :, :-1], states[:, :, -1]
-
-    # 4. The entering state read out by C, decayed to each position.
-    decay_in = torch.exp(cum)
-    if rank > 1:
-        decay_in = decay_in.repeat_interleave(rank, dim=-1)
-    y = y + torch.matmul(qc, entering.transpose(-1, -2)) * decay_in[..., None]
+        initial = initial_state.ssm.to(x.dtype) + first * previous
+    if rotary == "pairwise":
+        order = _pairwise_as_halves(B.shape[-1], angles.shape[-1], x.device)
+        B, C = B[..., order], C[..., order]
+        B_bias, C_bias, initial = (None if t is None else t[..., order] for t in (B_bias, C_bias, initial))
+    y, final, k_last = _ChunkedScan.apply(B, C, B_bias, C_bias, theta_h, v, cum, scale_c, current_c, initial, D,
+                                          heads, chunk, length)
+    if rotary == "pairwise":
+        inverse = torch.argsort(order)
+        final, k_last = final[..., inverse], k_last[..., inverse]
     y = rearrange(y, "b h c (q r) p -> b (c q) r h p", r=rank)[:, :length]
     last = Mamba3ScanState(angle=theta[:, -1], ssm=final, k=rearrange(k_last, "b h r n -> b r h n"), x=x[:, -1])
     return y, last
@@ -380,9 +532,12 @@ def mamba3_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     if chunk_size < 1:
         raise ValueError(f"mamba3_scan: chunk_size must be >= 1, got {chunk_size}")
     state = None if initial_state is None else Mamba3ScanState(*initial_state)
-    y, final = _chunked(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, rotary, state, chunk_size)
-    v = x[:, :, None] if mimo_x is None else torch.einsum("blhp,hrp->blrhp", x, mimo_x)
+    skip = D if D is not None and D.ndim == 1 else None  # (H,) is added inside the scan, (H, P) after it
+    y, final = _chunked(x, dt, A, B, C, trap, angles, skip, B_bias, C_bias, mimo_x, rotary, state, chunk_size)
+    v, rest = None, None
+    if skip is None and D is not None:
+        v, rest = (x[:, :, None] if mimo_x is None else torch.einsum("blhp,hrp->blrhp", x, mimo_x)), D
     zr = None
     if z is not None:
         zr = z[:, :, None] if mimo_z is None else torch.einsum("blhp,hrp->blrhp", z, mimo_z)
-    return _output(y, v, D, zr, mimo_o), (final if output_final_state else None)
+    return _output(y, v, rest, zr, mimo_o), (final if output_final_state else None)

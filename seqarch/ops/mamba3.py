@@ -246,12 +246,34 @@ def mamba3_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
 
 
 # --- the chunked path ---------------------------------------------------------------------------
-def _cumulative_angles(angles, dt, angle0):
-    """theta_t = wrap(theta_0 + sum_{j <= t} dt_j w_j): (B, L, H, S), summed in float64."""
-    steps = (angles.double() * dt.double()[..., None]).cumsum(dim=1)
-    if angle0 is not None:
-        steps = steps + angle0.double()[:, None]
-    return wrap_angle(steps).to(angles.dtype)
+class _CumulativeAngles(torch.autograd.Function):
+    """theta_t = wrap(theta_0 + sum_{j <= t} dt_j w_j), summed in float64, head-major.
+
+    angles (B, L, H, S), dt (B, L, H), angle0 (B, H, S) or None -> theta (B, H, L, S) in the dtype of
+    angles, in [0, 2 pi). The wrap has gradient 1, so the backward is the reversed cumulative sum of
+    d theta (in the input dtype), times dt for the angles and times the angles for dt."""
+
+    @staticmethod
+    def forward(ctx, angles, dt, angle0):
+        batch, length, heads, count = angles.shape
+        dt_h, angles_h = rearrange(dt, "b l h -> b h l 1"), rearrange(angles, "b l h s -> b h l s")
+        theta = torch.empty(batch, heads, length, count, dtype=torch.float64, device=angles.device)
+        torch.mul(dt_h.double(), angles_h.double(), out=theta).cumsum_(dim=2)
+        if angle0 is not None:
+            theta += angle0.double()[:, :, None]
+        theta.sub_(torch.floor_(theta / TWO_PI), alpha=TWO_PI)
+        ctx.save_for_backward(angles_h, dt_h)
+        ctx.has_angle0 = angle0 is not None
+        return theta.to(angles.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_theta):
+        angles_h, dt_h = ctx.saved_tensors
+        d_steps = d_theta.flip(2).cumsum(2).flip(2)  # sum over t' >= t
+        d_angles = rearrange(d_steps * dt_h, "b h l s -> b l h s")
+        d_dt = rearrange((d_steps * angles_h).sum(-1), "b h l -> b l h")
+        return d_angles, d_dt, (d_steps[:, :, 0] if ctx.has_angle0 else None)
 
 
 def _halves(t: torch.Tensor, angles: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,7 +471,8 @@ def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, in
     chunk = min(chunk_size, length)
     pad = (-length) % chunk
 
-    theta = _cumulative_angles(angles, dt, None if initial_state is None else initial_state.angle)  # (B, L, H, S)
+    angle0 = None if initial_state is None else initial_state.angle
+    theta_h = _CumulativeAngles.apply(angles, dt, angle0)  # (B, H, L, S)
     if mimo_x is None:
         v = rearrange(x, "b l h p -> b h l 1 p")
     else:
@@ -459,7 +482,6 @@ def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, in
     following = F.pad(((1 - trap_h) * dt_h)[..., 1:], (0, 1))  # (1 - lam_{t+1}) dt_{t+1}, 0 after the end
     scale = current + following  # the weight of input s in every later state
     dA = dt_h * (rearrange(A, "b l h -> b h l") if A.ndim == 3 else A[:, None])
-    theta_h = rearrange(theta, "b l h s -> b h l s")
     if pad:
         # dt = 0 on the padding: decay 1, weight 0, so the final state is untouched.
         B, C = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (B, C))
@@ -488,7 +510,8 @@ def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, in
         inverse = torch.argsort(order)
         final, k_last = final[..., inverse], k_last[..., inverse]
     y = rearrange(y, "b h c (q r) p -> b (c q) r h p", r=rank)[:, :length]
-    last = Mamba3ScanState(angle=theta[:, -1], ssm=final, k=rearrange(k_last, "b h r n -> b r h n"), x=x[:, -1])
+    last = Mamba3ScanState(angle=theta_h[:, :, length - 1], ssm=final, k=rearrange(k_last, "b h r n -> b r h n"),
+                           x=x[:, -1])
     return y, last
 
 

@@ -323,6 +323,11 @@ def _time_masks(chunk: int, rank: int, device) -> tuple[torch.Tensor, torch.Tens
     return time[:, None] > time[None, :], time[:, None] == time[None, :]
 
 
+def _add_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b over the leading (batch) dims, accumulated by the matrix product itself."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+
+
 class _ChunkedScan(torch.autograd.Function):
     """The chunked scan with B/C biases and rotations inside, and its backward written out.
 
@@ -369,8 +374,8 @@ class _ChunkedScan(torch.autograd.Function):
 
         # 2. Each chunk's state from its own inputs, as seen at the chunk's end.
         decay_end = torch.exp(cum[..., -1:] - cum)  # (B, H, K, M)
-        to_end = decay_end * scale
-        chunk_states = torch.matmul((vc * to_end[..., None]).transpose(-1, -2), kc)  # (B, H, K, P, N)
+        weighted = vc * (decay_end * scale)[..., None]  # (B, H, K, M, P)
+        chunk_states = torch.matmul(weighted.transpose(-1, -2), kc)  # (B, H, K, P, N)
 
         # 3. State passing, chunk after chunk: entering[c + 1] = exp(cum_end[c]) entering[c] + chunk_states[c].
         totals = torch.exp(cum[..., -1])[..., None, None]  # (B, H, K, 1, 1)
@@ -388,16 +393,16 @@ class _ChunkedScan(torch.autograd.Function):
         y += y_in
         k_last = k[:, :, length - 1].clone()
 
-        ctx.save_for_backward(k, q, vc, cum, scale, seg, weights, scores, mixing, decay_end, entering, totals, y_in,
-                              cos, sin, B_bias, C_bias)
+        ctx.save_for_backward(k, q, vc, weighted, cum, scale, seg, weights, scores, mixing, decay_end, entering,
+                              totals, y_in, cos, sin, B_bias, C_bias)
         ctx.sizes = (heads, groups, chunk, rank, length, initial is not None, D is not None)
         return y, final, k_last
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dfinal, dk_last):
-        (k, q, vc, cum, scale, seg, weights, scores, mixing, decay_end, entering, totals, y_in, cos, sin, B_bias,
-         C_bias) = ctx.saved_tensors
+        (k, q, vc, weighted, cum, scale, seg, weights, scores, mixing, decay_end, entering, totals, y_in, cos, sin,
+         B_bias, C_bias) = ctx.saved_tensors
         heads, groups, chunk, rank, length, has_initial, has_skip = ctx.sizes
         dy = dy.contiguous()  # it arrives in the (B, L, R, H, P) order of the output
         kc, qc = (t.view(vc.shape[:-1] + t.shape[-1:]) for t in (k, q))
@@ -414,12 +419,13 @@ class _ChunkedScan(torch.autograd.Function):
         for c in range(d_entering.shape[2] - 1, 0, -1):
             torch.addcmul(d_entering[:, :, c], d_after[:, :, c], totals[:, :, c], out=d_after[:, :, c - 1])
         d_initial = torch.addcmul(d_entering[:, :, 0], d_after[:, :, 0], totals[:, :, 0]) if has_initial else None
-        d_cum[..., -1] += (d_after * entering).sum((-1, -2)) * totals[..., 0, 0]
+        d_totals = torch.matmul(d_after.flatten(-2)[..., None, :], entering.flatten(-2)[..., :, None])  # (..., 1, 1)
+        d_cum[..., -1] += (d_totals * totals)[..., 0, 0]
 
         # 2. Chunk states = (v o to_end)^T k.
         to_end = decay_end * scale
         d_vw = torch.matmul(kc, d_after.transpose(-1, -2))  # (B, H, K, M, P)
-        dk = torch.matmul(vc * to_end[..., None], d_after)  # (B, H, K, M, N)
+        dk = torch.matmul(weighted, d_after)  # (B, H, K, M, N)
         dv = d_vw * to_end[..., None]
         d_to_end = (d_vw * vc).sum(-1)  # (B, H, K, M)
         d_scale = d_to_end * decay_end
@@ -429,11 +435,11 @@ class _ChunkedScan(torch.autograd.Function):
 
         # 1. Diagonal blocks: y = mixing v, mixing = scores o weights + D on the diagonal.
         d_w = torch.matmul(dy, vc.transpose(-1, -2))  # (B, H, K, M, M)
-        dv += torch.matmul(mixing.transpose(-1, -2), dy)
+        _add_product_(dv, mixing.transpose(-1, -2), dy)
         dD = d_w.diagonal(dim1=-2, dim2=-1).sum((0, 2, 3)) if has_skip else None
         d_scores = d_w * weights
-        dq += torch.matmul(d_scores, kc)
-        dk += torch.matmul(d_scores.transpose(-1, -2), qc)
+        _add_product_(dq, d_scores, kc)
+        _add_product_(dk, d_scores.transpose(-1, -2), qc)
         d_weights = d_w.mul_(scores)
         if rank == 1:
             d_current = d_weights.diagonal(dim1=-2, dim2=-1).clone()

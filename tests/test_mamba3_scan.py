@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from seqarch.ops.mamba3 import (
     Mamba3ScanState,
+    _linear_scan,
     mamba3_scan,
     mamba3_scan_ref,
     mamba3_step,
@@ -134,6 +135,23 @@ def test_chunked_backward_passes_gradcheck(rank, rotary, length):
     leaves = [inputs[name].detach().clone().requires_grad_(True) for name in names]
     leaves += [t.detach().clone().requires_grad_(True) for t in state]
     assert torch.autograd.gradcheck(scan, leaves, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("chunks", [1, 7, 12, 64])
+def test_two_level_state_passing_matches_the_plain_recurrence(chunks, reverse):
+    gen = torch.Generator().manual_seed(chunks)
+    x = torch.randn(2, 3, chunks, 4, 5, generator=gen, dtype=torch.float64)
+    a = torch.rand(2, 3, chunks, 1, 1, generator=gen, dtype=torch.float64)
+    h0 = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    for start in (h0, None):
+        state = torch.zeros_like(h0) if start is None else start
+        expected = [None] * chunks
+        for c in (range(chunks - 1, -1, -1) if reverse else range(chunks)):
+            state = a[:, :, c] * state + x[:, :, c]
+            expected[c] = state
+        assert_close(_linear_scan(x, a, start, reverse), torch.stack(expected, dim=2),
+                     f"K={chunks} reverse={reverse} h0={start is not None}")
 
 
 def test_mimo_without_down_projection_returns_every_rank():

@@ -32,11 +32,16 @@ weight beta_{s+1} = alpha_{s+1} (1 - lam_{s+1}) dt_{s+1}, unrolling gives
 
 i.e. Mamba-2's SSD with the column scale gamma_s + next_s and one modified diagonal: one
 semiseparable matrix with a modified mask. The algorithm is SSD's (Listing 1): diagonal blocks as
-masked matrix products inside each chunk, per-chunk states, state passing between chunks, and the
-entering state read out by C. Exponentials only see non-positive segment sums of dt A (masked to
--inf above the diagonal before exp). MIMO flattens (time, rank) into the rows of each chunk. The
-rotations are applied to B and C before the scan; the cumulative angles are summed in float64 and
-wrapped to [0, 2 pi), so long sequences keep their angles exact to float32 rounding.
+masked matrix products inside each chunk, per-chunk states, state passing between chunks (one chunk
+after another), and the entering state read out by C; the skip D x is the diagonal of the block
+product. Exponentials only see non-positive segment sums of dt A (masked to -inf above the diagonal
+before exp). MIMO flattens (time, rank) into the rows of each chunk. The per-head biases and the
+rotations are applied to B and C inside the scan (real cos / sin on contiguous blocks of pairs: the
+SISO layout's adjacent pairs are first reordered to the (i, i + N / 2) layout, which the products
+over channels do not see); the cumulative angles are summed in float64 and wrapped to [0, 2 pi), so
+long sequences keep their angles exact to float32 rounding. Both the scan and the angles are
+`torch.autograd.Function`s whose backward is written out (`_ChunkedScan`, `_CumulativeAngles`);
+tests hold them to the sequential reference and to finite differences.
 """
 
 from __future__ import annotations
@@ -328,6 +333,36 @@ def _add_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
 
 
+def _linear_scan(x: torch.Tensor, a: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+    """h[c] = a[c] h[c - 1] + x[c] from h[-1] = h0 (or, reversed, h[c] = a[c] h[c + 1] + x[c] from
+    h[K] = h0) over the K chunks of x (B, H, K, P, N), a (B, H, K, 1, 1); h0 (B, H, P, N) or None (zero).
+
+    In two levels, so that about 2 sqrt(K) whole-tensor steps run instead of K small ones (each step
+    is a parallel region; on a loaded machine a few large ones are much cheaper than many small
+    ones): the recurrence inside groups of g chunks from a zero start, all groups at once; the
+    groups' entering states one group after another; then each group's entering state, decayed,
+    added to its chunks. Every term is a product of decays in (0, 1], so nothing is divided."""
+    chunks = x.shape[2]
+    size = max(g for g in range(1, chunks + 1) if chunks % g == 0 and g * g <= chunks)
+    xs, decays = x.unflatten(2, (-1, size)), a.unflatten(2, (-1, size))  # (B, H, G, g, P, N), (B, H, G, g, 1, 1)
+    order = list(range(size - 1, -1, -1) if reverse else range(size))
+    local = torch.empty_like(xs)
+    local[:, :, :, order[0]] = xs[:, :, :, order[0]]
+    for previous, i in zip(order, order[1:], strict=False):
+        torch.addcmul(xs[:, :, :, i], local[:, :, :, previous], decays[:, :, :, i], out=local[:, :, :, i])
+    decay = decays[..., 0, 0]  # (B, H, G, g)
+    from_entry = decay.flip(-1).cumprod(-1).flip(-1) if reverse else decay.cumprod(-1)  # decay from the group's entry
+    through = from_entry[..., order[-1], None, None]  # (B, H, G, 1, 1) across a whole group
+    ends = local[:, :, :, order[-1]]  # (B, H, G, P, N) each group's last state from a zero start
+    entry = torch.empty_like(ends)
+    state = torch.zeros_like(ends[:, :, 0]) if h0 is None else h0
+    for group in (range(entry.shape[2] - 1, -1, -1) if reverse else range(entry.shape[2])):
+        entry[:, :, group] = state
+        state = torch.addcmul(ends[:, :, group], state, through[:, :, group])
+    local += from_entry[..., None, None] * entry[:, :, :, None]
+    return local.flatten(2, 3)
+
+
 class _ChunkedScan(torch.autograd.Function):
     """The chunked scan with B/C biases and rotations inside, and its backward written out.
 
@@ -377,16 +412,12 @@ class _ChunkedScan(torch.autograd.Function):
         weighted = vc * (decay_end * scale)[..., None]  # (B, H, K, M, P)
         chunk_states = torch.matmul(weighted.transpose(-1, -2), kc)  # (B, H, K, P, N)
 
-        # 3. State passing, chunk after chunk: entering[c + 1] = exp(cum_end[c]) entering[c] + chunk_states[c].
+        # 3. State passing: entering[c + 1] = exp(cum_end[c]) entering[c] + chunk_states[c].
         totals = torch.exp(cum[..., -1])[..., None, None]  # (B, H, K, 1, 1)
-        entering = torch.empty_like(chunk_states)
-        if initial is None:
-            entering[:, :, 0].zero_()
-        else:
-            entering[:, :, 0].copy_(initial)
-        for c in range(n_chunks - 1):
-            torch.addcmul(chunk_states[:, :, c], entering[:, :, c], totals[:, :, c], out=entering[:, :, c + 1])
-        final = torch.addcmul(chunk_states[:, :, -1], entering[:, :, -1], totals[:, :, -1])
+        after = _linear_scan(chunk_states, totals, initial, reverse=False)  # the state after each chunk
+        first = torch.zeros_like(after[:, :, :1]) if initial is None else initial[:, :, None]
+        entering = torch.cat([first, after[:, :, :-1]], dim=2)
+        final = after[:, :, -1].clone()
 
         # 4. The entering state read out by q, decayed to each row.
         y_in = torch.matmul(qc, entering.transpose(-1, -2)).mul_(torch.exp(cum)[..., None])
@@ -413,12 +444,11 @@ class _ChunkedScan(torch.autograd.Function):
         dq = torch.matmul(dy_in, entering)  # (B, H, K, M, N)
         d_entering = torch.matmul(dy_in.transpose(-1, -2), qc)  # (B, H, K, P, N)
 
-        # 3. State passing in reverse: g = d(state after chunk c), d entering[c] = d_entering[c] + total_c g.
-        d_after = torch.empty_like(d_entering)  # d(state after chunk c) = d(chunk state c)
-        d_after[:, :, -1].copy_(dfinal)
-        for c in range(d_entering.shape[2] - 1, 0, -1):
-            torch.addcmul(d_entering[:, :, c], d_after[:, :, c], totals[:, :, c], out=d_after[:, :, c - 1])
-        d_initial = torch.addcmul(d_entering[:, :, 0], d_after[:, :, 0], totals[:, :, 0]) if has_initial else None
+        # 3. State passing in reverse: the whole gradient of entering[c] is d_entering[c] + total_c times
+        #    that of entering[c + 1] (entering[K] = the final state).
+        d_whole = _linear_scan(d_entering, totals, dfinal, reverse=True)
+        d_initial = d_whole[:, :, 0] if has_initial else None
+        d_after = torch.cat([d_whole[:, :, 1:], dfinal[:, :, None]], dim=2)  # d(state after chunk c)
         d_totals = torch.matmul(d_after.flatten(-2)[..., None, :], entering.flatten(-2)[..., :, None])  # (..., 1, 1)
         d_cum[..., -1] += (d_totals * totals)[..., 0, 0]
 

@@ -32,16 +32,16 @@ weight beta_{s+1} = alpha_{s+1} (1 - lam_{s+1}) dt_{s+1}, unrolling gives
 
 i.e. Mamba-2's SSD with the column scale gamma_s + next_s and one modified diagonal: one
 semiseparable matrix with a modified mask. The algorithm is SSD's (Listing 1): diagonal blocks as
-masked matrix products inside each chunk, per-chunk states, state passing between chunks (one chunk
-after another), and the entering state read out by C; the skip D x is the diagonal of the block
-product. Exponentials only see non-positive segment sums of dt A (masked to -inf above the diagonal
-before exp). MIMO flattens (time, rank) into the rows of each chunk. The per-head biases and the
-rotations are applied to B and C inside the scan (real cos / sin on contiguous blocks of pairs: the
-SISO layout's adjacent pairs are first reordered to the (i, i + N / 2) layout, which the products
-over channels do not see); the cumulative angles are summed in float64 and wrapped to [0, 2 pi), so
-long sequences keep their angles exact to float32 rounding. Both the scan and the angles are
-`torch.autograd.Function`s whose backward is written out (`_ChunkedScan`, `_CumulativeAngles`);
-tests hold them to the sequential reference and to finite differences.
+masked matrix products inside each chunk, per-chunk states, state passing between chunks (the
+recurrence over chunk states, in two levels), and the entering state read out by C; the skip D x is
+the diagonal of the block product. Exponentials only see non-positive segment sums of dt A (masked
+to -inf above the diagonal before exp). MIMO flattens (time, rank) into the rows of each chunk. The
+per-head biases and the rotations are applied to B and C inside the scan (real cos / sin on
+contiguous blocks of pairs: the SISO layout's adjacent pairs are first reordered to the (i, i + N /
+2) layout, which the products over channels do not see); the cumulative angles are summed in float64
+and wrapped to [0, 2 pi), so long sequences keep their angles exact to float32 rounding. Both the
+scan and the angles are `torch.autograd.Function`s whose backward is written out (`_ChunkedScan`,
+`_CumulativeAngles`); tests hold them to the sequential reference and to finite differences.
 """
 
 from __future__ import annotations
@@ -375,8 +375,8 @@ class _ChunkedScan(torch.autograd.Function):
 
     Forward per chunk (module docstring): W = (q k^T) o (exp(cum_i - cum_j) scale_j [later] +
     current_i [same time]), y = W v + exp(cum_i) q h_in^T, chunk state (v o exp(cum_end - cum_j)
-    scale_j)^T k, and the states passed from chunk to chunk one after another (K steps on (P, N)
-    states, instead of a (K+1)^2 decay matrix). The backward runs the same products transposed and
+    scale_j)^T k, and the states passed from chunk to chunk by the recurrence itself (`_linear_scan`,
+    instead of a (K+1)^2 decay matrix). The backward runs the same products transposed and
     the state passing in reverse, and turns dk, dq back through the rotations (d theta from the
     rotated pairs), so no (B, H, L, N) intermediate of autograd's chain is kept or re-made.
     """

@@ -1,134 +1,121 @@
 """Mamba-2 (and Mamba, when registered) against attention of the same width: tokens/s and peak
 memory of forward and forward + backward, batch 1, d_model 768, over sequence lengths.
 
-    PYTHONPATH=$PWD python benchmarks/bench_mamba2.py            # L = 256 ... 8192
-    PYTHONPATH=$PWD python benchmarks/bench_mamba2.py --quick    # L = 512, 2048: under a minute
-    PYTHONPATH=$PWD python benchmarks/bench_mamba2.py --chunks   # mamba2 chunk_size 32 ... 256
+    python -m benchmarks.bench_mamba2            # L = 256 ... 8192
+    python -m benchmarks.bench_mamba2 --quick    # L = 512, 2048: under a minute
+    python -m benchmarks.bench_mamba2 --chunks   # mamba2 chunk_size 32 ... 256
+    python -m benchmarks.bench_mamba2 --ssd-from main --lengths 4096 16384   # this SSD against main's
 
 Timings are interleaved (every mixer once per round, rounds repeated) and reported as medians,
 so load on a shared machine hits all mixers alike; the ratio column compares each mixer with
-attention measured in the same rounds. Peak memory is measured in a separate child process: the
-growth of its peak resident set during one call (Linux: VmHWM after resetting it through
-/proc/self/clear_refs), with large allocations forced to mmap there so that freed tensors leave
-the resident set at once (that setting slows allocation, so it never applies to the timings).
+attention (with --chunks: Q = 64; with --ssd-from: mamba2 on the other SSD) measured in the same
+rounds. Peak memory: each case once more in a fresh process (seqarch.bench.timing), the growth of
+its peak resident set during one call, with large allocations forced to mmap there so that freed
+tensors leave the resident set at once.
+
+`--ssd-from REF` adds "mamba2 ssd@REF": the same mixer with `seqarch/ops/ssd.py` as committed at git
+REF (read with `git show`, loaded as its own module), so an SSD change is measured against the code
+it replaces in one process.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import multiprocessing
-import statistics
-import time
+import functools
+import subprocess
+import types
+from pathlib import Path
 
 import torch
 
+import seqarch.mixers.mamba2 as mamba2_module
 from seqarch import build_mixer, list_mixers
-from seqarch.bench.memory import peak_rss_growth_bytes
+from seqarch.bench.timing import Benchmark, run_benchmark, with_mode
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def force_mmap_for_large_allocations() -> None:
-    """Without this, glibc keeps freed large blocks in its heap and peak RSS misses later peaks."""
-    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 16)
+MODES = ("forward", "forward+backward")
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def peak_memory_mib(fn, *args) -> float:
-    """Growth of the peak resident set while fn(*args) runs, in MiB."""
-    return peak_rss_growth_bytes(fn, *args) / 2**20
+@functools.cache
+def ssd_at(ref: str):
+    """`ssd` of seqarch/ops/ssd.py as committed at git `ref`, loaded as a separate module."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:seqarch/ops/ssd.py"], capture_output=True,
+                            text=True, check=True).stdout
+    module = types.ModuleType(f"ssd_at_{ref}")
+    exec(compile(source, f"{ref}:seqarch/ops/ssd.py", "exec"), module.__dict__)  # noqa: S102 - our own file
+    return module.ssd
 
 
-def forward(mixer, x):
-    with torch.no_grad():
-        mixer(x)
+def parse(impl: str) -> tuple[str, dict, str | None]:
+    """"attention" | "mamba" | "mamba2" | "mamba2 Q=<chunk>" | "mamba2 ssd@<ref>" -> (name, overrides, ref)."""
+    name, _, variant = impl.partition(" ")
+    if variant.startswith("Q="):
+        return name, {"chunk_size": int(variant[2:])}, None
+    if variant.startswith("ssd@"):
+        return name, {}, variant[4:]
+    return name, {}, None
 
 
-def forward_backward(mixer, x):
-    x = x.detach().requires_grad_(True)
-    mixer(x).sum().backward()
-    mixer.zero_grad(set_to_none=True)
-
-
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
-
-
-MODES = {"forward": forward, "forward+backward": forward_backward}
-
-
-def build(specs: dict[str, dict], d_model: int) -> dict:
+def setup(impl: str, length: int, mode: str, d_model: int = 768):
+    name, overrides, ref = parse(impl)
     torch.manual_seed(0)
-    return {label: build_mixer(spec["name"], d_model=d_model, **spec.get("overrides", {}))
-            for label, spec in specs.items()}
+    mixer = build_mixer(name, d_model=d_model, **overrides)
+    x = torch.randn(1, length, d_model).requires_grad_(mode != "forward")
+    call = with_mode(lambda: mixer(x), [x, *mixer.parameters()], mode)
+    if ref is None:
+        return call
+    other = ssd_at(ref)
+
+    def on_other_ssd():
+        current, mamba2_module.ssd = mamba2_module.ssd, other
+        try:
+            call()
+        finally:
+            mamba2_module.ssd = current
+
+    return on_other_ssd
 
 
-def peak_memory_table(specs: dict[str, dict], lengths, d_model: int) -> dict:
-    """{(label, mode, L): peak MiB}, measured in this (child) process with forced mmap."""
-    force_mmap_for_large_allocations()
-    mixers = build(specs, d_model)
-    peaks = {}
-    for length in lengths:
-        x = torch.randn(1, length, d_model)
-        for label, mixer in mixers.items():
-            for mode, fn in MODES.items():
-                peaks[(label, mode, length)] = peak_memory_mib(fn, mixer, x)
-    return peaks
-
-
-def measure(specs: dict[str, dict], lengths, repeats: int, d_model: int) -> list[dict]:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        peaks_async = pool.apply_async(peak_memory_table, (specs, lengths, d_model))
-        peaks = peaks_async.get()
-    mixers = build(specs, d_model)
-    rows = []
-    for length in lengths:
-        x = torch.randn(1, length, d_model)
-        times = {(label, mode): [] for label in mixers for mode in MODES}
-        for mixer in mixers.values():  # warm-up
-            for fn in MODES.values():
-                fn(mixer, x)
-        for _ in range(repeats):
-            for label, mixer in mixers.items():
-                for mode, fn in MODES.items():
-                    times[(label, mode)].append(timed(fn, mixer, x))
-        for (label, mode), samples in times.items():
-            rows.append({"mode": mode, "L": length, "mixer": label, "seconds": statistics.median(samples),
-                         "peak_mib": peaks[(label, mode, length)]})
-    return rows
+BENCHMARK = Benchmark(target="benchmarks.bench_mamba2:BENCHMARK", impls=("attention", "mamba", "mamba2"),
+                      setup=setup, modes=MODES, force_mmap=True)
 
 
 def print_table(rows: list[dict], reference: str) -> None:
-    baseline = {(r["mode"], r["L"]): r["seconds"] for r in rows if r["mixer"] == reference}
+    baseline = {(r["mode"], r["L"]): r["seconds"] for r in rows if r["impl"] == reference}
     print(f"| mode | L | mixer | ms (median) | tokens/s | peak MiB | speed vs {reference} |")
     print("|---|---:|---|---:|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: (r["mode"], r["L"], r["mixer"])):
+    for r in sorted(rows, key=lambda r: (r["mode"], r["L"], r["impl"])):
         ratio = baseline.get((r["mode"], r["L"]))
         ratio_text = f"{ratio / r['seconds']:.2f}x" if ratio else "-"
-        print(f"| {r['mode']} | {r['L']} | {r['mixer']} | {1e3 * r['seconds']:.0f} | "
-              f"{r['L'] / r['seconds']:,.0f} | {r['peak_mib']:.0f} | {ratio_text} |")
+        peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+        print(f"| {r['mode']} | {r['L']} | {r['impl']} | {1e3 * r['seconds']:.0f} | "
+              f"{r['L'] / r['seconds']:,.0f} | {peak} | {ratio_text} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="L = 512, 2048 and 3 rounds (under a minute)")
     parser.add_argument("--chunks", action="store_true", help="compare mamba2 chunk sizes 32 ... 256")
+    parser.add_argument("--ssd-from", metavar="REF", help="also mamba2 with seqarch/ops/ssd.py as at git REF")
     parser.add_argument("--lengths", type=int, nargs="*", help="sequence lengths (default 256 ... 8192)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds per length")
     parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     args = parser.parse_args()
     lengths = args.lengths or ([512, 2048] if args.quick else [256, 512, 1024, 2048, 4096, 8192])
     repeats = args.repeats or (3 if args.quick else 5)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, d_model {args.d_model}, "
           f"float32, median of {repeats} interleaved rounds")
     if args.chunks:
-        specs = {f"mamba2 Q={q}": {"name": "mamba2", "overrides": {"chunk_size": q}} for q in (32, 64, 128, 256)}
-        print_table(measure(specs, lengths, repeats, args.d_model), "mamba2 Q=64")
-        return
-    specs = {name: {"name": name} for name in ("attention", "mamba", "mamba2") if name in list_mixers()}
-    print_table(measure(specs, lengths, repeats, args.d_model), "attention")
+        impls, reference = [f"mamba2 Q={q}" for q in (32, 64, 128, 256)], "mamba2 Q=64"
+    elif args.ssd_from:
+        impls, reference = ["mamba2", f"mamba2 ssd@{args.ssd_from}"], f"mamba2 ssd@{args.ssd_from}"
+    else:
+        impls = [name for name in BENCHMARK.impls if name in list_mixers()]
+        reference = "attention"
+    rows = run_benchmark(BENCHMARK, lengths, repeats, impls=impls, memory=not args.no_memory,
+                         threads=torch.get_num_threads(), options={"d_model": args.d_model})
+    print_table(rows, reference)
 
 
 if __name__ == "__main__":

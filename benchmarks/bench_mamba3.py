@@ -1,30 +1,29 @@
 """Mamba-3 on CPU: the chunked scan against its sequential reference, the scan's peak memory over
 sequence lengths, and the mamba3 layer against the mamba2 layer of the same width in training.
 
-    PYTHONPATH=$PWD python benchmarks/bench_mamba3.py            # L = 4096; memory at 1024, 2048, 4096
-    PYTHONPATH=$PWD python benchmarks/bench_mamba3.py --quick    # L = 1024; memory at 256, 512, 1024
+    python -m benchmarks.bench_mamba3            # L = 4096; memory at 1024, 2048, 4096
+    python -m benchmarks.bench_mamba3 --quick    # L = 1024; memory at 256, 512, 1024
 
 Sizes: d_model 768 with mamba-ssm's Mamba-3 defaults (expand 2, head_dim 64 -> 24 heads, d_state 128,
 rope_fraction 0.5 -> 32 angles, chunk 64), batch 1, float32. The scan's inputs are what the layer
 feeds it (its own in_proj of a random input). Timings are interleaved rounds in one process, reported
 as medians, so load on a shared machine hits both sides alike; memory is the growth of the peak
-resident set in a child process (the harness of benchmarks/bench_mamba2.py).
+resident set in a child process per case (seqarch.bench.timing).
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import statistics
-import time
 
 import torch
 
-from benchmarks.bench_mamba2 import force_mmap_for_large_allocations, measure, peak_memory_mib
+from benchmarks import bench_mamba2
 from seqarch import build_mixer
+from seqarch.bench.timing import Benchmark, interleaved_medians, run_benchmark, with_mode
 from seqarch.ops.mamba3 import mamba3_scan
 
 D_MODEL = 768
+MODES = ("forward", "forward+backward")
 
 
 def scan_inputs(length: int, seed: int = 0) -> dict:
@@ -46,28 +45,27 @@ def scan_forward_backward(arguments: dict, backend: str) -> None:
     mamba3_scan(**leaves, backend=backend)[0].sum().backward()
 
 
-def scan_speed(length: int, repeats: int) -> dict:
-    """Median seconds of the chunked and the sequential forward, interleaved."""
+def scan_setup(impl: str, length: int, mode: str):
+    """impl "chunked" | "sequential": one scan call on the layer's own inputs at L."""
     arguments = scan_inputs(length)
-    times = {"chunked": [], "sequential": []}
-    scan_forward(arguments, "chunked")  # warm-up
-    for _ in range(repeats):
-        for backend in times:
-            start = time.perf_counter()
-            scan_forward(arguments, backend)
-            times[backend].append(time.perf_counter() - start)
-    return {backend: statistics.median(samples) for backend, samples in times.items()}
+    run = scan_forward if mode == "forward" else scan_forward_backward
+    return lambda: run(arguments, impl)
 
 
-def scan_memory(lengths) -> dict:
-    """{(mode, L): peak MiB} of the chunked scan, in this (child) process."""
-    force_mmap_for_large_allocations()
-    peaks = {}
-    for length in lengths:
-        arguments = scan_inputs(length)
-        peaks[("forward", length)] = peak_memory_mib(scan_forward, arguments, "chunked")
-        peaks[("forward+backward", length)] = peak_memory_mib(scan_forward_backward, arguments, "chunked")
-    return peaks
+def layer_setup(impl: str, length: int, mode: str, d_model: int = D_MODEL):
+    """impl "mamba2" (seqarch defaults) | "mamba3" (mamba-ssm's head_dim 64)."""
+    if impl == "mamba3":
+        torch.manual_seed(0)
+        mixer = build_mixer("mamba3", d_model=d_model, head_dim=64)
+        x = torch.randn(1, length, d_model).requires_grad_(mode != "forward")
+        return with_mode(lambda: mixer(x), [x, *mixer.parameters()], mode)
+    return bench_mamba2.setup(impl, length, mode, d_model)
+
+
+SCAN = Benchmark(target="benchmarks.bench_mamba3:SCAN", impls=("chunked",), setup=scan_setup, modes=MODES,
+                 force_mmap=True)
+LAYERS = Benchmark(target="benchmarks.bench_mamba3:LAYERS", impls=("mamba2", "mamba3"), setup=layer_setup,
+                   modes=MODES, force_mmap=True)
 
 
 def main() -> None:
@@ -77,33 +75,34 @@ def main() -> None:
     args = parser.parse_args()
     length = 1024 if args.quick else 4096
     memory_lengths = [length // 4, length // 2, length]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, d_model {D_MODEL}, float32, "
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, batch 1, d_model {D_MODEL}, float32, "
           f"median of {args.repeats} interleaved rounds")
 
-    speed = scan_speed(length, args.repeats)
+    speed = interleaved_medians({backend: scan_setup(backend, length, "forward")
+                                 for backend in ("chunked", "sequential")}, args.repeats)
     print(f"\n## Scan forward at L = {length}\n")
     print("| path | ms (median) | speed vs sequential |\n|---|---:|---:|")
     for backend, seconds in speed.items():
         print(f"| {backend} | {1e3 * seconds:.0f} | {speed['sequential'] / seconds:.1f}x |")
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        peaks = pool.apply(scan_memory, (memory_lengths,))
+    memory_rows = run_benchmark(SCAN, memory_lengths, 1, threads=threads)
+    peaks = {(r["mode"], r["L"]): r["peak_bytes"] / 2**20 for r in memory_rows}
     print("\n## Chunked scan peak memory (MiB; linear in L doubles with L)\n")
     print("| mode | " + " | ".join(f"L = {n}" for n in memory_lengths) + " | ratio per doubling |")
     print("|---|" + "---:|" * (len(memory_lengths) + 1))
-    for mode in ("forward", "forward+backward"):
+    for mode in MODES:
         values = [peaks[(mode, n)] for n in memory_lengths]
         ratios = ", ".join(f"{b / a:.2f}" for a, b in zip(values, values[1:], strict=False))
         print(f"| {mode} | " + " | ".join(f"{v:.0f}" for v in values) + f" | {ratios} |")
 
-    specs = {"mamba2": {"name": "mamba2"}, "mamba3": {"name": "mamba3", "overrides": {"head_dim": 64}}}
-    rows = measure(specs, [length], args.repeats, D_MODEL)
+    rows = run_benchmark(LAYERS, [length], args.repeats, threads=threads)
     print(f"\n## Layers at L = {length} (mamba2: seqarch defaults d_state 64, head dim 32; mamba3: mamba-ssm's)\n")
-    baseline = {r["mode"]: r["seconds"] for r in rows if r["mixer"] == "mamba2"}
+    baseline = {r["mode"]: r["seconds"] for r in rows if r["impl"] == "mamba2"}
     print("| mode | mixer | ms (median) | tokens/s | peak MiB | speed vs mamba2 |\n|---|---|---:|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: (r["mode"], r["mixer"])):
-        print(f"| {r['mode']} | {r['mixer']} | {1e3 * r['seconds']:.0f} | {r['L'] / r['seconds']:,.0f} | "
-              f"{r['peak_mib']:.0f} | {baseline[r['mode']] / r['seconds']:.2f}x |")
+    for r in sorted(rows, key=lambda r: (r["mode"], r["impl"])):
+        print(f"| {r['mode']} | {r['impl']} | {1e3 * r['seconds']:.0f} | {r['L'] / r['seconds']:,.0f} | "
+              f"{r['peak_bytes'] / 2**20:.0f} | {baseline[r['mode']] / r['seconds']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ make on their nn.Linear weights concatenated (deltanet's q/k/v/beta, named "fuse
 often as it happens, forward and forward+backward the same way. Runs interleave
 mixer, projections, mixer, projections after one warm-up of each; the table reports medians and the
 ratio mixer / own projections. A torch.profiler run (CPU, record_shapes off) of one forward at
-L = 4096 gives the top ops by self CPU time and their share of the forward.
+L = 4096 gives the top ops by self CPU time and their share of the forward, another of one
+forward+backward the same for the training step.
 
     python -m benchmarks.projection_floor                  # L = 4096, all mixers (a few minutes)
     python -m benchmarks.projection_floor --long           # also L = 16384
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -144,14 +146,24 @@ def measure(name: str, seq_len: int, repeats: int, bwd_budget_s: float) -> dict:
     return result
 
 
-def breakdown(name: str, seq_len: int, top: int = 5) -> list[dict]:
+def breakdown(name: str, seq_len: int, top: int = 5, backward: bool = False) -> list[dict]:
+    """The top ops by self CPU time of one forward (under no_grad), or of one forward+backward."""
     torch.manual_seed(0)
     mixer, _ = build(name, seq_len)
-    x = torch.randn(1, seq_len, D_MODEL)
-    with torch.no_grad():
-        mixer(x)  # warm-up
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False) as prof:
-            mixer(x)
+    x = torch.randn(1, seq_len, D_MODEL, requires_grad=backward)
+    grad_out = torch.randn(1, seq_len, D_MODEL)
+
+    def run():
+        if backward:
+            clear_grads(mixer)
+            mixer(x).backward(grad_out)
+        else:
+            with torch.no_grad():
+                mixer(x)
+
+    run()  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False) as prof:
+        run()
     events = list(prof.key_averages())
     total = sum(e.self_cpu_time_total for e in events)
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
@@ -169,7 +181,8 @@ def report(results: dict) -> str:
              "low-rank `@` parameters) count as the mixer's overhead. Config overrides: "
              + (", ".join(sorted({f"{r['mixer']} {k}={v}" for r in results["runs"]
                                   for k, v in r["config_overrides"].items()})) or "none") + ".", "",
-             f"Command: `{results['command']}`", ""]
+             f"Command: `{results['command']}`; load average (1, 5, 15 min) at the start: "
+             + ", ".join(f"{v:.1f}" for v in results.get("load_average", ())), ""]
     for seq_len in results["seq_lens"]:
         rows = [r for r in results["runs"] if r["seq_len"] == seq_len]
         lines += [f"## L = {seq_len}", "",
@@ -180,12 +193,14 @@ def report(results: dict) -> str:
             lines.append(f"| {r['mixer']} | {f['mixer_ms']:.1f} | {f['projections_ms']:.1f} | {f['ratio']:.2f}x "
                          f"| {b['mixer_ms']:.1f} | {b['projections_ms']:.1f} | {b['ratio']:.2f}x |")
         lines.append("")
-    lines += [f"## Where the forward goes (torch.profiler, L = {results['profile_seq_len']}, top 5 by self CPU time)",
-              ""]
-    for name, ops in results["breakdown"].items():
-        top = "; ".join(f"`{o['op']}` {100 * o['share']:.0f}% ({o['self_ms']:.1f} ms, {o['calls']}x)" for o in ops)
-        lines.append(f"- **{name}**: {top}")
-    lines.append("")
+    for key, what in (("breakdown", "forward"), ("breakdown_fwdbwd", "forward+backward")):
+        lines += [f"## Where the {what} goes (torch.profiler, L = {results['profile_seq_len']}, "
+                  "top 5 by self CPU time)", ""]
+        for name, ops in results.get(key, {}).items():
+            top = "; ".join(f"`{o['op']}` {100 * o['share']:.0f}% ({o['self_ms']:.1f} ms, {o['calls']}x)"
+                            for o in ops)
+            lines.append(f"- **{name}**: {top}")
+        lines.append("")
     lines += ["## Linear calls counted per mixer", ""]
     for r in results["runs"]:
         if r["seq_len"] == results["seq_lens"][0]:
@@ -211,7 +226,7 @@ def main() -> None:
     results = {"command": "python -m benchmarks.projection_floor" + (" --long" if args.long else ""),
                "threads": args.threads, "d_model": D_MODEL, "seq_lens": seq_lens, "profile_seq_len": args.seq_len,
                "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-               "runs": [], "breakdown": {}}
+               "load_average": os.getloadavg(), "runs": [], "breakdown": {}, "breakdown_fwdbwd": {}}
     args.out.mkdir(parents=True, exist_ok=True)
     for seq_len in seq_lens:
         for name in mixers:
@@ -224,6 +239,7 @@ def main() -> None:
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     for name in mixers:
         results["breakdown"][name] = breakdown(name, args.seq_len)
+        results["breakdown_fwdbwd"][name] = breakdown(name, args.seq_len, backward=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "report.md").write_text(report(results))
     print(report(results))

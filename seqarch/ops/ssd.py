@@ -17,7 +17,8 @@ for s <= t. The chunked algorithm splits M into Q x Q blocks:
 
     1. diagonal blocks: the quadratic form (C B^T o exp(segsum(dt A))) (dt x) inside each chunk
     2. each chunk's own final state  S_k = sum_s exp(sum_{s < j <= end} dt_j A) dt_s x_s B_s^T
-    3. state passing between chunks  S_k <- exp(sum_{j in chunk k} dt_j A) S_{k-1} + S_k
+    3. state passing between chunks  S_k <- exp(sum_{j in chunk k} dt_j A) S_{k-1} + S_k, in blocks of
+       ~sqrt(K) chunks (`pass_states`), so its cost is O(L sqrt(L / Q)) instead of Listing 1's O(L^2 / Q)
     4. off-diagonal blocks: the state entering chunk k read out by C, decayed to each position.
 
 Numerics: every exponent is a segment sum of dt A <= 0 taken from cumulative sums, and the entries
@@ -26,6 +27,8 @@ neither it nor its gradient overflows. Within a chunk the segment sums are diffe
 chunk-local cumulative sum (as mamba-ssm's kernels do; the rounding error is eps times one chunk's
 total decay). Across chunks, where totals of the whole sequence would be differenced, segment sums
 are accumulated directly from the masked chunk totals (the "stable segsum" of Listing 1).
+Layouts: the products with B and C run on x's own (B, L, H, P) layout, which for G = 1 needs no
+copy; only the per-head (Q, Q) blocks use a head-major copy of dt x.
 Lengths that are not a multiple of Q are padded with dt = 0 (decay 1, no input), which leaves the
 final state unchanged.
 
@@ -38,6 +41,7 @@ Paths (`ssd(..., backend=)`, resolved by `resolve_backend`):
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import torch
@@ -51,7 +55,7 @@ Backend = Literal["auto", "chunked", "sequential"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 # Measured on CPU at L = 4096, 48 heads of 32 x 64 (docs/mixers/mamba2.md): 32 and 64 are within
-# noise for the op, 128 and 256 are slower; 64 keeps the (L / Q)^2 state passing 4x cheaper than 32.
+# noise for the op, 128 and 256 are slower.
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -116,30 +120,61 @@ def _intra_chunk_decay(cum: torch.Tensor) -> torch.Tensor:
 class _DiagonalBlocks(torch.autograd.Function):
     """y = (decay o C B^T) (dt x) in every chunk and head, decay = exp(segsum(dt A)).
 
-    cum (B, G, K, R, Q) chunk-local cumsum of dt A, scores (B, G, K, Q, Q) = C B^T,
-    X (B, G, K, R, Q, P) = dt x -> (B, G, K, R, Q, P). The backward is written out so that it
-    makes four passes over the (R, Q, Q) blocks instead of the eight of autograd's chain:
-    dW = dy X^T, dscores = sum_R dW o decay, dsegment = dW o decay o scores, dcum = row - column sums.
+    Head-major: cum (B, G, R, K, Q) chunk-local cumsum of dt A, scores (B, G, 1, K, Q, Q) = C B^T
+    (shared by the R heads of a group), X (B, G, R, K, Q, P) = dt x -> (B, G, R, K, Q, P). The
+    backward is written out so that it makes four passes over the (Q, Q) blocks instead of the eight
+    of autograd's chain: dW = dy X^T, dscores = sum_R dW o decay, dsegment = dW o decay o scores,
+    dcum = row - column sums.
     """
 
     @staticmethod
     def forward(ctx, cum, scores, X):
         decay = _intra_chunk_decay(cum)
         ctx.save_for_backward(decay, scores, X)
-        return torch.matmul(decay * scores[:, :, :, None], X)
+        return torch.matmul(decay * scores, X)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         decay, scores, X = ctx.saved_tensors
-        scores = scores[:, :, :, None]
         weights = decay * scores
         dX = torch.matmul(weights.transpose(-1, -2), dy)
         d_weights = torch.matmul(dy, X.transpose(-1, -2)).mul_(decay)
-        d_scores = d_weights.sum(dim=3)
+        d_scores = d_weights.sum(dim=2, keepdim=True)
         d_segment = d_weights.mul_(scores)
         d_cum = d_segment.sum(dim=-1) - d_segment.sum(dim=-2)
         return d_cum, d_scores, dX
+
+
+def pass_states(chunk_states: torch.Tensor, totals: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+    """Step 3, the state entering every chunk: S_0 = initial, S_{k+1} = exp(totals_k) S_k + chunk_states_k.
+
+    chunk_states (B, K, H, S) (S the flattened (P, N) state), totals (B, K, H) each chunk's sum of
+    dt A (<= 0), initial (B, H, S) -> (B, H, K + 1, S), S_0 .. S_K (S_K the final state).
+
+    Listing 1 takes all K + 1 states in one product with the (K + 1) x (K + 1) matrix of decays
+    between chunks, which costs O(K^2) per state entry and dominates at long L; one chunk at a time
+    costs K small operations, each a thread synchronisation. In between, two levels: the K + 1
+    entries in blocks of T ~ sqrt(K + 1), the same product inside every block (T x T), then across the
+    block ends (J x J, J = number of blocks), and each block's entering carry decayed to its positions:
+    O(sqrt K) per entry, a fixed number of operations.
+    """
+    batch, chunks, heads, size = chunk_states.shape
+    count = chunks + 1
+    block = math.isqrt(count - 1) + 1  # T >= sqrt(K + 1)
+    blocks = -(-count // block)  # J
+    pad = blocks * block - count
+    # Entry m receives the decay of chunk m - 1 (none for the initial state); the padding neither
+    # decays nor adds anything.
+    entries = torch.cat([initial[:, :, None], rearrange(chunk_states, "b k h s -> b h k s"),
+                         initial.new_zeros(batch, heads, pad, size)], dim=2)
+    logs = rearrange(F.pad(rearrange(totals, "b k h -> b h k"), (1, pad)), "b h (j t) -> b h j t", t=block)
+    entries = rearrange(entries, "b h (j t) s -> b h j t s", t=block)
+    local = torch.matmul(torch.exp(segsum_stable(logs)), entries)  # (B, H, J, T, S): from inside the block
+    ends = torch.matmul(torch.exp(segsum_stable(logs.sum(dim=-1))), local[:, :, :, -1])  # (B, H, J, S)
+    carry = F.pad(ends[:, :, :-1], (0, 0, 1, 0))  # the state entering block j: the end of block j - 1
+    states = torch.addcmul(local, torch.exp(logs.cumsum(dim=-1))[..., None], carry[:, :, :, None])
+    return rearrange(states, "b h j t s -> b h (j t) s")[:, :, :count]
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -196,48 +231,57 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     if chunk_size < 1:
         raise ValueError(f"ssd: chunk_size must be >= 1, got {chunk_size}")
     batch, length, heads, headdim = x.shape
-    groups = B.shape[2]
+    groups, dstate = B.shape[2:]
     dt = _discretize(dt, dt_bias, dt_softplus)
     chunk = min(chunk_size, length)
     pad = (-length) % chunk
-    x_dt, dA = x * dt[..., None], dt * A
     if pad:
         # dt = 0 on the padding: decay exp(0) = 1 and no input, so the final state is untouched.
-        x_dt, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x_dt, B, C))
-        dA = F.pad(dA, (0, 0, 0, pad))
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
 
-    X = rearrange(x_dt, "b (k q) (g r) p -> b g k r q p", q=chunk, g=groups).contiguous()
-    Bc = rearrange(B, "b (k q) g n -> b g k q n", q=chunk)
-    Cc = rearrange(C, "b (k q) g n -> b g k q n", q=chunk)
-    cum = rearrange(dA, "b (k q) (g r) -> b g k r q", q=chunk, g=groups).cumsum(dim=-1)  # (B, G, K, R, Q)
+    # Two layouts of dt x: x's own (B, L, H, P) = (B, K, Q, G, R P) for the products with B and C, whose
+    # (Q, N) blocks all R heads of a group share; head-major (B, G, R, K, Q, P) for the per-head (Q, Q) blocks.
+    cum = rearrange(dt * A, "b (k q) h -> b k q h", q=chunk).cumsum(dim=2)  # (B, K, Q, H)
+    dt_c = rearrange(dt, "b (k q) (g r) -> b k q g r 1", q=chunk, g=groups)
+    x_c = rearrange(x, "b (k q) (g r) p -> b k q g r p", q=chunk, g=groups)
+    Bc = rearrange(B, "b (k q) g n -> b k q g n", q=chunk)
+    Cc = rearrange(C, "b (k q) g n -> b k q g n", q=chunk)
 
     # 1. Diagonal blocks: masked decay times C B^T, applied to dt x.
-    scores = torch.einsum("bgkqn,bgksn->bgkqs", Cc, Bc)  # (B, G, K, Q, Q)
-    y_diag = _DiagonalBlocks.apply(cum, scores, X)  # (B, G, K, R, Q, P)
+    X = rearrange(x_c * dt_c, "b k q g r p -> b g r k q p").contiguous()
+    scores = rearrange(torch.einsum("bkqgn,bksgn->bkgqs", Cc, Bc), "b k g q s -> b g 1 k q s")
+    cum_heads = rearrange(cum, "b k q (g r) -> b g r k q", g=groups).contiguous()  # so decay is head-major too
+    y_diag = _DiagonalBlocks.apply(cum_heads, scores, X)
 
-    # 2. Each chunk's final state from its own inputs.
-    decay_to_end = torch.exp(cum[..., -1:] - cum)  # (B, G, K, R, Q)
-    chunk_states = torch.einsum("bgkrqp,bgkqn->bgrkpn", X * decay_to_end[..., None], Bc)
+    # 2. Each chunk's final state from its own inputs: x scaled by dt and the decay to the chunk's end.
+    to_end = torch.exp(cum[:, :, -1:] - cum)  # (B, K, Q, H)
+    x_end = x_c * (dt_c * rearrange(to_end, "b k q (g r) -> b k q g r 1", g=groups))
+    # (R P, Q) @ (Q, N) per chunk and group; for G = 1 neither operand is copied.
+    chunk_states = torch.matmul(rearrange(x_end, "b k q g r p -> b k g (r p) q"),
+                                rearrange(Bc, "b k q g n -> b k g q n"))  # (B, K, G, R P, N)
 
-    # 3. State passing: the state entering chunk k, for k = 0..K (K = the final state).
+    # 3. State passing: the state entering chunk k, k = 0 .. K (K = the final state).
     if initial_states is None:
-        initial = chunk_states.new_zeros(batch, groups, heads // groups, 1, headdim, chunk_states.shape[-1])
+        initial = x.new_zeros(batch, heads, headdim * dstate)
     else:
-        initial = rearrange(initial_states.to(x.dtype), "b (g r) p n -> b g r 1 p n", g=groups)
-    states = rearrange(torch.cat([initial, chunk_states], dim=3), "b g r k p n -> b g r k (p n)")
-    totals = rearrange(cum[..., -1], "b g k r -> b g r k")
-    chunk_decay = torch.exp(segsum_stable(F.pad(totals, (1, 0))))  # (B, G, R, K + 1, K + 1)
-    states = rearrange(torch.matmul(chunk_decay, states), "b g r k (p n) -> b g r k p n", p=headdim)
-    entering, final = states[:, :, :, :-1], states[:, :, :, -1]
+        initial = rearrange(initial_states.to(x.dtype), "b h p n -> b h (p n)")
+    states = pass_states(rearrange(chunk_states, "b k g (r p) n -> b k (g r) (p n)", p=headdim),
+                         cum[:, :, -1], initial)  # (B, H, K + 1, P N)
+    entering = rearrange(states[:, :, :-1], "b (g r) k (p n) -> b k g (r p) n", g=groups, n=dstate).contiguous()
 
     # 4. Off-diagonal blocks: the entering state read out by C, decayed to each position.
-    y_off = torch.einsum("bgkqn,bgrkpn->bgkrqp", Cc, entering)
-    y = torch.addcmul(y_diag, y_off, torch.exp(cum)[..., None])
-
-    y = rearrange(y, "b g k r q p -> b (k q) (g r) p")[:, :length]
-    y = _skip_and_gate(y, x, D, z)
+    y_off = torch.matmul(rearrange(Cc, "b k q g n -> b k g q n"), entering.transpose(-1, -2))  # (B, K, G, Q, R P)
+    y_off = rearrange(y_off, "b k g q (r p) -> b k q (g r) p", p=headdim) * torch.exp(cum)[..., None]
+    y = y_off.add_(rearrange(y_diag, "b g r k q p -> b k q (g r) p"))
+    y = rearrange(y, "b k q h p -> b (k q) h p")[:, :length]
+    x = x[:, :length]
+    if D is not None:
+        y = y.addcmul_(x, D[:, None] if D.ndim == 1 else D)
+    if z is not None:
+        y = y * F.silu(z)
     if return_final_states:
-        return y, rearrange(final, "b g r p n -> b (g r) p n")
+        return y, rearrange(states[:, :, -1], "b h (p n) -> b h p n", n=dstate)
     return y
 
 

@@ -1,0 +1,48 @@
+"""The one benchmark harness (seqarch.bench.timing): interleaving, medians, modes, and the peak-memory
+child rebuilding a registered case from its target and options."""
+
+from __future__ import annotations
+
+import torch
+
+from seqarch.bench.timing import Benchmark, interleaved_samples, run_benchmark, with_mode
+
+
+def test_calls_are_interleaved_after_the_warm_up():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    samples = interleaved_samples(calls, repeats=3, warmup=1)
+    assert order == ["a", "b", "c"] * 4
+    assert {name: len(times) for name, times in samples.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_with_mode_runs_the_backward_only_outside_forward():
+    weight = torch.randn(3, requires_grad=True)
+    with_mode(lambda: weight * 2, [weight], "fwd")()
+    assert weight.grad is None
+    with_mode(lambda: weight * 2, [weight], "fwd+bwd")()
+    torch.testing.assert_close(weight.grad, torch.full((3,), 2.0))
+
+
+def _setup(impl: str, length: int, mode: str, width: int = 1):
+    def call():
+        # length x width MiB held at once, so the child's peak must grow with both.
+        held = torch.ones(length * width, 1 << 20, dtype=torch.uint8).add_(1 if impl == "big" else 0)
+        return held.max()
+
+    return call
+
+
+TOY = Benchmark(target="tests.test_bench_timing:TOY", impls=("small", "big"), setup=_setup,
+                runnable=lambda impl, length, mode: not (impl == "big" and length > 8), force_mmap=True)
+
+
+def test_run_benchmark_measures_every_runnable_case_and_its_memory_in_a_child():
+    rows = run_benchmark(TOY, [4, 16], repeats=2, modes=["fwd"], options={"width": 2})
+    cases = [(r["impl"], r["L"]) for r in rows]
+    assert cases == [("small", 4), ("big", 4), ("small", 16)]
+    peaks = {(r["impl"], r["L"]): r["peak_bytes"] for r in rows}
+    assert all(len(r["samples"]) == 2 and r["seconds"] > 0 for r in rows)
+    # 8 MiB held at L = 4, 32 MiB at L = 16 (options reached the child): peaks near those sizes
+    assert 6 * 2**20 < peaks[("small", 4)] < 40 * 2**20
+    assert peaks[("small", 16)] > 3 * peaks[("small", 4)]

@@ -172,6 +172,7 @@ def test_the_report_has_one_row_per_mixer_and_size_with_every_setting_and_a_plot
     assert "![validation bits per byte against parameters](bpb_vs_params.png)" in text
     assert "Header line." in text and "unigram byte model (no context) scores 4.500" in text
     assert "every finished run's SHA-256 of its training bytes is identical" in text
+    assert "The tuned lr is at an end of the lr grid for " in text  # two lrs: every tuned lr is at an end
     table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(table) == 9
     tokens = f"{settings.tokens:,}"

@@ -494,6 +494,11 @@ def lm_quality_lines(rows: list[dict[str, Any]], settings: LMQualitySettings, ba
               "reference width); `channel mixer` the SwiGLU hidden width that absorbs the remainder (default "
               "8/3 d), or for RWKV its own channel-mix width (RWKV-6 default 3.5 d, RWKV-7 4 d); `bpb` the mean "
               "over seeds [min-max]; `s per run` wall seconds (one thread, shared machine).", ""]
+    edge = sorted({row["mixer"] for row in rows if row["lr"] is not None and len(settings.lrs) > 1
+                   and row["lr"] in (min(settings.lrs), max(settings.lrs))})
+    if edge:
+        lines += [f"The tuned lr is at an end of the lr grid for {', '.join(edge)}: the best lr may lie outside it "
+                  "(widen `lrs` before reading a ranking).", ""]
     if plot:
         lines += [f"![validation bits per byte against parameters]({plot})", ""]
     header = ["mixer", "size", "params (mismatch)", "d", "channel mixer", "lr", "lr sweep (size 0 bpb)", "seeds",
@@ -530,7 +535,7 @@ def plot_bpb_vs_params(rows: list[dict[str, Any]], path: Path) -> Path | None:
     for number, mixer in enumerate(dict.fromkeys(row["mixer"] for row in scored)):
         points = sorted((row["parameters"], row["val_bpb"]) for row in scored if row["mixer"] == mixer)
         axes.plot([x for x, _ in points], [y for _, y in points], marker=markers[number % len(markers)], label=mixer,
-                  linestyle="--" if mixer == "attention" else "-")
+                  linestyle="--" if mixer == "attention" else "-", color=f"C{number}" if number < 10 else "black")
     axes.set_xscale("log")
     axes.set_xlabel("parameters")
     axes.set_ylabel("validation bits per byte")

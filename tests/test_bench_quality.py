@@ -62,6 +62,7 @@ def test_the_run_order_puts_attention_first_in_each_cell_and_one_seed_of_every_m
     first = runs[:per_cell]
     attention = len(settings.blocks) * len(settings.lrs) * len(settings.seeds)
     assert {spec.mixer for spec in first[:attention]} == {"attention"}  # the sanity gate's row comes first
+    assert [spec.lr for spec in first[:len(settings.lrs)]] == list(settings.lrs)  # every lr once, then seed 1
     assert "attention" not in {spec.mixer for spec in first[attention:]}
     no_mlp = [spec for spec in first[attention:] if spec.block == "no_mlp"]
     assert first[attention:attention + len(no_mlp)] == no_mlp  # Zoology's block before seqarch's

@@ -157,8 +157,8 @@ class RunSpec:
 def run_specs(settings: QualitySettings) -> list[RunSpec]:
     """Every run of the sweep in the order that tells the most early (the cache does not depend on it):
     cells outermost (a budget cut leaves whole later cells pending); within a cell attention first, every
-    block, lr and seed (the sanity gate needs its row complete), then per block the other mixers seed by seed,
-    each over all its lrs (so one seed of every mixer at its best lr comes before any second seed)."""
+    block, seed and lr (the sanity gate needs its row complete), then per block the other mixers; in both,
+    seed by seed, each seed over all lrs (so every lr has run once before any second seed)."""
     shared = {name: getattr(settings, name) for name in ("vocab_size", "n_layers", "steps", "batch_size",
                                                          "warmup_steps", "weight_decay", "grad_clip", "eval_every",
                                                          "stop_accuracy", "num_train", "num_val", "length_factors")}
@@ -167,7 +167,7 @@ def run_specs(settings: QualitySettings) -> list[RunSpec]:
     specs = []
     for cell in settings.cells():
         specs += [RunSpec(mixer, block, cell, lr, seed, **shared) for mixer in first for block in settings.blocks
-                  for lr in settings.lrs for seed in settings.seeds]
+                  for seed in settings.seeds for lr in settings.lrs]
         specs += [RunSpec(mixer, block, cell, lr, seed, **shared) for block in settings.blocks
                   for seed in settings.seeds for mixer in others for lr in settings.lrs]
     return specs

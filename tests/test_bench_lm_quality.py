@@ -24,6 +24,7 @@ from seqarch.bench.lm_quality import (
     train_offsets,
     tuning_specs,
     validation_bpb,
+    validation_starts,
     write_lm_quality_report,
 )
 from seqarch.models.lm import SeqLM
@@ -113,11 +114,19 @@ def test_every_run_reads_the_same_token_stream(tmp_path, corpus):
     assert all(result["tokens"] == settings.steps * settings.batch_size * settings.seq_len for result in results)
 
 
+def test_validation_windows_are_spread_over_the_stream_without_overlap():
+    starts = validation_starts(4000, 16, 3)
+    assert starts.tolist() == [0, 1991, 3982] and starts[-1] + 17 <= 4000  # first, middle, last window
+    assert validation_starts(100, 16, 50).tolist() == [0, 16, 32, 48, 64, 80]  # short stream: what fits
+    with pytest.raises(ValueError, match="shorter than L 16"):
+        validation_starts(10, 16, 3)
+
+
 def test_validation_bits_per_byte_is_the_mean_cross_entropy_in_bits(corpus):
     torch.manual_seed(0)
     model = SeqLM(256, 16, 1, mixer="attention")
     val = corpus[1]
-    windows = torch.stack([val[i * 16:i * 16 + 17] for i in range(3)]).long()
+    windows = torch.stack([val[start:start + 17] for start in (0, 1991, 3982)]).long()
     with torch.no_grad():
         logits = model(windows[:, :-1])
         nats = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), windows[:, 1:].reshape(-1))

@@ -66,7 +66,7 @@ class LMQualitySettings:
     grad_clip: float = 1.0  # max gradient norm; 0: off
     data_seed: int = 0  # draws the training offsets
     val_percent: float = 5.0  # standard-library files held out (by path hash) for validation
-    val_windows: int = 64  # validation windows of L bytes (the first ones of the held-out stream), all scored
+    val_windows: int = 256  # validation windows of L bytes spread evenly over the held-out stream, all scored
     log_every: int = 100  # steps between recorded training losses
     threads: int = 1  # torch threads
     budget_s: float = 0.0  # stop starting new runs after this many seconds (0: none)
@@ -298,16 +298,24 @@ def batch_at(stream: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> torch
     return stream[offsets[:, None] + torch.arange(seq_len + 1)]
 
 
+def validation_starts(stream_length: int, seq_len: int, windows: int) -> torch.Tensor:
+    """Start offsets of `windows` non-overlapping windows of L + 1 bytes spread evenly over the validation
+    stream (so they sample every held-out file region, not only the first); fewer if the stream is short."""
+    room = stream_length - 1 - seq_len  # the last valid start
+    if room < 0:
+        raise ValueError(f"lm_quality: the validation stream ({stream_length} bytes) is shorter than L {seq_len}")
+    stride = max(seq_len, room // max(windows - 1, 1))
+    return torch.arange(min(windows, room // stride + 1)) * stride
+
+
 @torch.no_grad()
 def validation_bpb(model, stream: torch.Tensor, seq_len: int, windows: int, batch_size: int) -> float:
-    """Mean next-byte cross-entropy in bits over every position of the first `windows` non-overlapping
-    windows of the validation stream."""
-    count = min(windows, (stream.numel() - 1) // seq_len)
-    if count < 1:
-        raise ValueError(f"lm_quality: the validation stream ({stream.numel()} bytes) is shorter than L {seq_len}")
+    """Mean next-byte cross-entropy in bits over every position of `windows` non-overlapping windows spread
+    evenly over the validation stream (`validation_starts`)."""
+    starts = validation_starts(stream.numel(), seq_len, windows)
+    count = len(starts)
     model.eval()
     total = 0.0
-    starts = torch.arange(count) * seq_len
     for chunk in starts.split(batch_size):
         window = batch_at(stream, chunk, seq_len).long()
         logits = model(window[:, :-1]).float()
@@ -484,7 +492,8 @@ def lm_quality_lines(rows: list[dict[str, Any]], settings: LMQualitySettings, ba
              f"{settings.warmup_steps} warmup steps, cosine to {settings.min_lr_ratio:g} x peak. "
              f"The lr is tuned per mixer at the smallest size over {', '.join(f'{lr:g}' for lr in settings.lrs)} "
              f"(seed {settings.seeds[0]}) and reused at the larger sizes. Validation: bits per byte over every "
-             f"position of the first {settings.val_windows} held-out windows of {settings.seq_len} bytes.",
+             f"position of {settings.val_windows} windows of {settings.seq_len} bytes spread evenly over the "
+             "held-out stream.",
              ""]
     if baseline_bpb is not None:
         lines += [f"A unigram byte model (no context) scores {baseline_bpb:.3f} bits per byte on the same "
@@ -561,17 +570,17 @@ def write_lm_quality_report(rows: list[dict[str, Any]], settings: LMQualitySetti
 
 
 def corpus_baseline(settings: LMQualitySettings) -> float:
-    """Bits per byte of a unigram byte model on the validation windows' bytes (the no-context bar)."""
+    """Bits per byte of a unigram byte model on the scored validation bytes (the no-context bar)."""
     train, val = load_corpus(settings)
-    scored = val[:min(settings.val_windows, (val.numel() - 1) // settings.seq_len) * settings.seq_len + 1][1:]
-    return unigram_bits_per_byte(train, scored)
+    starts = validation_starts(val.numel(), settings.seq_len, settings.val_windows)
+    return unigram_bits_per_byte(train, batch_at(val, starts, settings.seq_len)[:, 1:].reshape(-1))
 
 
 # --- presets -------------------------------------------------------------------------------------
 LM_GRIDS: dict[str, dict[str, Any]] = {
     # a smoke run sized for < 10 min on one thread: tiny models, two lrs, 60 steps of 8 x 64 bytes
     "quick": {"reference_widths": (48, 64, 96), "n_layers": 2, "seq_len": 64, "batch_size": 8, "steps": 60,
-              "lrs": (2.2e-3, 4.6e-3), "warmup_steps": 10, "val_windows": 16, "log_every": 20},
+              "lrs": (2.2e-3, 4.6e-3), "warmup_steps": 10, "val_windows": 64, "log_every": 20},
     # issue 14's item 5: three sizes x every mixer, lr tuned at the smallest (cost: docs/benchmarks.md)
     "default": {},
 }
@@ -587,4 +596,4 @@ def lm_quality_settings(preset: str, **overrides: Any) -> LMQualitySettings:
 __all__ = ["LMQualitySettings", "LMRunSpec", "LM_GRIDS", "Size", "best_lr", "corpus_baseline", "lm_parameters",
            "lm_quality_lines", "lm_quality_settings", "match_size", "plan_sizes", "plot_bpb_vs_params",
            "run_lm_quality", "scaling_specs", "summarize_lm", "train_lm_run", "train_offsets", "tuning_specs",
-           "validation_bpb", "write_lm_quality_report"]
+           "validation_bpb", "validation_starts", "write_lm_quality_report"]

@@ -46,6 +46,7 @@ def test_the_zoology_grid_is_issue_14s():
     ratios = {round(math.log10(b / a), 2) for a, b in zip(lrs[:-1], lrs[1:], strict=True)}
     assert len(ratios) == 1  # log-spaced
     assert len(settings.seeds) == 2 and settings.steps == 3000 and settings.batch_size == 64
+    assert settings.num_train == 100_000  # Zoology's; a 20,000-example set was memorised (train loss 0.1, val 0.70)
     assert set(settings.blocks) == {"no_mlp", "default"} and settings.stop_accuracy == 0.99
     assert settings.mixer_names == list_mixers()  # every registered mixer, including those added later
     runs = run_specs(settings)

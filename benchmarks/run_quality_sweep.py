@@ -1,17 +1,19 @@
 """The quality sweep: every registered mixer on MQAR (and state tracking), resumable run by run.
 
-    python benchmarks/run_quality_sweep.py --preset quick        # < 10 min on one thread; one lr, one seed
-    python benchmarks/run_quality_sweep.py                       # issue 14's grid: ~34 single-thread hours
-    python benchmarks/run_quality_sweep.py budget_s=6000         # ... 100 minutes of it; rerun to continue
-    python benchmarks/run_quality_sweep.py --preset state        # parity and Z5 at L 32, evaluated at 32/64/128
-    python benchmarks/run_quality_sweep.py mixers=attention,mamba lrs=[1e-3] seeds=[0]
+    python -m benchmarks.run_quality_sweep --preset quick         # < 10 min on one thread; one lr, one seed
+    python -m benchmarks.run_quality_sweep                        # issue 14's Zoology grid: ~2 single-thread days
+    python -m benchmarks.run_quality_sweep budget_s=6000          # ... 100 minutes of it; rerun to continue
+    python -m benchmarks.run_quality_sweep --preset state         # parity and Z5 at L 32, evaluated at 32/64/128
+    python -m benchmarks.run_quality_sweep mixers=attention,mamba lrs=[1e-3] seeds=[0]
+
+(`python -m` from the checkout's root imports that checkout's seqarch, whichever one is installed.)
 
 `key=value` arguments set any field of `seqarch.bench.quality.QualitySettings` on top of the preset.
 Writes benchmarks/results/quality/<name>/ (default name: the preset): runs/<key>.json, one per finished
 run (the cache a rerun skips), quality.json (one row per cell x block x mixer), quality.md (the report,
-INVALID in its title when attention misses 0.99 on a finished MQAR cell), settings.json (every field, the
-wall time of this invocation) and machine.json. Feed quality.json to the speed report with
-`seqarch bench quality=<path>`.
+INVALID in its title when attention misses 0.99 on a finished MQAR cell), accuracy.png (MQAR accuracy per
+mixer per cell), settings.json (every field, the wall time of this invocation) and machine.json. Feed
+quality.json to the speed report with `seqarch bench quality=<path>`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "quality"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="key=value fields of QualitySettings")
-    parser.add_argument("--preset", default="default", choices=list(GRIDS))
+    parser.add_argument("--preset", default="zoology", choices=list(GRIDS))
     parser.add_argument("--name", default=None, help="results folder name (default: the preset)")
     args = parser.parse_args()
 
@@ -54,7 +56,7 @@ def main() -> None:
     recorded = {**dataclasses.asdict(settings), "out": str(out.relative_to(RESULTS.parents[2])),
                 "preset": args.preset, "wall_seconds_this_invocation": wall_seconds}
     (out / "settings.json").write_text(json.dumps(recorded, indent=1) + "\n")
-    header = [f"Preset `{args.preset}`: `python benchmarks/run_quality_sweep.py --preset {args.preset}`; "
+    header = [f"Preset `{args.preset}`: `python -m benchmarks.run_quality_sweep --preset {args.preset}`; "
               f"this invocation ran {wall_seconds:.0f} s on {settings.threads} thread(s) (finished runs are cached in "
               f"runs/ and skipped on rerun). Every field: settings.json; machine: machine.json.", ""]
     report = write_quality_report(rows, out, header)

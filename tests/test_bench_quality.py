@@ -38,19 +38,43 @@ def tiny_quality(tmp_path, **overrides) -> QualitySettings:
     return QualitySettings(**{**values, **overrides})
 
 
-def test_the_default_grid_is_issue_14s():
-    settings = quality_settings("default")
+def test_the_zoology_grid_is_issue_14s():
+    settings = quality_settings("zoology")
     assert settings.mqar_cells == ((64, 64, 4), (64, 128, 8), (128, 128, 8)) and settings.vocab_size == 8192
     assert len(settings.lrs) >= 3 and all(1e-4 <= lr <= 1e-2 for lr in settings.lrs)
     lrs = sorted(settings.lrs)
     ratios = {round(math.log10(b / a), 2) for a, b in zip(lrs[:-1], lrs[1:], strict=True)}
     assert len(ratios) == 1  # log-spaced
     assert len(settings.seeds) == 2 and settings.steps == 3000 and settings.batch_size == 64
+    assert settings.num_train == 100_000  # Zoology's; a 20,000-example set was memorised (train loss 0.1, val 0.70)
     assert set(settings.blocks) == {"no_mlp", "default"} and settings.stop_accuracy == 0.99
     assert settings.mixer_names == list_mixers()  # every registered mixer, including those added later
     runs = run_specs(settings)
     assert len(runs) == 3 * 2 * len(list_mixers()) * len(settings.lrs) * 2
     assert len({spec.key for spec in runs}) == len(runs)
+
+
+def test_the_run_order_puts_attention_first_in_each_cell_and_one_seed_of_every_mixer_before_the_second():
+    settings = quality_settings("zoology")
+    runs = run_specs(settings)
+    cells = [spec.cell for spec in runs]
+    assert cells == sorted(cells, key=settings.cells().index)  # cells outermost
+    per_cell = len(runs) // len(settings.cells())
+    first = runs[:per_cell]
+    attention = len(settings.blocks) * len(settings.lrs) * len(settings.seeds)
+    assert {spec.mixer for spec in first[:attention]} == {"attention"}  # the sanity gate's row comes first
+    assert [spec.lr for spec in first[:len(settings.lrs)]] == list(settings.lrs)  # every lr once, then seed 1
+    assert "attention" not in {spec.mixer for spec in first[attention:]}
+    no_mlp = [spec for spec in first[attention:] if spec.block == "no_mlp"]
+    assert first[attention:attention + len(no_mlp)] == no_mlp  # Zoology's block before seqarch's
+    seeds = [spec.seed for spec in no_mlp]
+    assert seeds == sorted(seeds)  # every mixer's seed 0 (all lrs) before any seed 1
+    assert sorted(map(dataclasses.astuple, runs)) == sorted(
+        map(dataclasses.astuple, (quality.RunSpec(m, b, c, lr, s, **{k: getattr(runs[0], k) for k in (
+            "vocab_size", "n_layers", "steps", "batch_size", "warmup_steps", "weight_decay", "grad_clip",
+            "eval_every", "stop_accuracy", "num_train", "num_val", "length_factors")})
+            for c in settings.cells() for b in settings.blocks for m in settings.mixer_names
+            for lr in settings.lrs for s in settings.seeds)))  # the order changes nothing else
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -153,6 +177,17 @@ def test_the_report_marks_itself_invalid_when_attention_misses_099(tmp_path):
     assert text.startswith("# seqarch quality report — INVALID") and "**INVALID" in text
     unfinished = summarize(settings, {})
     assert "NOT CHECKED" in write_quality_report(unfinished, tmp_path / "none").read_text()
+    assert not (tmp_path / "none" / "accuracy.png").exists()  # nothing scored: no plot
+
+
+def test_the_report_plots_mqar_accuracy_per_mixer_and_cell_in_each_block(tmp_path):
+    settings = tiny_quality(tmp_path, mixers=("attention", "s4d"), lrs=(1e-3,), seeds=(0,),
+                            blocks=("no_mlp", "default"), mqar_cells=((32, 16, 2), (32, 32, 4)))
+    specs = run_specs(settings)
+    rows = summarize(settings, {spec.key: _result(spec, 0.5) for spec in specs[:-1]})  # the last row pending
+    text = write_quality_report(rows, tmp_path / "report").read_text()
+    assert "![MQAR accuracy per mixer and cell](accuracy.png)" in text
+    assert (tmp_path / "report" / "accuracy.png").stat().st_size > 1000
 
 
 def test_every_row_states_steps_batch_lr_seeds_and_parameters(tmp_path):
@@ -189,7 +224,7 @@ def test_a_failing_run_is_a_row_not_a_crash(tmp_path, monkeypatch):
 def test_bench_reads_quality_true_and_checks_the_grid_name():
     assert parse_bench_settings(["quality=true"]).quality == "true"
     assert parse_bench_settings(["quality=runs/quality.json"]).quality == "runs/quality.json"
-    with pytest.raises(ValueError, match="quality_grid='huge'; valid: quick, default, state"):
+    with pytest.raises(ValueError, match="quality_grid='huge'; valid: quick, zoology, state"):
         parse_bench_settings(["quality_grid=huge"])
 
 

@@ -52,7 +52,7 @@ class BenchSettings:
     overwrite: bool = False  # write into an `out` that already holds files (they may be replaced)
     note: str = ""  # free text printed at the top of the report (e.g. "machine shared with 7 jobs")
     quality: str = ""  # MQAR accuracy section: "" none, "true" run the sweep first, else a quality.json path
-    quality_grid: str = "quick"  # with quality=true: a preset of seqarch.bench.quality.GRIDS ("default" takes ~34 h)
+    quality_grid: str = "quick"  # with quality=true: a preset of seqarch.bench.quality.GRIDS ("zoology": ~2 days)
     extrapolate: str = "llama-2-13b"  # model shape for the report's analytic section (see accounting.PRESETS)
     extrapolate_lens: tuple[int, ...] = (4096, 32768, 131072)  # lengths for the analytic section
     mixer_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-mixer config keys

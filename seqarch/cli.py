@@ -15,7 +15,9 @@ reported as one line on stderr with exit code 2 and no traceback. A run that sta
 finish is one line on stderr too, with its own exit code: 3 when training diverged (a non-finite
 loss), 130 when it was interrupted by Ctrl-C; the line says where the last checkpoint is. Adding a
 command is one entry in COMMANDS: a function from the argument list to an exit code that raises
-ConfigError on bad input.
+ConfigError on bad input. Each is a thin wrapper: it parses the arguments with
+`seqarch.overrides.parse_overrides` into a typed config and calls the Python entry point
+(`seqarch.train.fit.train(RunConfig)`, `seqarch.evals.run_eval(EvalConfig)`, `seqarch.bench.run_bench`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from seqarch.train.config import ConfigError
-from seqarch.train.runs import RunStopped
+from seqarch.overrides import ConfigError
+from seqarch.runs import RunStopped
 
 
 def _fit(args: list[str]) -> int:

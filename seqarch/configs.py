@@ -14,6 +14,7 @@ values changed name too, `_renamed_values: ClassVar[dict[str, dict]] = {"backend
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
 import types
 import warnings
@@ -120,6 +121,20 @@ def outside_stacklevel() -> int:
     while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def moved_names(old_module: str, moves: dict[str, str]):
+    """A module-level `__getattr__` for `old_module` whose names in `moves` (name -> new module) now
+    live elsewhere: each access returns the new object with a DeprecationWarning naming the new path."""
+
+    def __getattr__(name: str):
+        if name not in moves:
+            raise AttributeError(f"module {old_module!r} has no attribute {name!r}")
+        warnings.warn(f"{old_module}.{name} moved to {moves[name]}.{name}; the old path is deprecated and will be "
+                      "removed in the next release", DeprecationWarning, stacklevel=outside_stacklevel())
+        return getattr(importlib.import_module(moves[name]), name)
+
+    return __getattr__
 
 
 def _apply_renames(config_cls: type, owner: str, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,8 @@
     class MambaMixer(SequenceMixer): ...
 
     mixer = build_mixer("mamba", d_model=256, d_state=16)   # kwargs override the config
-    block = build_block("mamba", d_model=256, mlp=False)
+
+`seqarch.models.block.build_block` (also `seqarch.build_block`) wraps a built mixer in the residual block.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from seqarch.configs import make_config
+from seqarch.configs import make_config, moved_names
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,6 @@ def build_mixer(name: str, device=None, dtype=None, **overrides: Any):
     return entry.mixer_cls(build_config(name, **overrides), device=device, dtype=dtype)
 
 
-def build_block(name: str, *, mlp: bool = True, mlp_ratio: float = 8 / 3, norm_eps: float = 1e-5,
-                mlp_hidden: int | None = None, mlp_bias: bool = False, device=None, dtype=None, **overrides: Any):
-    """Mixer `name` wrapped in the pre-norm residual block (see seqarch.models.block.Block)."""
-    from seqarch.models.block import Block
-
-    mixer = build_mixer(name, device=device, dtype=dtype, **overrides)
-    return Block(mixer, mlp=mlp, mlp_ratio=mlp_ratio, norm_eps=norm_eps, mlp_hidden=mlp_hidden, mlp_bias=mlp_bias,
-                 device=device, dtype=dtype)
+# build_block moved beside Block (seqarch.models.block; also `seqarch.build_block`), so this module imports no
+# model code (issue #17). The old path warns for one release.
+__getattr__ = moved_names(__name__, {"build_block": "seqarch.models.block"})

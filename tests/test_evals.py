@@ -182,8 +182,8 @@ def test_evaluate_runs_on_the_requested_threads_and_restores_them(runs, monkeypa
                         or original(contents, options))
     before = torch.get_num_threads()
     wanted = 1 if before != 1 else 2
-    options = command.parse_eval_options([f"ckpt={runs['attention']}", "task=passkey", "depths=[0]", "trials=1",
-                                          "lengths=[96]", f"num_threads={wanted}"])
+    options = command.parse_eval_config([f"ckpt={runs['attention']}", "task=passkey", "depths=[0]", "trials=1",
+                                         "lengths=[96]", f"num_threads={wanted}"])
     command.evaluate(command.read_checkpoint(str(runs["attention"]))[1], options)
     assert seen == [wanted]
     assert torch.get_num_threads() == before

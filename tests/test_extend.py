@@ -12,10 +12,10 @@ from torch import nn
 
 from seqarch.cli import main
 from seqarch.models.lm import SeqLM
-from seqarch.train.config import ConfigError
-from seqarch.train.extend import extend_config, model_from_checkpoint
-from seqarch.train.lora import LoRALinear, apply_lora, merge_lora
-from seqarch.train.runs import read_checkpoint
+from seqarch.models.lora import LoRALinear, apply_lora, merge_lora
+from seqarch.overrides import ConfigError
+from seqarch.runs import model_from_checkpoint, read_checkpoint
+from seqarch.train.extend import extend_config
 from tests.tolerance import assert_close
 
 BASE = ["recipe=transformer", "model.d_model=32", "model.n_layers=2", "model.attention.n_heads=2", "data=passkey",

@@ -398,7 +398,7 @@ def test_generate_reads_an_hf_directory_bytes_or_its_tokenizer(tmp_path, capsys)
 
 
 def test_cli_refusals_for_hf_directories(tmp_path):
-    from seqarch.train.config import ConfigError
+    from seqarch.overrides import ConfigError
     from seqarch.train.fit import resolve_fit_config
 
     _, path = byte_llama(tmp_path)

@@ -22,8 +22,8 @@ import torch
 
 from seqarch import SeqLM, build_mixer, list_mixers
 from seqarch.cli import main
+from seqarch.runs import strict_json, write_json
 from seqarch.train.module import LMModule, warmup_cosine
-from seqarch.train.runs import strict_json, write_json
 
 TINY = ["recipe=s4d", "data=induction", "data.seq_len=16", "data.vocab_size=8", "data.batch_size=4",
         "data.num_train=64", "data.num_val=8", "model.d_model=16", "model.n_layers=1", "trainer.val_batches=1",
@@ -284,12 +284,12 @@ def test_which_parallel_paths_spread_a_nan_to_earlier_positions(name):
 
 
 def test_eval_check_finite_option_is_a_bool():
-    from seqarch.evals.command import parse_eval_options
-    from seqarch.train.config import ConfigError
+    from seqarch.evals.command import parse_eval_config
+    from seqarch.overrides import ConfigError
 
-    assert parse_eval_options(["ckpt=x", "task=ppl", "check_finite=true"])["check_finite"] is True
+    assert parse_eval_config(["ckpt=x", "task=ppl", "check_finite=true"]).check_finite is True
     with pytest.raises(ConfigError, match="check_finite must be true or false"):
-        parse_eval_options(["ckpt=x", "task=ppl", "check_finite=maybe"])
+        parse_eval_config(["ckpt=x", "task=ppl", "check_finite=maybe"])
 
 
 def test_check_finite_names_the_first_layer_with_a_non_finite_output():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from seqarch.train.config import ConfigError, list_recipes, load_recipe, parse_overrides, resolve
+from seqarch.overrides import ConfigError, parse_overrides
+from seqarch.train.config import list_recipes, load_recipe, resolve
 
 ARCHITECTURES = {"transformer", "mamba", "mamba2", "mamba3", "rwkv6", "rwkv7", "retnet", "gated_deltanet", "hyena",
                  "s4d", "hybrid"}

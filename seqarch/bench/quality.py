@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from seqarch.data.state_tracking import GROUPS, word_problem
 from seqarch.data.synthetic import IGNORE, multiquery_associative_recall
 from seqarch.registry import list_mixers
-from seqarch.train.runs import finite_or_null
+from seqarch.runs import finite_or_null
 
 Task = Literal["mqar", "parity", "z5", "s5"]
 GATE_ACCURACY = 0.99  # attention must reach this on every finished MQAR cell, or the report is INVALID

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from seqarch.bench.analysis import crossover, exponents, ok_rows  # noqa: E402
 from seqarch.bench.runner import COLUMNS  # noqa: E402
-from seqarch.train.runs import finite_or_null  # noqa: E402
+from seqarch.runs import finite_or_null  # noqa: E402
 
 MODE_TITLES = {"train": "train (forward + backward)", "prefill": "prefill", "decode": "decode (one token after L)"}
 QUALITY_KEYS = ("mixer", "d_model", "seq_len", "accuracy")

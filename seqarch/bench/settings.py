@@ -15,10 +15,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from seqarch.bench.quality import GRIDS
 from seqarch.configs import make_config
+from seqarch.overrides import ConfigError
+from seqarch.overrides import parse_overrides as parse_key_values
 from seqarch.registry import build_config, get_entry, list_mixers
 
 MODES = ("train", "prefill", "decode")
@@ -130,14 +130,24 @@ def _as_lengths(key: str, value: Any) -> Any:
 
 
 def parse_overrides(overrides: list[str], config_cls: type, owner: str) -> dict[str, Any]:
-    """`["a=1", "b=[2,3]", "s4d.d_state=8"]` -> {"a": 1, "b": [2, 3], "mixer_overrides": {"s4d": {...}}}."""
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ValueError(f"{owner}: expected key=value, got {item!r}")
+    """`["a=1", "b=[2,3]", "s4d.d_state=8"]` -> {"a": 1, "b": [2, 3], "mixer_overrides": {"s4d": {...}}}.
+    The `key=value` grammar is `seqarch.overrides.parse_overrides` (the one parser of every command);
+    this sorts its keys into fields of `config_cls` and per-mixer config keys."""
     try:
-        parsed = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
-    except Exception as error:  # OmegaConf raises several grammar errors; one line is enough
-        raise ValueError(f"{owner}: cannot parse overrides {overrides}: {error}".splitlines()[0]) from None
+        flat = parse_key_values(list(overrides))
+    except ConfigError as error:
+        raise ValueError(f"{owner}: {error}") from None
+    parsed: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        node = parsed
+        for index, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"{owner}: cannot set {dotted!r}: {'.'.join(parents[:index + 1])} is {child!r}, "
+                                 "not a section")
+            node = child
+        node[leaf] = value
     registered = set(list_mixers())
     fields = {f.name for f in dataclasses.fields(config_cls)} - {"mixer_overrides"}
     values: dict[str, Any] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from seqarch.train.runs import strict_json
+from seqarch.runs import strict_json
 
 
 def ppl_table(rows: list[dict], trained_length: int) -> str:

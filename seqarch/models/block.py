@@ -1,4 +1,4 @@
-"""The standard pre-norm residual block around any mixer.
+"""The standard pre-norm residual block around any mixer; `build_block(name, ...)` builds one by mixer name.
 
     x = x + mixer(RMSNorm(x))
     x = x + mlp(RMSNorm(x))        (SwiGLU; off with mlp=False, as in Mamba; or the mixer's own)
@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from seqarch.mixers.base import MixerState, SequenceMixer
 from seqarch.models.mlp import SwiGLU
+from seqarch.registry import build_mixer
 
 
 @dataclass
@@ -140,3 +142,12 @@ def _reinitialised_linears(module: nn.Module) -> list[nn.Linear]:
         else:
             found += _reinitialised_linears(child)
     return found
+
+
+def build_block(name: str, *, mlp: bool = True, mlp_ratio: float = 8 / 3, norm_eps: float = 1e-5,
+                mlp_hidden: int | None = None, mlp_bias: bool = False, device=None, dtype=None, **overrides: Any):
+    """Mixer `name` (built by the registry; keyword arguments override its config) wrapped in the pre-norm
+    residual Block."""
+    mixer = build_mixer(name, device=device, dtype=dtype, **overrides)
+    return Block(mixer, mlp=mlp, mlp_ratio=mlp_ratio, norm_eps=norm_eps, mlp_hidden=mlp_hidden, mlp_bias=mlp_bias,
+                 device=device, dtype=dtype)

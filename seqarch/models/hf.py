@@ -500,7 +500,8 @@ def read_hf_checkpoint(ckpt: str) -> tuple[Path, dict] | None:
     trained length, so `fit recipe=extend` extends from there. ValueError (a ConfigError) when the
     directory cannot be loaded exactly.
     """
-    from seqarch.train.config import ConfigError, load_recipe
+    from seqarch.overrides import ConfigError
+    from seqarch.train.config import load_recipe
 
     text = str(ckpt)
     if text.startswith(HF_PREFIX):

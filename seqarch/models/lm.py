@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from seqarch.mixers.base import MixerState
+from seqarch.models.block import build_block
 from seqarch.positional import sinusoidal_positions
-from seqarch.registry import build_block, list_mixers
+from seqarch.registry import list_mixers
 
 POSITION_EMBEDDINGS = ("none", "sinusoidal")
 # Mixers that compute in complex numbers: torch has no complex bfloat16, and complex float16 lacks the ops

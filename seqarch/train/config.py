@@ -5,9 +5,10 @@
 A recipe is a YAML file with the sections `model`, `data`, `optim`, `trainer` (and `seed`); it may
 start from another with `extends: <name or path>` (every built-in recipe extends `base`). `recipe=`
 takes a built-in name (seqarch/recipes/<name>.yaml) or a path to a YAML file. Overrides are parsed
-by OmegaConf's dot-list grammar (`256` is an int, `true` a bool, `[a,b]` a list) and applied in
-order, except that `data=<source>` is applied first: it replaces the data section by that source's
-defaults, so `data=mqar data.num_kv_pairs=4` and `data.num_kv_pairs=4 data=mqar` mean the same.
+by `seqarch.overrides.parse_overrides` (OmegaConf's dot-list grammar: `256` is an int, `true` a bool,
+`[a,b]` a list; bad input raises `seqarch.overrides.ConfigError`) and applied in order, except that
+`data=<source>` is applied first: it replaces the data section by that source's defaults, so
+`data=mqar data.num_kv_pairs=4` and `data.num_kv_pairs=4 data=mqar` mean the same.
 
 Validation happens here, once, with one ValueError naming the key and what is valid: the optim,
 trainer and data sections are frozen dataclasses checked by `seqarch.configs.make_config`; the
@@ -25,18 +26,14 @@ from typing import Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from seqarch.configs import make_config
+from seqarch.configs import make_config, moved_names
 from seqarch.data.sources import DATA_SOURCES, data_config
+from seqarch.overrides import ConfigError  # its home; importable from here as before
 from seqarch.registry import list_mixers
 
 RUN_KEYS = ("recipe", "ckpt", "init_from", "seed", "out_dir", "run_dir", "print_config")
 SECTIONS = ("model", "data", "optim", "trainer", "lora")
-
-
-class ConfigError(ValueError):
-    """Bad user input: the CLI prints the message as one line and exits with code 2."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,7 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    rank: int = 0  # LoRA rank on the attention projections (seqarch/train/lora.py); 0: no adapters
+    rank: int = 0  # LoRA rank on the attention projections (seqarch/models/lora.py); 0: no adapters
     alpha: float = 16.0  # the update is scaled by alpha / rank
     train_embeddings_and_norms: bool = True  # LongLoRA: embeddings and norms stay trainable beside the adapters
 
@@ -165,27 +162,6 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return content
     base = _load_yaml(_recipe_path(str(parent)) if "/" not in str(parent) else path.parent / parent, (*seen, path))
     return OmegaConf.to_container(OmegaConf.merge(base, content))
-
-
-def parse_overrides(args: list[str], raw_keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """`key=value` strings -> {dotted key: typed value} (OmegaConf's grammar), in order. Values of
-    `raw_keys` stay the exact string after the first `=` (OmegaConf would trim whitespace)."""
-    parsed: dict[str, Any] = {}
-    for arg in args:
-        key, sep, raw = arg.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"expected key=value, got {arg!r}")
-        if key in raw_keys:
-            parsed[key] = raw
-            continue
-        try:
-            value = OmegaConf.to_container(OmegaConf.from_dotlist([arg]))
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"cannot parse {arg!r}: {str(error).splitlines()[0]}") from error
-        for part in key.split("."):
-            value = value[part]
-        parsed[key] = value
-    return parsed
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
@@ -281,5 +257,8 @@ def load_recipe(recipe: str) -> dict:
     return tree
 
 
+# parse_overrides moved to seqarch.overrides (issue #17): the old path warns for one release.
+__getattr__ = moved_names(__name__, {"parse_overrides": "seqarch.overrides"})
+
 __all__ = ["ConfigError", "LoRAConfig", "OptimConfig", "RunConfig", "TrainerConfig", "check_mixers", "check_precision",
-           "list_recipes", "load_recipe", "parse_overrides", "recipes_dir", "resolve"]
+           "list_recipes", "load_recipe", "recipes_dir", "resolve"]

@@ -1,4 +1,4 @@
-"""Context extension (`seqarch fit recipe=extend ckpt=<run> ...`) and rebuilding models from checkpoints.
+"""Context extension (`seqarch fit recipe=extend ckpt=<run> ...`): the run config and the base weights.
 
     seqarch fit recipe=extend ckpt=runs/custom/<timestamp> data.seq_len=1024 \\
         model.attention.rope_scaling=yarn model.attention.s2_group=256 lora.rank=8
@@ -9,17 +9,19 @@ the optim, trainer and lora sections of seqarch/recipes/extend.yaml, then the ov
 scaling given without rope_factor gets factor = new seq_len / trained seq_len, and without
 max_position the trained seq_len (the length the scaling extends from).
 
-`model_from_checkpoint` rebuilds the SeqLM of any checkpoint, optionally with overridden attention
-keys (the same weights under another RoPE scaling), with LoRA adapters merged into the base weights.
+The base weights are read by `seqarch.runs.model_from_checkpoint` (LoRA adapters of an extended run
+merged), which the evals use too.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from seqarch.configs import moved_names
 from seqarch.models.lm import SeqLM
-from seqarch.train.config import ConfigError, RunConfig, load_recipe, resolve
-from seqarch.train.runs import read_checkpoint
+from seqarch.overrides import ConfigError
+from seqarch.runs import read_checkpoint
+from seqarch.train.config import RunConfig, load_recipe, resolve
 
 _EXTEND_SECTIONS = ("optim", "trainer", "lora")
 
@@ -50,29 +52,10 @@ def extend_config(ckpt: Any, overrides: dict[str, Any]) -> RunConfig:
     return config
 
 
-def model_from_checkpoint(contents: dict, attention_overrides: dict[str, Any] | None = None) -> SeqLM:
-    """The trained SeqLM of checkpoint `contents` (LoRA merged), in eval mode; `attention_overrides`
-    replace keys of the attention config (the weights do not depend on them)."""
-    from seqarch.train.lora import apply_lora, merge_lora
-
-    hparams = contents["hyper_parameters"]
-    kwargs = dict(hparams["model_kwargs"])
-    if attention_overrides:
-        kwargs["attention"] = {**(kwargs.get("attention") or {}), **attention_overrides}
-    try:
-        model = SeqLM.from_config(kwargs)
-    except ValueError as error:
-        raise ConfigError(f"model: {error}") from error
-    lora = hparams["config"].get("lora") or {}
-    if lora.get("rank"):
-        apply_lora(model, lora["rank"], lora["alpha"])
-    model.load_state_dict({key.removeprefix("model."): value for key, value in contents["state_dict"].items()})
-    merge_lora(model)
-    return model.eval()
-
-
 def load_base_weights(model: SeqLM, ckpt: str) -> None:
     """Copy the weights of checkpoint `ckpt` into `model` (same architecture); ConfigError if they do not fit."""
+    from seqarch.runs import model_from_checkpoint
+
     path, contents = read_checkpoint(ckpt)
     source = model_from_checkpoint(contents)
     try:
@@ -83,4 +66,7 @@ def load_base_weights(model: SeqLM, ckpt: str) -> None:
                           "not the architecture") from error
 
 
-__all__ = ["extend_config", "load_base_weights", "model_from_checkpoint"]
+# model_from_checkpoint moved to seqarch.runs (issue #17): the old path warns for one release.
+__getattr__ = moved_names(__name__, {"model_from_checkpoint": "seqarch.runs"})
+
+__all__ = ["extend_config", "load_base_weights"]

@@ -1,6 +1,7 @@
 """`seqarch fit` and `seqarch generate`: train a recipe into a run folder; sample from a checkpoint.
 
-    summary = fit(["recipe=mamba", "trainer.max_steps=200"])     # the CLI's arguments
+    summary = train(resolve(load_recipe("mamba"), {"trainer.max_steps": 200}))    # typed: a RunConfig
+    summary = fit(["recipe=mamba", "trainer.max_steps=200"])     # the CLI's arguments, then train()
     text = generate(["ckpt=runs/mamba/20260101-120000", "prompt=def ", "max_new_tokens=200"])
 
 With `ckpt=` fit resumes: the configuration comes from the checkpoint (overrides apply on top, e.g. a
@@ -30,8 +31,16 @@ from typing import Any
 
 import torch
 
-from seqarch.train.config import ConfigError, RunConfig, load_recipe, parse_overrides, resolve
-from seqarch.train.runs import RunStopped, claim_run_dir, load_checkpoint_file, read_checkpoint, write_json
+from seqarch.overrides import ConfigError, parse_overrides
+from seqarch.runs import (
+    RunStopped,
+    claim_run_dir,
+    load_checkpoint_file,
+    read_checkpoint,
+    resolve_checkpoint,
+    write_json,
+)
+from seqarch.train.config import RunConfig, load_recipe, resolve
 
 _RUN_DIR_HANDOFF = "SEQARCH_RUN_DIR"
 EXIT_DIVERGED = 3  # training produced a non-finite loss or weights
@@ -90,8 +99,17 @@ def _quiet_lightning() -> None:
 
 
 def fit(args: list[str]) -> dict[str, Any] | None:
-    """Train as `seqarch fit <args>`; returns the summary (None for print_config or non-zero ranks)."""
+    """Train as `seqarch fit <args>`: `resolve_fit_config`, then `train`."""
     config, resume_from = resolve_fit_config(args)
+    return train(config, resume_from)
+
+
+def train(config: RunConfig, resume_from: str | Path | None = None) -> dict[str, Any] | None:
+    """Train `config` into a fresh run folder; returns the summary (None for print_config or non-zero
+    ranks). `resume_from` is a checkpoint (file or run folder) whose weights, optimizer and step count
+    the run continues from (what `fit ckpt=` passes; `config.ckpt` only records it in the summary).
+    RunStopped when the run diverges or is interrupted, ConfigError for bad settings."""
+    resume_from = resolve_checkpoint(str(resume_from)) if resume_from is not None else None
     if config.print_config:
         print(config.to_yaml(), end="")
         return None
@@ -257,7 +275,7 @@ def _prepare_weights(config: RunConfig, module) -> None:
 
         load_base_weights(module.model, config.init_from)
     if config.lora.rank:
-        from seqarch.train.lora import apply_lora
+        from seqarch.models.lora import apply_lora
 
         try:
             apply_lora(module.model, config.lora.rank, config.lora.alpha, config.lora.train_embeddings_and_norms)
@@ -345,7 +363,7 @@ def format_summary(summary: dict) -> str:
 def generate(args: list[str]) -> str:
     """Sample as `seqarch generate ckpt=... prompt=... max_new_tokens=... temperature=... top_k=... seed=...`;
     prints and returns the text (bytes decoded as UTF-8, or token ids for synthetic-task models)."""
-    from seqarch.train.extend import model_from_checkpoint
+    from seqarch.runs import model_from_checkpoint
 
     options = {"ckpt": None, "prompt": "\n", "max_new_tokens": 200, "temperature": 0.8, "top_k": None, "seed": 0}
     given = parse_overrides(args, raw_keys=("prompt",))
@@ -392,4 +410,4 @@ def generate(args: list[str]) -> str:
     return text
 
 
-__all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "fit", "format_summary", "generate", "resolve_fit_config"]
+__all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "fit", "format_summary", "generate", "resolve_fit_config", "train"]

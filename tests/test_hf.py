@@ -327,11 +327,31 @@ def test_mamba_ssm_config_keys_that_hf_never_reads_are_ignored(tmp_path):
     check_logits(hf_model, SeqLM.from_hf(path))
 
 
-def test_mamba2_norm_epsilon_other_than_the_mixer_default_is_refused(tmp_path):
-    _, path = mamba2(tmp_path)
-    edit_config(path, layer_norm_epsilon=1e-6)
-    with pytest.raises(ValueError, match="layer_norm_epsilon"):
-        SeqLM.from_hf(path)
+def test_mamba2_norm_epsilon_reaches_the_gated_norm_and_the_block_norms(tmp_path):
+    """HF's Mamba-2 reads layer_norm_epsilon in every RMSNorm: the block norms, norm_f and the mixer's gated
+    norm. At 1e-6 each of the two kinds moves the logits by more than the tolerance (measured 1.0e-3 for the
+    gated norm, 3.6e-4 for the block norms), so a loader that set only one of them fails here."""
+    hf_model, path = mamba2(tmp_path, layer_norm_epsilon=1e-6)
+    model = SeqLM.from_hf(path)
+    assert {layer.mixer.norm.eps for layer in model.layers} == {1e-6}
+    assert {model.norm.eps, *(layer.norm_mixer.eps for layer in model.layers)} == {1e-6}
+    check_logits(hf_model, model)
+    check_greedy_decoding(hf_model, model)
+    x = tokens(37)
+    for norms in ("gated", "block"):
+        wrong = SeqLM.from_hf(path)
+        for layer in wrong.layers:
+            if norms == "gated":
+                layer.mixer.norm.eps = 1e-5
+            else:
+                layer.norm_mixer.eps = 1e-5
+        with torch.no_grad():
+            assert relative_error(wrong(x), hf_model(x).logits) > 2 * LOGIT_TOLERANCE, f"{norms} eps has no effect"
+    model.to_hf(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_norm_epsilon"] == 1e-6
+    reloaded = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert_close(reloaded(x).logits, hf_model(x).logits, "mamba2 eps 1e-6 after to_hf", tolerance=1e-6)
 
 
 # --- the command line: ckpt=hf:<dir> ---------------------------------------------------------------

@@ -240,12 +240,6 @@ def _inner_width(config: dict) -> int:
     return int(inner)
 
 
-def _mamba2_default_norm_eps() -> float:
-    from seqarch.mixers.mamba2 import Mamba2Config
-
-    return Mamba2Config.norm_eps
-
-
 def _mamba_kwargs(config: dict, family: str) -> dict[str, Any]:
     _check_fields(config, _MAMBA_FIELDS if family == "mamba" else _MAMBA2_FIELDS)
     _silu(config)
@@ -265,10 +259,7 @@ def _mamba_kwargs(config: dict, family: str) -> dict[str, Any]:
             raise _refuse("num_heads", config.get("num_heads"), f"num_heads * head_dim must equal the inner width "
                                                                  f"{inner}")
         mixer.update({"head_dim": head_dim, "ngroups": int(config.get("n_groups", 1))})
-        gated_eps = _mamba2_default_norm_eps()
-        if eps != gated_eps:  # SeqLM's norm_eps sets the block norms; the mixer's own keeps its default
-            raise _refuse("layer_norm_epsilon", eps, f"Mamba-2's gated norm uses {gated_eps} in a SeqLM (its "
-                          "norm_eps is not reachable through SeqLM's keyword arguments)")
+        mixer["norm_eps"] = eps  # HF's gated RMSNorm reads layer_norm_epsilon, as the block norms and norm_f do
         limit = [_json_float(x) for x in config.get("time_step_limit", (0.0, math.inf))]
         if limit != [0.0, math.inf]:
             mixer["time_step_limit"] = limit

@@ -538,5 +538,16 @@ def load_tokenizer(contents: dict):
     return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
+def tokenize_stream(tokenizer, text: str, vocab_size: int) -> torch.Tensor:
+    """text -> int64 token stream (S,) for scoring a model that reads `tokenizer`'s tokens. The text is one
+    continuous stream cut into windows later, so no special tokens (BOS / EOS) are added; ValueError when
+    the tokenizer produces ids the model's vocabulary does not have."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    if ids.numel() and int(ids.max()) >= vocab_size:
+        raise ValueError(f"the directory's tokenizer ({len(tokenizer)} tokens) produces id {int(ids.max())}, outside "
+                         f"the model's vocabulary of {vocab_size}: the tokenizer belongs to another model")
+    return ids
+
+
 __all__ = ["ARCHITECTURES", "from_hf", "hf_config_to_kwargs", "hf_names", "load_tokenizer", "read_hf_checkpoint",
-           "read_hf_config", "read_hf_weights", "to_hf"]
+           "read_hf_config", "read_hf_weights", "to_hf", "tokenize_stream"]

@@ -14,7 +14,8 @@ checkpoints/last.ckpt as the last finite state, which `fit ckpt=<run folder>` re
 
 Under `trainer.strategy=ddp` Lightning starts the other processes by running the same command again;
 the first process hands them its run folder through the environment variable SEQARCH_RUN_DIR, so
-all processes write to one run.
+all processes write to one run. Under torchrun or srun every process runs fit itself and the folder
+is named after the launch (seqarch/train/launch.py); in both cases only global rank 0 writes.
 """
 
 from __future__ import annotations

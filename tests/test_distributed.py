@@ -115,6 +115,7 @@ def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three launches of two processes, each importing Lightning, on a loaded 2-core machine
 def test_a_two_process_torchrun_launch_writes_one_run_and_resumes(tmp_path):
     """gloo on CPU: one run folder for both processes, rank 0 alone writes the summary and prints it, the
     checkpoint loads with weights_only, and a second launch resumes from it to more steps."""

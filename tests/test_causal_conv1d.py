@@ -148,6 +148,34 @@ def test_causal_conv1d_update_conv_state_indices():
     assert_close(y, causal_conv1d_update(x, cache[indices], weight)[0], "indices select the cache lines")
 
 
+@pytest.mark.parametrize("cache_seqlens", [None, torch.tensor([5, 1, 2, 7])])
+@pytest.mark.parametrize("length", [1, 3])
+def test_causal_conv1d_update_negative_indices_are_padding_slots(length, cache_seqlens):
+    """As the package's kernel: a sequence whose cache line index is negative gets zero outputs (no bias, no
+    activation) and no line is read or written for it; the other sequences are as without it."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 6, length, generator=generator, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    bias = torch.randn(6, generator=generator, dtype=torch.float64)
+    cache = torch.randn(5, 6, 3, generator=generator, dtype=torch.float64)
+    indices = torch.tensor([3, -1, 0, -7], dtype=torch.int32)
+    y, new_cache = causal_conv1d_update(x, cache, weight, bias, "silu", cache_seqlens, indices)
+    y_ref, cache_ref = causal_conv1d_update_ref(x, cache, weight, bias, "silu", cache_seqlens, indices)
+    assert_close(y, y_ref, "update with padding slots vs loop reference")
+    assert_close(new_cache, cache_ref, "cache after the update with padding slots vs loop reference")
+    assert torch.equal(y[[1, 3]], torch.zeros_like(y[[1, 3]])), "padding slots output zeros"
+    assert torch.equal(new_cache[[1, 2, 4]], cache[[1, 2, 4]]), "unnamed lines stay (-1 is not Python's last line)"
+    kept = [0, 2]
+    seqlens = None if cache_seqlens is None else cache_seqlens[kept]
+    y_kept, cache_kept = causal_conv1d_update(x[kept], cache, weight, bias, "silu", seqlens, indices[kept])
+    assert_close(y[kept], y_kept, "real sequences are as without the padding slots")
+    assert torch.equal(new_cache, cache_kept)
+    with pytest.raises(ValueError, match="cache line >= the 5 lines"):
+        causal_conv1d_update(x, cache, weight, conv_state_indices=torch.tensor([0, 1, 5, 2]))
+    with pytest.raises(ValueError, match="integer tensor of shape"):
+        causal_conv1d_update(x, cache, weight, conv_state_indices=torch.tensor([0, 1]))
+
+
 def test_causal_conv1d_update_bad_shapes_are_named():
     with pytest.raises(ValueError, match="S >= W - 1"):
         causal_conv1d_update(torch.randn(2, 6), torch.randn(2, 6, 2), torch.randn(6, 4))

@@ -327,11 +327,31 @@ def test_mamba_ssm_config_keys_that_hf_never_reads_are_ignored(tmp_path):
     check_logits(hf_model, SeqLM.from_hf(path))
 
 
-def test_mamba2_norm_epsilon_other_than_the_mixer_default_is_refused(tmp_path):
-    _, path = mamba2(tmp_path)
-    edit_config(path, layer_norm_epsilon=1e-6)
-    with pytest.raises(ValueError, match="layer_norm_epsilon"):
-        SeqLM.from_hf(path)
+def test_mamba2_norm_epsilon_reaches_the_gated_norm_and_the_block_norms(tmp_path):
+    """HF's Mamba-2 reads layer_norm_epsilon in every RMSNorm: the block norms, norm_f and the mixer's gated
+    norm. At 1e-6 each of the two kinds moves the logits by more than the tolerance (measured 1.0e-3 for the
+    gated norm, 3.6e-4 for the block norms), so a loader that set only one of them fails here."""
+    hf_model, path = mamba2(tmp_path, layer_norm_epsilon=1e-6)
+    model = SeqLM.from_hf(path)
+    assert {layer.mixer.norm.eps for layer in model.layers} == {1e-6}
+    assert {model.norm.eps, *(layer.norm_mixer.eps for layer in model.layers)} == {1e-6}
+    check_logits(hf_model, model)
+    check_greedy_decoding(hf_model, model)
+    x = tokens(37)
+    for norms in ("gated", "block"):
+        wrong = SeqLM.from_hf(path)
+        for layer in wrong.layers:
+            if norms == "gated":
+                layer.mixer.norm.eps = 1e-5
+            else:
+                layer.norm_mixer.eps = 1e-5
+        with torch.no_grad():
+            assert relative_error(wrong(x), hf_model(x).logits) > 2 * LOGIT_TOLERANCE, f"{norms} eps has no effect"
+    model.to_hf(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_norm_epsilon"] == 1e-6
+    reloaded = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert_close(reloaded(x).logits, hf_model(x).logits, "mamba2 eps 1e-6 after to_hf", tolerance=1e-6)
 
 
 # --- the command line: ckpt=hf:<dir> ---------------------------------------------------------------
@@ -369,6 +389,100 @@ def test_eval_ppl_reads_an_hf_directory(tmp_path):
     expected = perplexity_vs_length(_Logits(hf_model).eval(), stream, [16, 32, 48], 2)
     for row, reference in zip(rows, expected, strict=True):
         assert math.isclose(row["nll"], reference["nll"], rel_tol=1e-5), (row, reference)
+
+
+def python_tokenizer():
+    """A small BPE tokenizer (transformers' fast wrapper) trained offline on a few lines of Python, so the
+    stdlib validation text tokenizes into varied ids below VOCAB."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    lines = ["def f(self, x):\n    return x + 1\n", "import os\nclass A(object):\n    pass\n",
+             "for i in range(10):\n    print(i, 'value')\n", "if not name: raise ValueError(name)\n"]
+    bpe.train_from_iterator(lines * 4, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["[UNK]"]))
+    return bpe, transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="[UNK]", model_max_length=64)
+
+
+@pytest.mark.slow  # reads the stdlib validation text
+def test_eval_ppl_scores_an_hf_directory_with_its_tokenizer(tmp_path, capsys):
+    """ckpt=hf:<dir> with a tokenizer: the byte validation text tokenized by it (no special tokens), equal to
+    HF's model scored on the same text tokenized by the `tokenizers` object itself; a tokenizer with ids
+    outside the model's vocabulary is refused naming both sizes, and no results folder is written."""
+    from seqarch.evals.command import eval_command, validation_stream
+    from seqarch.evals.perplexity import perplexity_vs_length
+    from seqarch.models.hf import read_hf_checkpoint
+    from seqarch.train.config import ConfigError
+
+    bpe, tokenizer = python_tokenizer()
+    hf_model, path = llama(tmp_path, "words")
+    tokenizer.save_pretrained(path)
+    folder, meta, rows = eval_command([f"ckpt=hf:{path}", "task=ppl", "lengths=[16,64,300]", "windows=3",
+                                       f"out={tmp_path / 'ppl'}"])
+    assert meta["trained_length"] == 256 and meta["settings"]["text"].endswith("tokenized")
+    assert "longer than the specified maximum" not in capsys.readouterr().err
+    config = read_hf_checkpoint(f"hf:{path}")[1]["hyper_parameters"]["config"]
+    stream, _ = validation_stream(config)
+    ids = torch.tensor(bpe.encode(bytes(stream.tolist()).decode("utf-8", errors="replace")).ids)
+    assert len(set(ids[:5000].tolist())) > 20, "the tokenizer should give varied ids on Python text"
+    expected = perplexity_vs_length(_Logits(hf_model).eval(), ids, [16, 64, 300], 3)
+    for row, reference in zip(rows, expected, strict=True):
+        assert math.isclose(row["nll"], reference["nll"], rel_tol=1e-5), (row, reference)
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    wide = Tokenizer(models.BPE())  # byte-level: its 256-symbol alphabet alone exceeds the model's 101 ids
+    wide.pre_tokenizer = pre_tokenizers.ByteLevel()
+    wide.train_from_iterator(["def f(x):\n"], trainers.BpeTrainer(initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    _, other = llama(tmp_path, "other")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=wide).save_pretrained(other)
+    with pytest.raises(ConfigError, match=r"tokenizer \(\d+ tokens\) produces id \d+, outside the model's "
+                                          r"vocabulary of 101"):
+        eval_command([f"ckpt=hf:{other}", "task=ppl", "lengths=[16]", "windows=1", f"out={tmp_path / 'no'}"])
+    assert not (tmp_path / "no").exists()
+
+
+def digit_guesser(model):
+    """Zero the rows of an untied byte-level head outside '0'..'9': every argmax is then a digit chosen by the
+    hidden state, so passkey digit accuracy is near chance (0.1) instead of 0 and compares two models."""
+    with torch.no_grad():
+        keep = torch.zeros(256, dtype=torch.bool)
+        keep[list(b"0123456789")] = True
+        model.lm_head.weight[~keep] = 0
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "mamba"])
+def test_eval_passkey_reads_a_byte_level_hf_directory(tmp_path, family):
+    from seqarch.evals.command import eval_command
+    from seqarch.evals.passkey import passkey_accuracy
+    from seqarch.train.config import ConfigError
+
+    if family == "llama":
+        hf_model, path = byte_llama(tmp_path)
+        args = ["rope_scaling=linear"]  # the trained length 32 scaled to the longest length, 128: factor 4
+    else:
+        hf_model, path = mamba(tmp_path, vocab_size=256, tie_word_embeddings=False)
+        args = ["rope_scaling=linear"]  # ignored, with a note: Mamba has no RoPE
+    digit_guesser(hf_model).save_pretrained(path)
+    folder, meta, rows = eval_command([f"ckpt=hf:{path}", "task=passkey", "num_digits=3", "lengths=[80,128]",
+                                       "depths=[0,0.5,1]", "trials=8", f"out={tmp_path / 'pk'}", *args])
+    assert (folder / "results.md").is_file() and [row["length"] for row in rows] == [80, 80, 80, 128, 128, 128]
+    if family == "llama":
+        assert meta["settings"]["rope_factor"] == 4.0 and meta["settings"]["max_position"] == 32
+        rope = {"rope_type": "linear", "factor": 4.0, "rope_theta": hf_model.config.rope_parameters["rope_theta"]}
+        scaled = type(hf_model).from_pretrained(path, rope_parameters=rope).eval()
+    else:
+        assert any("ignored" in note for note in meta["notes"])
+        scaled = hf_model
+    expected = passkey_accuracy(_Logits(scaled).eval(), [80, 128], [0.0, 0.5, 1.0], 8, 3, 0, 4)
+    assert rows == expected
+    assert any(row["digit_accuracy"] > 0 for row in rows), "the digit-guessing head should hit some digits"
+
+    _, words = llama(tmp_path, "words")
+    python_tokenizer()[1].save_pretrained(words)
+    with pytest.raises(ConfigError, match="byte-level model.*use task=ppl"):
+        eval_command([f"ckpt=hf:{words}", "task=passkey", "lengths=[128]", f"out={tmp_path / 'no'}"])
 
 
 def test_generate_reads_an_hf_directory_bytes_or_its_tokenizer(tmp_path, capsys):

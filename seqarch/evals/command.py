@@ -210,11 +210,12 @@ def _evaluate(contents: dict, options: EvalConfig) -> tuple[dict, list[dict]]:
         notes.append(f"rope_scaling={options.rope_scaling} ignored: mixer {layers} has no RoPE to rescale")
     model = model_from_checkpoint(contents, overrides)
     model.check_finite = options.check_finite
-    from seqarch.models.hf import load_tokenizer
+    from seqarch.models.hf import load_tokenizer, tokenize_stream
 
     tokenizer = load_tokenizer(contents)  # an hf:<dir> with its own tokenizer scores its tokens
     if tokenizer is not None and options.task == "passkey":
-        raise ConfigError("task=passkey builds byte prompts; this model reads its own tokenizer's tokens")
+        raise ConfigError("task=passkey builds byte prompts and needs a byte-level model (vocabulary 256, no "
+                          "tokenizer); this model reads its own tokenizer's tokens: use task=ppl")
     if model.vocab_size != 256 and tokenizer is None:
         raise ConfigError(f"task={options.task} reads bytes; this model's vocabulary has {model.vocab_size} "
                           "tokens (a synthetic-task model)")
@@ -224,7 +225,7 @@ def _evaluate(contents: dict, options: EvalConfig) -> tuple[dict, list[dict]]:
             stream, name = validation_stream(config)
             if tokenizer is not None:
                 text = bytes(stream.tolist()).decode("utf-8", errors="replace")
-                stream, name = torch.tensor(tokenizer(text)["input_ids"]), f"{name}, tokenized"
+                stream, name = tokenize_stream(tokenizer, text, model.vocab_size), f"{name}, tokenized"
             settings.update(scored=options.scored, windows=options.windows, text=name)
             rows = perplexity_vs_length(model, stream, lengths, options.windows, options.scored, options.batch_size)
         else:

@@ -240,12 +240,6 @@ def _inner_width(config: dict) -> int:
     return int(inner)
 
 
-def _mamba2_default_norm_eps() -> float:
-    from seqarch.mixers.mamba2 import Mamba2Config
-
-    return Mamba2Config.norm_eps
-
-
 def _mamba_kwargs(config: dict, family: str) -> dict[str, Any]:
     _check_fields(config, _MAMBA_FIELDS if family == "mamba" else _MAMBA2_FIELDS)
     _silu(config)
@@ -265,10 +259,7 @@ def _mamba_kwargs(config: dict, family: str) -> dict[str, Any]:
             raise _refuse("num_heads", config.get("num_heads"), f"num_heads * head_dim must equal the inner width "
                                                                  f"{inner}")
         mixer.update({"head_dim": head_dim, "ngroups": int(config.get("n_groups", 1))})
-        gated_eps = _mamba2_default_norm_eps()
-        if eps != gated_eps:  # SeqLM's norm_eps sets the block norms; the mixer's own keeps its default
-            raise _refuse("layer_norm_epsilon", eps, f"Mamba-2's gated norm uses {gated_eps} in a SeqLM (its "
-                          "norm_eps is not reachable through SeqLM's keyword arguments)")
+        mixer["norm_eps"] = eps  # HF's gated RMSNorm reads layer_norm_epsilon, as the block norms and norm_f do
         limit = [_json_float(x) for x in config.get("time_step_limit", (0.0, math.inf))]
         if limit != [0.0, math.inf]:
             mixer["time_step_limit"] = limit
@@ -548,5 +539,16 @@ def load_tokenizer(contents: dict):
     return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
+def tokenize_stream(tokenizer, text: str, vocab_size: int) -> torch.Tensor:
+    """text -> int64 token stream (S,) for scoring a model that reads `tokenizer`'s tokens. The text is one
+    continuous stream cut into windows later, so no special tokens (BOS / EOS) are added; ValueError when
+    the tokenizer produces ids the model's vocabulary does not have."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    if ids.numel() and int(ids.max()) >= vocab_size:
+        raise ValueError(f"the directory's tokenizer ({len(tokenizer)} tokens) produces id {int(ids.max())}, outside "
+                         f"the model's vocabulary of {vocab_size}: the tokenizer belongs to another model")
+    return ids
+
+
 __all__ = ["ARCHITECTURES", "from_hf", "hf_config_to_kwargs", "hf_names", "load_tokenizer", "read_hf_checkpoint",
-           "read_hf_config", "read_hf_weights", "to_hf"]
+           "read_hf_config", "read_hf_weights", "to_hf", "tokenize_stream"]

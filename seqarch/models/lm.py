@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from seqarch.mixers.base import MixerState
-from seqarch.models.block import build_block
+from seqarch.models.block import Block
 from seqarch.positional import sinusoidal_positions
-from seqarch.registry import list_mixers
+from seqarch.registry import build_mixer, list_mixers
 
 POSITION_EMBEDDINGS = ("none", "sinusoidal")
 # Mixers that compute in complex numbers: torch has no complex bfloat16, and complex float16 lacks the ops
@@ -93,10 +93,12 @@ class SeqLM(nn.Module):
         self.check_finite = False
         factory = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(vocab_size, d_model, **factory)
+        # The mixer is built first and wrapped here (not through build_block), so a mixer config key that shares
+        # a name with a block argument (Mamba-2's own `norm_eps`) reaches the mixer instead of colliding.
         self.layers = nn.ModuleList(
-            build_block(name, mlp=mlp, norm_eps=norm_eps, mlp_hidden=mlp_hidden, mlp_bias=mlp_bias, d_model=d_model,
-                        **factory,
-                        **{**shared, **mixer_kwargs.get(name, {}), **per_layer.get(index, {})})
+            Block(build_mixer(name, d_model=d_model, **factory,
+                              **{**shared, **mixer_kwargs.get(name, {}), **per_layer.get(index, {})}),
+                  mlp=mlp, norm_eps=norm_eps, mlp_hidden=mlp_hidden, mlp_bias=mlp_bias, **factory)
             for index, name in enumerate(names)
         )
         self.norm = nn.RMSNorm(d_model, eps=norm_eps, **factory)

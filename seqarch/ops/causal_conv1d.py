@@ -179,6 +179,8 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
       (cache_seqlens[b] + t) mod S.
     - conv_state_indices (B,) int: conv_state is (N, D, S) with N cache lines, and sequence b uses line
       conv_state_indices[b] (continuous batching); the returned state is the whole (N, D, S) tensor.
+      A negative index marks a padding slot, as in the package's kernel: that sequence's outputs are
+      zero (no bias, no activation) and no cache line is read or written for it. An index >= N raises.
 
     Several tokens (L > 1, e.g. draft tokens in speculative decoding) give L outputs, each the
     convolution of its own window. The package updates `conv_state` in place and returns only y;
@@ -192,7 +194,13 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     x = x.unsqueeze(-1) if single else x  # (B, D, L)
     batch, dim, seqlen = x.shape
     width = weight.shape[-1]
-    states = conv_state if conv_state_indices is None else conv_state[conv_state_indices.long()]  # (B, D, S)
+    padding = None
+    if conv_state_indices is None:
+        states = conv_state  # (B, D, S)
+    else:
+        lines, padding = _cache_lines(conv_state_indices, batch, conv_state.shape[0], conv_state.device)
+        states = conv_state.new_zeros((batch, *conv_state.shape[1:]))  # padding slots read no line
+        states[~padding] = conv_state[lines[~padding]]
     state_len = states.shape[-1]
     if weight.shape != (dim, width) or states.shape[:2] != (batch, dim) or state_len < width - 1:
         raise ValueError(f"causal_conv1d_update: need x (B, D[, L]), conv_state (B, D, S) with S >= W - 1 and "
@@ -215,9 +223,24 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     if bias is not None:
         y = y + bias[:, None]
     y = _activate(y, activation).to(x.dtype)
-    if conv_state_indices is not None:
-        new_states = conv_state.index_copy(0, conv_state_indices.long(), new_states)
+    if padding is not None:
+        y = y.masked_fill(padding[:, None, None], 0)
+        new_states = conv_state.index_copy(0, lines[~padding], new_states[~padding])
     return (y.squeeze(-1) if single else y), new_states
+
+
+def _cache_lines(conv_state_indices: torch.Tensor, batch: int, n_lines: int, device) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """(cache line per sequence (B,) long, padding mask (B,) bool: the negative indices)."""
+    if conv_state_indices.dtype.is_floating_point or conv_state_indices.is_complex() or \
+            tuple(conv_state_indices.shape) != (batch,):
+        raise ValueError(f"causal_conv1d_update: conv_state_indices must be an integer tensor of shape ({batch},), "
+                         f"got {conv_state_indices.dtype} {tuple(conv_state_indices.shape)}")
+    lines = conv_state_indices.long().to(device)
+    if bool((lines >= n_lines).any()):
+        raise ValueError(f"causal_conv1d_update: conv_state_indices {lines.tolist()} name a cache line >= the "
+                         f"{n_lines} lines of conv_state (negative indices mark padding slots)")
+    return lines, lines < 0
 
 
 def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
@@ -226,7 +249,8 @@ def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: 
                              conv_state_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`causal_conv1d_update` as a loop over sequences and tokens: unroll each state into its inputs in
     time order (oldest first; a circular buffer starts at column cache_seqlens mod S), append each token,
-    y_t = act(bias + sum_w weight[:, w] * input[t - (W - 1) + w]), then write the tokens back one by one."""
+    y_t = act(bias + sum_w weight[:, w] * input[t - (W - 1) + w]), then write the tokens back one by one.
+    A negative conv_state_indices entry (a padding slot) gives zeros and touches no cache line."""
     single = x.ndim == 2
     x = x.unsqueeze(-1) if single else x
     width, state_len = weight.shape[-1], conv_state.shape[-1]
@@ -234,6 +258,9 @@ def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: 
     rows = list(range(x.shape[0])) if conv_state_indices is None else [int(i) for i in conv_state_indices]
     outputs = []
     for b, row in enumerate(rows):
+        if row < 0:  # a padding slot: zero outputs, no cache line touched
+            outputs.append(torch.zeros(x.shape[1:], dtype=x.dtype))
+            continue
         buffer = new_state[row]  # (D, S), written in place below
         head = 0 if cache_seqlens is None else int(cache_seqlens[b]) % state_len  # column of the oldest input
         inputs = [buffer[:, (head + k) % state_len].clone() for k in range(state_len)]  # oldest first
@@ -246,6 +273,6 @@ def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: 
                 buffer.copy_(torch.stack(inputs[-state_len:], dim=-1))
             elif state_len:
                 buffer[:, (int(cache_seqlens[b]) + t) % state_len] = inputs[-1]
-        outputs.append(torch.stack(ys, dim=-1))
-    y = _activate(torch.stack(outputs), activation).to(x.dtype)
+        outputs.append(_activate(torch.stack(ys, dim=-1), activation).to(x.dtype))
+    y = torch.stack(outputs)
     return (y.squeeze(-1) if single else y), new_state

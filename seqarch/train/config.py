@@ -70,7 +70,8 @@ class TrainerConfig:
     log_every: int = 10  # steps between rows of metrics.csv
     precision: Literal["32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
     accelerator: str = "cpu"  # Lightning accelerator: cpu, gpu, auto
-    devices: int = 1  # processes (DDP) or devices
+    devices: int = 1  # processes (DDP) or devices per node; under torchrun / srun: the processes per node
+    num_nodes: int = 1  # machines; under torchrun / srun it must match the launch (Lightning checks)
     strategy: str = "auto"  # Lightning strategy: auto, ddp, fsdp, ...
     num_threads: int = 0  # torch intra-op threads per process; 0: all cores split across processes
     progress: bool = True  # the progress bar (off in tests and logs)
@@ -78,8 +79,8 @@ class TrainerConfig:
     def __post_init__(self):
         if self.max_steps < 1 or self.val_every < 1 or self.val_batches < 1 or self.log_every < 1:
             raise ValueError("trainer: max_steps, val_every, val_batches and log_every must be >= 1")
-        if self.devices < 1 or self.num_threads < 0:
-            raise ValueError("trainer: need devices >= 1 and num_threads >= 0")
+        if self.devices < 1 or self.num_nodes < 1 or self.num_threads < 0:
+            raise ValueError("trainer: need devices >= 1, num_nodes >= 1 and num_threads >= 0")
 
 
 @dataclass(frozen=True)

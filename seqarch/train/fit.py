@@ -15,7 +15,8 @@ checkpoints/last.ckpt as the last finite state, which `fit ckpt=<run folder>` re
 
 Under `trainer.strategy=ddp` Lightning starts the other processes by running the same command again;
 the first process hands them its run folder through the environment variable SEQARCH_RUN_DIR, so
-all processes write to one run.
+all processes write to one run. Under torchrun or srun every process runs fit itself and the folder
+is named after the launch (seqarch/train/launch.py); in both cases only global rank 0 writes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from seqarch.runs import (
     write_json,
 )
 from seqarch.train.config import RunConfig, load_recipe, resolve
+from seqarch.train.launch import check_launch_settings, external_launch, shared_run_dir
 
 _RUN_DIR_HANDOFF = "SEQARCH_RUN_DIR"
 EXIT_DIVERGED = 3  # training produced a non-finite loss or weights
@@ -160,9 +162,16 @@ def _train(config: RunConfig, resume_from: Path | None) -> dict[str, Any] | None
     if resume_from is not None:
         _check_resumable(resume_from, module, trainer_cfg["max_steps"])
 
+    launch = external_launch()  # torchrun / srun: every process runs this command (seqarch/train/launch.py)
     is_child = int(os.environ.get("LOCAL_RANK", "0")) > 0 and _RUN_DIR_HANDOFF in os.environ
-    run_dir = Path(os.environ[_RUN_DIR_HANDOFF]) if is_child else claim_run_dir(config.out_dir, config.recipe,
-                                                                                 config.run_dir)
+    if launch is not None:
+        check_launch_settings(launch, trainer_cfg["devices"], trainer_cfg["num_nodes"])
+        run_dir, owner = shared_run_dir(launch, config.out_dir, config.recipe, config.run_dir)
+        is_child = not owner
+    elif is_child:
+        run_dir = Path(os.environ[_RUN_DIR_HANDOFF])
+    else:
+        run_dir = claim_run_dir(config.out_dir, config.recipe, config.run_dir)
     if not is_child:
         os.environ[_RUN_DIR_HANDOFF] = str(run_dir)
         (run_dir / "config.yaml").write_text(config.to_yaml())
@@ -172,7 +181,7 @@ def _train(config: RunConfig, resume_from: Path | None) -> dict[str, Any] | None
     callbacks = [checkpoints] + ([ProgressBar()] if trainer_cfg["progress"] else [])
     trainer = pl.Trainer(
         max_steps=trainer_cfg["max_steps"], accelerator=trainer_cfg["accelerator"], devices=trainer_cfg["devices"],
-        strategy=trainer_cfg["strategy"], precision=trainer_cfg["precision"],
+        num_nodes=trainer_cfg["num_nodes"], strategy=trainer_cfg["strategy"], precision=trainer_cfg["precision"],
         gradient_clip_val=config.optim.grad_clip or None,
         val_check_interval=min(trainer_cfg["val_every"], trainer_cfg["max_steps"]), check_val_every_n_epoch=None,
         limit_val_batches=trainer_cfg["val_batches"], num_sanity_val_steps=0,
@@ -259,7 +268,11 @@ def _check_trainer_settings(trainer_cfg: dict) -> None:
     """Let Lightning judge accelerator, devices, strategy and precision before anything is written."""
     import lightning.pytorch as pl
 
-    keys = ("accelerator", "devices", "strategy", "precision")
+    keys = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+    if str(trainer_cfg["strategy"]).startswith("fsdp") and trainer_cfg["accelerator"] == "cpu":
+        raise ConfigError(f"trainer.strategy={trainer_cfg['strategy']} needs GPUs: Lightning's FSDPStrategy refuses "
+                          "the CPU accelerator (it shards parameters over CUDA devices); on CPU use "
+                          "trainer.strategy=ddp, on GPUs trainer.accelerator=gpu")
     try:
         pl.Trainer(**{key: trainer_cfg[key] for key in keys}, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False)

@@ -22,8 +22,8 @@ and `forward_ref` runs the op's per-query reference `attention_ref`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 from einops import rearrange
@@ -53,7 +53,7 @@ from seqarch.positional import ROPE_SCALING_TYPES, RopeScaling, alibi_slopes, ro
 from seqarch.registry import register
 
 Positional = Literal["rope", "rerope", "alibi", "none"]
-POSITIONAL = ("rope", "rerope", "alibi", "none")
+POSITIONAL: tuple[str, ...] = get_args(Positional)
 # Elements of one block of explicit scores on the blocked path; read at each call (tests shrink it).
 _SCORE_BLOCK_ELEMENTS = SCORE_BLOCK_ELEMENTS
 
@@ -73,6 +73,8 @@ class AttentionConfig:
     max_position: int = 2048  # context length trained for: the scalings' original length, ReRoPE's default
     rope_scaling: RopeScaling | None = None  # None, "linear" (PI), "ntk", "dynamic" (dynamic NTK), "yarn", "llama3"
     rope_factor: float = 1.0  # scaling factor s = target length / trained length
+    dynamic_ntk_mode: Literal["exact", "per_call"] = "exact"  # rope_scaling "dynamic" only: base(t + 1) per query,
+    # or one base per call from its length (HF's dynamic_rope_update; docs/long-context.md)
     yarn_beta_fast: float = 32.0  # YaRN: dimensions rotating more than this often in max_position extrapolate
     yarn_beta_slow: float = 1.0  # YaRN: dimensions rotating less than this often interpolate
     yarn_mscale: float = 1.0  # YaRN (DeepSeek form, with yarn_mscale_all_dim): numerator 0.1 * mscale * ln(s) + 1
@@ -124,6 +126,8 @@ class AttentionConfig:
             raise ValueError(f"attention: RoPE needs an even head dim, got {self.head_dim}")
         if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALING_TYPES:
             raise ValueError(f"attention: rope_scaling={self.rope_scaling!r}; valid: None, {ROPE_SCALING_TYPES}")
+        if self.dynamic_ntk_mode not in ("exact", "per_call"):
+            raise ValueError(f"attention: dynamic_ntk_mode={self.dynamic_ntk_mode!r}; valid: 'exact', 'per_call'")
         if self.rope_scaling is not None and self.positional != "rope":
             raise ValueError(f"attention: rope_scaling needs positional='rope', got {self.positional!r}")
         if self.rope_factor < 1:
@@ -162,7 +166,8 @@ class AttentionConfig:
         if self.knn_top_k is not None and self.backend != "auto":
             raise ValueError(f"attention: knn_top_k runs its own retrieval path; backend must be 'auto', "
                              f"got {self.backend!r}")
-        one_formula = self.positional in ("rope", "none") and self.rope_scaling != "dynamic" and self.window is None
+        per_query_base = self.rope_scaling == "dynamic" and self.dynamic_ntk_mode == "exact"
+        one_formula = self.positional in ("rope", "none") and not per_query_base and self.window is None
         if self.backend == "fused" and not one_formula:
             raise ValueError("attention: backend='fused' needs positional 'rope' (static scalings) or 'none' and no "
                              "window; use 'blocked' or 'auto'")
@@ -238,11 +243,14 @@ class AttentionMixer(SequenceMixer):
             slopes = alibi_slopes(heads).to(device=device, dtype=torch.float32)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (E/2,) or None
         self.register_buffer("slopes", slopes, persistent=False)  # (H,) or None
-        self.dynamic = None
+        ntk = None
         if config.rope_scaling == "dynamic":
-            self.dynamic = DynamicNTK(head_dim, config.rope_base, config.rope_factor, config.max_position)
-        # Dynamic NTK and ReRoPE rotate a key differently for different queries: cache it unrotated.
-        self.rotate_cached_keys = self.positions.keys_rotated
+            ntk = DynamicNTK(head_dim, config.rope_base, config.rope_factor, config.max_position)
+        self.dynamic = ntk if config.dynamic_ntk_mode == "exact" else None  # a base per query
+        self.dynamic_per_call = ntk if config.dynamic_ntk_mode == "per_call" else None  # one base per call
+        # Dynamic NTK and ReRoPE rotate a key differently for different queries (exact) or calls
+        # (per call): cache it unrotated.
+        self.rotate_cached_keys = config.positional == "rope" and ntk is None
 
     @property
     def positions(self) -> LogitPositions:
@@ -250,6 +258,14 @@ class AttentionMixer(SequenceMixer):
         cfg = self.config
         return LogitPositions(cfg.positional, self.inv_freq, self.slopes, self.dynamic, cfg.rerope_window,
                               cfg.rerope_leak)
+
+    def _call_positions(self, length: int) -> LogitPositions:
+        """`positions` for a call ending at sequence length `length`: per-call dynamic NTK (HF's
+        `dynamic_rope_update`) takes the base of that length for every query and key of the call."""
+        if self.dynamic_per_call is None:
+            return self.positions
+        inv_freq = self.dynamic_per_call.inv_freq(torch.tensor([length]))[0].to(self.inv_freq.device)
+        return replace(self.positions, inv_freq=inv_freq)
 
     @property
     def state_grows_with_length(self) -> bool:
@@ -259,7 +275,7 @@ class AttentionMixer(SequenceMixer):
         cfg = self.config
         if cfg.knn_top_k is not None:
             return "kNN memory attention (chunk-local keys + top-k of the memory); same path for decoding"
-        return f"attention {describe_backend(cfg.backend, device, self.positions, cfg.window)}; KV-cache step"
+        return f"attention {describe_backend(cfg.backend, device, self._call_positions(1), cfg.window)}; KV-cache step"
 
     # --- projections and rotations ------------------------------------------------------------
     def _project(self, x: torch.Tensor):
@@ -299,8 +315,12 @@ class AttentionMixer(SequenceMixer):
         key = torch.cat([state.key, k.to(state.key.dtype)], dim=2)
         value = torch.cat([state.value, v.to(state.value.dtype)], dim=2)
         k_pos = torch.cat([retained_positions(state.position, cfg.window, cfg.sinks, x.device), q_pos])
-        out = attention(q, key.to(q.dtype), value.to(q.dtype), q_pos, k_pos, self.positions, self._scale,
-                        cfg.window, cfg.sinks, cfg.backend, _SCORE_BLOCK_ELEMENTS)
+        positions = self._call_positions(state.position + x.shape[1])
+        keys = key.to(q.dtype)
+        if self.dynamic_per_call is not None:  # the raw cache rotated with this call's base
+            keys = rotate(keys, k_pos, positions.inv_freq)
+        out = attention(q, keys, value.to(q.dtype), q_pos, k_pos, positions, self._scale, cfg.window, cfg.sinks,
+                        cfg.backend, _SCORE_BLOCK_ELEMENTS)
         if cfg.window is not None:
             keep = (k_pos < cfg.sinks) | (k_pos > q_pos[-1] + 1 - cfg.window)
             key, value = key[:, :, keep], value[:, :, keep]
@@ -399,7 +419,8 @@ class AttentionMixer(SequenceMixer):
         q, k, v = self._project(x)
         positions = torch.arange(x.shape[1], device=x.device)
         knn = None if cfg.knn_top_k is None else KnnMemory(cfg.knn_top_k, cfg.knn_chunk, cfg.knn_memory_size)
-        out = attention_ref(q, self._repeat_kv(k), self._repeat_kv(v), positions, positions, self.positions,
+        out = attention_ref(q, self._repeat_kv(k), self._repeat_kv(v), positions, positions,
+                            self._call_positions(x.shape[1]),
                             self._scale, cfg.window, cfg.sinks, knn)
         return self.out_proj(rearrange(out, "b h l e -> b l (h e)"))
 

@@ -84,7 +84,9 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
 def make_config(config_cls: type, owner: str = "", **overrides: Any):
     """Build `config_cls(**overrides)`, raising ValueError on unknown or ill-typed keys.
 
-    `owner` names the thing being configured in the message (e.g. "mixer 'mamba'").
+    `owner` names the thing being configured in the message (e.g. "mixer 'mamba'"). A config class may
+    define `invalid_value_hint(key, value) -> str`, a pointer added to the message for a value outside
+    a field's choices (e.g. attention's positional="sinusoidal": "add them at the embedding").
     """
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     hints = get_type_hints(config_cls)
@@ -103,9 +105,11 @@ def make_config(config_cls: type, owner: str = "", **overrides: Any):
             continue
         ok, value_converted = _coerce(value, hint)
         if not ok:
+            hint_for = getattr(config_cls, "invalid_value_hint", None)  # a config's pointer for a known mistake
+            note = hint_for(key, value) if hint_for is not None else ""
             raise ValueError(
                 f"config key {key!r} for {owner} must be {_describe(hint)}, got {value!r}"
-                f" ({type(value).__name__})"
+                f" ({type(value).__name__})" + (f"; {note}" if note else "")
             )
         converted[key] = value_converted
     return config_cls(**converted)

@@ -42,10 +42,12 @@ in an attention layer: `sinusoidal_positions` gives the table; see docs/long-con
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
-ROPE_SCALING_TYPES: tuple[str, ...] = ("linear", "ntk", "dynamic", "yarn", "llama3")
+RopeScaling = Literal["linear", "ntk", "dynamic", "yarn", "llama3"]
+ROPE_SCALING_TYPES: tuple[str, ...] = get_args(RopeScaling)
 
 # Fields each scaling type accepts in the `scaling` dict of rope_frequencies (besides "type").
 _SCALING_FIELDS = {

@@ -244,7 +244,6 @@ def edit_config(path, **changes):
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"num_local_experts": 4}, "num_local_experts"),
     ({"attention_dropout": 0.1}, "attention_dropout"),
-    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, "rope_type"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0}}, "rope_type"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "truncate": False}}, "truncate"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0, "beta_fast": 4}}, "beta_fast"),

@@ -7,7 +7,7 @@ Default: q, k, v projections, RoPE at positions 0..L-1, `F.scaled_dot_product_at
 causal mask (Vaswani et al., 2017; RoPE: Su et al., 2021; GQA: Ainslie et al., 2023, the cache
 holding only the G key/value heads). Variants, all in this one class, chosen by the config:
 
-- positions: RoPE with the linear / ntk / dynamic / yarn scalings, ReRoPE and Leaky ReRoPE
+- positions: RoPE with the linear / ntk / dynamic / yarn / llama3 scalings, ReRoPE and Leaky ReRoPE
   (two score passes), ALiBi, or none (seqarch/positional.py has the formulas);
 - sliding window of w keys with a rolling cache of w - 1 entries; attention sinks (StreamingLLM)
   on top of it, with the sink distances taken inside the cache;
@@ -15,63 +15,66 @@ holding only the G key/value heads). Variants, all in this one class, chosen by 
 - kNN memory (Memorizing / Focused Transformer): chunk-local attention plus the top-k of a memory
   of earlier chunks, in one softmax.
 
-Every variant other than the default runs `_attend_blocked` (blocks of queries, each reading only the
-keys it may see, so a window costs O(L (w + s)) not O(L^2); the fused kernel with a mask or ALiBi bias
-where one logit formula serves the block, explicit two-pass scores for RoPE with sinks, ReRoPE and
-dynamic NTK) or `_run_knn`; `forward_ref` is the per-query loop they are tested against.
+The module projects, rotates and keeps the cache; the attention itself is seqarch.ops.attention's
+`attention` (fused, blocked or per-query reference, `backend=`), `s2_attention` or `knn_attention`,
+and `forward_ref` runs the op's per-query reference `attention_ref`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
 from seqarch.ops.attention import (
-    alibi_bias,
+    BACKENDS,
+    SCORE_BLOCK_ELEMENTS,
+    Backend,
+    DynamicNTK,
+    KnnMemory,
+    LogitPositions,
+    attention,
     attention_mask,
+    attention_ref,
+    block_size,
+    describe_backend,
     dot_scale,
-    key_distance,
     knn_attention,
+    repeat_kv,
     retained_positions,
+    rotate,
     s2_attention,
-    sink_only,
-    sink_query_positions,
 )
-from seqarch.positional import (
-    ROPE_SCALING_TYPES,
-    alibi_slopes,
-    apply_rope,
-    dynamic_ntk_inv_freq,
-    rerope_angles,
-    rerope_distance,
-    rope_cos_sin,
-    rope_frequencies,
-)
+from seqarch.positional import ROPE_SCALING_TYPES, RopeScaling, alibi_slopes, rope_frequencies
 from seqarch.registry import register
 
-POSITIONAL = ("rope", "rerope", "alibi", "none")
-# Elements of one block of explicit scores (B * H * queries * keys); bounds the blocked path's memory.
-_SCORE_BLOCK_ELEMENTS = 1 << 22
+Positional = Literal["rope", "rerope", "alibi", "none"]
+POSITIONAL: tuple[str, ...] = get_args(Positional)
+# Elements of one block of explicit scores on the blocked path; read at each call (tests shrink it).
+_SCORE_BLOCK_ELEMENTS = SCORE_BLOCK_ELEMENTS
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
+    # Heads and widths
     d_model: int = 256
     n_heads: int | None = None  # query heads; None: d_model // 64, at least 1
     n_kv_heads: int | None = None  # key/value heads (GQA); None: n_heads (plain MHA); 1: MQA
     head_dim: int | None = None  # E, width of each head; None: d_model // n_heads (Mistral-Nemo-like models differ)
     bias: bool = False  # biases in the q/k/v/o projections
-    positional: str = "rope"  # "rope", "rerope", "alibi" or "none" (NoPE); sinusoidal lives at the embedding
+
+    # Positions: RoPE and its scalings, ReRoPE, ALiBi or none (sinusoidal lives at the embedding)
+    positional: Positional = "rope"  # "rope", "rerope", "alibi" or "none" (NoPE)
     rope_base: float = 10000.0  # RoPE base θ; frequencies θ^(-2i/E)
     max_position: int = 2048  # context length trained for: the scalings' original length, ReRoPE's default
-    rope_scaling: str | None = None  # None, "linear" (PI), "ntk", "dynamic" (dynamic NTK), "yarn" or "llama3"
+    rope_scaling: RopeScaling | None = None  # None, "linear" (PI), "ntk", "dynamic" (dynamic NTK), "yarn", "llama3"
     rope_factor: float = 1.0  # scaling factor s = target length / trained length
+    dynamic_ntk_mode: Literal["exact", "per_call"] = "exact"  # rope_scaling "dynamic" only: base(t + 1) per query,
+    # or one base per call from its length (HF's dynamic_rope_update; docs/long-context.md)
     yarn_beta_fast: float = 32.0  # YaRN: dimensions rotating more than this often in max_position extrapolate
     yarn_beta_slow: float = 1.0  # YaRN: dimensions rotating less than this often interpolate
     yarn_mscale: float = 1.0  # YaRN (DeepSeek form, with yarn_mscale_all_dim): numerator 0.1 * mscale * ln(s) + 1
@@ -81,12 +84,28 @@ class AttentionConfig:
     llama3_high_freq_factor: float = 4.0  # llama3: wavelengths below max_position / this are kept
     rerope_window: int = 512  # ReRoPE: relative distances from this on are clipped / compressed
     rerope_leak: float = 0.0  # Leaky ReRoPE slope 1/k beyond the window; 0: ReRoPE (clip)
+
+    # Masks: sliding window, attention sinks, S2-Attn (one long-context policy at a time)
     window: int | None = None  # sliding window: each query sees its `window` most recent keys; None: all
     sinks: int = 0  # StreamingLLM attention sinks: the first `sinks` tokens stay visible (needs a window)
     s2_group: int | None = None  # LongLoRA S2-Attn group size (even) in training mode; None: off
+
+    # Memory: kNN retrieval from earlier chunks
     knn_top_k: int | None = None  # kNN memory: entries retrieved per query; None: no memory
     knn_chunk: int = 512  # kNN memory: local attention runs inside chunks of this many tokens
     knn_memory_size: int = 8192  # kNN memory: most recent (key, value) pairs of earlier chunks kept
+
+    # Backend
+    backend: Backend = "auto"  # seqarch.ops.attention.resolve_backend: "fused", "blocked", "sequential"; kNN: "auto"
+
+    @classmethod
+    def invalid_value_hint(cls, key: str, value) -> str:
+        """A pointer added to make_config's message for a value outside a field's choices."""
+        if key == "positional" and value == "sinusoidal":
+            return "sinusoidal positions are absolute: add them at the embedding (SeqLM position_embedding)"
+        if key == "rope_scaling":
+            return f"rope_scaling={value!r} is not a scaling seqarch implements"
+        return ""
 
     def __post_init__(self):
         check_positive("attention", d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads)
@@ -107,6 +126,8 @@ class AttentionConfig:
             raise ValueError(f"attention: RoPE needs an even head dim, got {self.head_dim}")
         if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALING_TYPES:
             raise ValueError(f"attention: rope_scaling={self.rope_scaling!r}; valid: None, {ROPE_SCALING_TYPES}")
+        if self.dynamic_ntk_mode not in ("exact", "per_call"):
+            raise ValueError(f"attention: dynamic_ntk_mode={self.dynamic_ntk_mode!r}; valid: 'exact', 'per_call'")
         if self.rope_scaling is not None and self.positional != "rope":
             raise ValueError(f"attention: rope_scaling needs positional='rope', got {self.positional!r}")
         if self.rope_factor < 1:
@@ -127,6 +148,8 @@ class AttentionConfig:
                 raise ValueError(f"attention: S2-Attn shifts half of the heads; n_heads={self.heads} is odd")
         if self.knn_top_k is not None and (self.knn_top_k < 1 or self.knn_chunk < 1 or self.knn_memory_size < 1):
             raise ValueError("attention: knn_top_k, knn_chunk and knn_memory_size must be >= 1")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"attention: backend={self.backend!r}; valid: {BACKENDS}")
         self._check_combinations()
 
     def _check_combinations(self):
@@ -140,6 +163,14 @@ class AttentionConfig:
                              "'alibi' or 'none', not with ReRoPE or dynamic NTK")
         if self.knn_top_k is not None and self.positional == "alibi":
             raise ValueError("attention: knn_top_k ranks memory by q . k; use positional 'rope' or 'none'")
+        if self.knn_top_k is not None and self.backend != "auto":
+            raise ValueError(f"attention: knn_top_k runs its own retrieval path; backend must be 'auto', "
+                             f"got {self.backend!r}")
+        per_query_base = self.rope_scaling == "dynamic" and self.dynamic_ntk_mode == "exact"
+        one_formula = self.positional in ("rope", "none") and not per_query_base and self.window is None
+        if self.backend == "fused" and not one_formula:
+            raise ValueError("attention: backend='fused' needs positional 'rope' (static scalings) or 'none' and no "
+                             "window; use 'blocked' or 'auto'")
         if self.s2_group is not None and self.positional == "alibi":
             raise ValueError("attention: s2_group runs the fused grouped kernel without a bias; use positional "
                              "'rope' or 'none'")
@@ -212,17 +243,39 @@ class AttentionMixer(SequenceMixer):
             slopes = alibi_slopes(heads).to(device=device, dtype=torch.float32)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (E/2,) or None
         self.register_buffer("slopes", slopes, persistent=False)  # (H,) or None
-        # Dynamic NTK and ReRoPE rotate a key differently for different queries: cache it unrotated.
-        self.rotate_cached_keys = config.positional == "rope" and config.rope_scaling != "dynamic"
+        ntk = None
+        if config.rope_scaling == "dynamic":
+            ntk = DynamicNTK(head_dim, config.rope_base, config.rope_factor, config.max_position)
+        self.dynamic = ntk if config.dynamic_ntk_mode == "exact" else None  # a base per query
+        self.dynamic_per_call = ntk if config.dynamic_ntk_mode == "per_call" else None  # one base per call
+        # Dynamic NTK and ReRoPE rotate a key differently for different queries (exact) or calls
+        # (per call): cache it unrotated.
+        self.rotate_cached_keys = config.positional == "rope" and ntk is None
+
+    @property
+    def positions(self) -> LogitPositions:
+        """How a logit depends on the positions, for seqarch.ops.attention (buffers follow .to())."""
+        cfg = self.config
+        return LogitPositions(cfg.positional, self.inv_freq, self.slopes, self.dynamic, cfg.rerope_window,
+                              cfg.rerope_leak)
+
+    def _call_positions(self, length: int) -> LogitPositions:
+        """`positions` for a call ending at sequence length `length`: per-call dynamic NTK (HF's
+        `dynamic_rope_update`) takes the base of that length for every query and key of the call."""
+        if self.dynamic_per_call is None:
+            return self.positions
+        inv_freq = self.dynamic_per_call.inv_freq(torch.tensor([length]))[0].to(self.inv_freq.device)
+        return replace(self.positions, inv_freq=inv_freq)
 
     @property
     def state_grows_with_length(self) -> bool:
         return self.config.cached_entries_bound is None
 
-    @property
-    def _plain(self) -> bool:
+    def describe_paths(self, device: torch.device | str = "cpu") -> str:
         cfg = self.config
-        return cfg.positional in ("rope", "none") and cfg.rope_scaling != "dynamic" and cfg.window is None
+        if cfg.knn_top_k is not None:
+            return "kNN memory attention (chunk-local keys + top-k of the memory); same path for decoding"
+        return f"attention {describe_backend(cfg.backend, device, self._call_positions(1), cfg.window)}; KV-cache step"
 
     # --- projections and rotations ------------------------------------------------------------
     def _project(self, x: torch.Tensor):
@@ -234,126 +287,22 @@ class AttentionMixer(SequenceMixer):
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor):
         """RoPE of x (..., N, E) at `positions` (N,) (real allowed)."""
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
-        return apply_rope(x, cos, sin)
+        return rotate(x, positions, self.inv_freq)
 
     def _repeat_kv(self, t: torch.Tensor) -> torch.Tensor:
-        groups = self.config.heads // self.config.kv_heads
-        return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+        return repeat_kv(t, self.config.heads)
 
     @property
     def _scale(self) -> float:
         return dot_scale(self.config.head_dim, self.attention_scale)
 
-    # --- scores of the non-default variants ---------------------------------------------------
-    def _dynamic_scores(self, q, k, q_pos, k_pos):
-        """Dynamic NTK: query t uses the base of length t + 1 for itself and every key it sees."""
-        inv_freq = dynamic_ntk_inv_freq(self.config.head_dim, self.config.rope_base, self.config.rope_factor,
-                                        self.config.max_position, q_pos + 1)  # (Lb, E/2) float32
-        inv_freq = inv_freq.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-        if q_pos[-1] < self.config.max_position:  # all inside the trained length: one base
-            return self._rotate(q, q_pos) @ self._rotate(k, k_pos).transpose(-1, -2)
-        angles_q = q_pos[:, None] * inv_freq  # (Lb, E/2)
-        q_rot = apply_rope(q, *(torch.cat([a, a], -1).to(q.dtype) for a in (angles_q.cos(), angles_q.sin())))
-        angles_k = k_pos[None, :, None] * inv_freq[:, None, :]  # (Lb, Tb, E/2)
-        cos_k, sin_k = (torch.cat([a, a], -1).to(q.dtype) for a in (angles_k.cos(), angles_k.sin()))
-        k_rot = apply_rope(k[:, :, None], cos_k, sin_k)  # (B, H, Lb, Tb, E)
-        return torch.einsum("bhle,bhlte->bhlt", q_rot, k_rot)
-
-    def _scores(self, q, k, q_pos, k_pos):
-        """Logits before the scale (B, H, Lb, Tb) of the two-pass RoPE variants (dynamic NTK, ReRoPE,
-        RoPE with sinks): raw queries q against keys k as cached."""
-        cfg = self.config
-        if cfg.rope_scaling == "dynamic":
-            return self._dynamic_scores(q, k, q_pos, k_pos)
-        if cfg.positional == "rerope":
-            near = self._rotate(q, q_pos) @ self._rotate(k, k_pos).transpose(-1, -2)
-            q_far, k_far = rerope_angles(q_pos, k_pos, cfg.rerope_window, cfg.rerope_leak)
-            far = self._rotate(q, q_far) @ self._rotate(k, k_far).transpose(-1, -2)
-            return torch.where(key_distance(q_pos, k_pos) < cfg.rerope_window, near, far)
-        scores = self._rotate(q, q_pos) @ k.transpose(-1, -2)
-        # Sinks outside the window: second pass with the query at its slot in the cache.
-        n_sinks = int((k_pos < cfg.sinks).sum())
-        q_slot = self._rotate(q, sink_query_positions(q_pos, cfg.window, cfg.sinks))
-        sink_scores = q_slot @ k[:, :, :n_sinks].transpose(-1, -2)
-        outside = sink_only(q_pos, k_pos[:n_sinks], cfg.window, cfg.sinks)
-        return torch.cat([torch.where(outside, sink_scores, scores[..., :n_sinks]), scores[..., n_sinks:]], -1)
-
-    def _block_keys(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """Indices of the keys a block of queries may see (sorted k_pos): sinks and the window."""
-        cfg = self.config
-        last = int(torch.searchsorted(k_pos, q_pos[-1], right=True))
-        if cfg.window is None:
-            return torch.arange(last, device=k_pos.device)
-        first = int(torch.searchsorted(k_pos, q_pos[0] - cfg.window + 1))
-        n_sinks = int((k_pos < cfg.sinks).sum())
-        window_part = torch.arange(max(first, n_sinks), last, device=k_pos.device)
-        return torch.cat([torch.arange(n_sinks, device=k_pos.device), window_part])
-
     def _block_size(self, batch: int, queries: int, keys: int) -> int:
-        """Queries per block so that one block's scores stay near _SCORE_BLOCK_ELEMENTS: with a window a
-        block of c queries reads c + w + s - 1 keys, otherwise up to all `keys`."""
+        """Queries per block of the blocked path (seqarch.ops.attention.block_size)."""
         cfg = self.config
-        budget = _SCORE_BLOCK_ELEMENTS // (batch * cfg.heads * (cfg.head_dim if cfg.rope_scaling == "dynamic" else 1))
-        if cfg.window is None:
-            return max(1, min(queries, budget // max(keys, 1)))
-        seen = cfg.window + cfg.sinks
-        # Blocks of about w queries read about 2w keys: close to the L * w floor, few Python iterations.
-        fits = int((math.sqrt(seen * seen + 4 * budget) - seen) / 2)
-        return max(1, min(queries, fits, max(64, cfg.window)))
-
-    @property
-    def _fused_blocks(self) -> bool:
-        """One logit formula per block (no second RoPE pass): the fused kernel with a mask or bias."""
-        cfg = self.config
-        two_pass = cfg.positional == "rerope" or cfg.rope_scaling == "dynamic" or (
-            cfg.positional == "rope" and cfg.sinks)
-        return not two_pass
-
-    def _attend_blocked(self, q, k, v, q_pos, k_pos) -> torch.Tensor:
-        """Explicit softmax over blocks of queries; q (B, H, L, E) raw, k, v (B, G, T, E) as cached."""
-        cfg = self.config
-        k, v = self._repeat_kv(k), self._repeat_kv(v)
-        block = self._block_size(q.shape[0], q.shape[2], k.shape[2])
-        outputs = []
-        for start in range(0, q.shape[2], block):
-            rows = slice(start, start + block)
-            index = self._block_keys(q_pos[rows], k_pos)
-            kb_pos = k_pos[index]
-            allowed = attention_mask(q_pos[rows], kb_pos, cfg.window, cfg.sinks)  # (Lb, Tb)
-            bias = None
-            if cfg.positional == "alibi":
-                distance = key_distance(q_pos[rows], kb_pos, cfg.window, cfg.sinks)
-                bias = alibi_bias(self.slopes, distance).to(q.dtype)  # (H, Lb, Tb)
-            if self._fused_blocks:
-                q_block = self._rotate(q[:, :, rows], q_pos[rows]) if cfg.positional == "rope" else q[:, :, rows]
-                mask = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
-                outputs.append(F.scaled_dot_product_attention(q_block, k[:, :, index], v[:, :, index],
-                                                              attn_mask=mask, scale=self._scale))
-                continue
-            scores = self._scores(q[:, :, rows], k[:, :, index], q_pos[rows], kb_pos) * self._scale
-            weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-            outputs.append(weights @ v[:, :, index])
-        return torch.cat(outputs, dim=2)
-
-    def _attend_plain(self, q, k, v, query_start: int) -> torch.Tensor:
-        """RoPE (static) or NoPE over the whole cache with the fused kernel; k rotated, q raw."""
-        seqlen, total = q.shape[2], k.shape[2]
-        q_pos = torch.arange(query_start, query_start + seqlen, device=q.device)
-        if self.inv_freq is not None:
-            q = self._rotate(q, q_pos)
-        k, v = self._repeat_kv(k), self._repeat_kv(v)
-        if query_start == 0 and seqlen == total:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self._scale)
-        if seqlen == 1:
-            return F.scaled_dot_product_attention(q, k, v, scale=self._scale)
-        mask = attention_mask(q_pos, torch.arange(total, device=q.device))  # (L, T)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self._scale)
+        return block_size(batch, cfg.heads, cfg.head_dim, queries, keys, cfg.window, cfg.sinks,
+                          self.dynamic is not None, _SCORE_BLOCK_ELEMENTS)
 
     # --- the contract -------------------------------------------------------------------------------
-    def _cache_positions(self, state: KVCache, device) -> torch.Tensor:
-        return retained_positions(state.position, self.config.window, self.config.sinks, device)
-
     def _run(self, x: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         """Attend x (B, L, D) at positions state.position.. to the cache and itself; the new cache."""
         cfg = self.config
@@ -365,12 +314,15 @@ class AttentionMixer(SequenceMixer):
             k = self._rotate(k, q_pos)
         key = torch.cat([state.key, k.to(state.key.dtype)], dim=2)
         value = torch.cat([state.value, v.to(state.value.dtype)], dim=2)
-        if self._plain:
-            out = self._attend_plain(q, key.to(q.dtype), value.to(q.dtype), state.position)
-        else:
-            k_pos = torch.cat([self._cache_positions(state, x.device), q_pos])
-            out = self._attend_blocked(q, key.to(q.dtype), value.to(q.dtype), q_pos, k_pos)
-            keep = (k_pos < cfg.sinks) | (k_pos > q_pos[-1] + 1 - cfg.window) if cfg.window else slice(None)
+        k_pos = torch.cat([retained_positions(state.position, cfg.window, cfg.sinks, x.device), q_pos])
+        positions = self._call_positions(state.position + x.shape[1])
+        keys = key.to(q.dtype)
+        if self.dynamic_per_call is not None:  # the raw cache rotated with this call's base
+            keys = rotate(keys, k_pos, positions.inv_freq)
+        out = attention(q, keys, value.to(q.dtype), q_pos, k_pos, positions, self._scale, cfg.window, cfg.sinks,
+                        cfg.backend, _SCORE_BLOCK_ELEMENTS)
+        if cfg.window is not None:
+            keep = (k_pos < cfg.sinks) | (k_pos > q_pos[-1] + 1 - cfg.window)
             key, value = key[:, :, keep], value[:, :, keep]
         y = self.out_proj(rearrange(out, "b h l e -> b l (h e)"))
         return y, KVCache(key=key, value=value, position=state.position + x.shape[1])
@@ -461,71 +413,16 @@ class AttentionMixer(SequenceMixer):
 
     # --- reference -------------------------------------------------------------------------------------
     def forward_ref(self, x: torch.Tensor) -> torch.Tensor:
-        """Every variant by its definition, one query at a time (slow; for tests).
-
-        For query t: the keys it sees (causal, window, sinks; for kNN the chunk so far plus the top-k of
-        the memory by q . k); the distance of each key as the positional encoding sees it (StreamingLLM:
-        cache slots; ReRoPE: clipped / compressed); RoPE applied as a rotation of q by that distance
-        (with dynamic NTK's base for length t + 1); ALiBi as -slope * distance; one softmax.
-        """
+        """Every variant by its definition, one query at a time (seqarch.ops.attention.attention_ref; slow,
+        for tests)."""
         cfg = self.config
         q, k, v = self._project(x)
-        k, v = self._repeat_kv(k), self._repeat_kv(v)
-        length = x.shape[1]
-        positions = torch.arange(length, device=x.device)
-        outputs = []
-        for t in range(length):
-            if cfg.knn_top_k is not None:
-                chunk_start = t // cfg.knn_chunk * cfg.knn_chunk
-                local = torch.arange(chunk_start, t + 1, device=x.device)
-                memory = torch.arange(max(0, chunk_start - cfg.knn_memory_size), chunk_start, device=x.device)
-                keys = self._retrieve_ref(q[:, :, t], k, t, local, memory)
-            else:
-                seen = positions[: t + 1]
-                if cfg.window is not None:
-                    seen = seen[(seen > t - cfg.window) | (seen < cfg.sinks)]
-                keys = seen.expand(q.shape[0], q.shape[1], -1)  # (B, H, n)
-            if cfg.sinks:
-                distance = torch.arange(keys.shape[-1] - 1, -1, -1, device=x.device).expand_as(keys)  # cache slots
-            else:
-                distance = t - keys
-            k_seen = torch.gather(k, 2, keys[..., None].expand(-1, -1, -1, cfg.head_dim))  # (B, H, n, E)
-            v_seen = torch.gather(v, 2, keys[..., None].expand(-1, -1, -1, cfg.head_dim))
-            logits = self._logits_ref(q[:, :, t], k_seen, distance, t)
-            outputs.append(torch.einsum("bhn,bhne->bhe", logits.softmax(-1), v_seen))
-        out = torch.stack(outputs, dim=2)
+        positions = torch.arange(x.shape[1], device=x.device)
+        knn = None if cfg.knn_top_k is None else KnnMemory(cfg.knn_top_k, cfg.knn_chunk, cfg.knn_memory_size)
+        out = attention_ref(q, self._repeat_kv(k), self._repeat_kv(v), positions, positions,
+                            self._call_positions(x.shape[1]),
+                            self._scale, cfg.window, cfg.sinks, knn)
         return self.out_proj(rearrange(out, "b h l e -> b l (h e)"))
-
-    def _logits_ref(self, q_t, k_seen, distance, t: int):
-        """q_t (B, H, E), k_seen (B, H, n, E) raw, distance (B, H, n) -> scaled logits (B, H, n)."""
-        cfg = self.config
-        if cfg.positional in ("rope", "rerope"):
-            inv_freq = self.inv_freq
-            if cfg.rope_scaling == "dynamic":
-                inv_freq = dynamic_ntk_inv_freq(cfg.head_dim, cfg.rope_base, cfg.rope_factor, cfg.max_position,
-                                                torch.tensor([t + 1]))[0].to(q_t.device)
-            if cfg.positional == "rerope":
-                distance = rerope_distance(distance, cfg.rerope_window, cfg.rerope_leak)
-            cos, sin = rope_cos_sin(distance, inv_freq, q_t.dtype)  # (B, H, n, E)
-            q_rotated = apply_rope(q_t[:, :, None], cos, sin)  # rotating q by the distance, k by 0
-            return (q_rotated * k_seen).sum(-1) * self._scale
-        logits = (q_t[:, :, None] * k_seen).sum(-1) * self._scale
-        if cfg.positional == "alibi":
-            logits = logits - self.slopes[:, None].to(logits.dtype) * distance
-        return logits
-
-    def _retrieve_ref(self, q_t, k, t: int, local: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """Key positions (B, H, n) for kNN query t: the local ones, then the top-k memory entries by
-        the RoPE score of distance t - s."""
-        batch, heads = q_t.shape[:2]
-        local = local.expand(batch, heads, -1)
-        if len(memory) == 0:
-            return local
-        distance = (t - memory).expand(batch, heads, -1)
-        k_memory = k[:, :, memory]
-        scores = self._logits_ref(q_t, k_memory, distance, t)
-        top = scores.topk(min(self.config.knn_top_k, len(memory)), dim=-1).indices
-        return torch.cat([local, memory[top]], dim=-1)
 
 
 Attention = AttentionMixer  # the class's earlier name, kept as an alias for one release

@@ -78,6 +78,7 @@ _MAMBA2_FIELDS = {"vocab_size", "hidden_size", "state_size", "num_hidden_layers"
 _ROPE_FIELDS = {
     None: set(),
     "linear": {"factor"},
+    "dynamic": {"factor"},  # HF's base per forward call: dynamic_ntk_mode="per_call", from max_position_embeddings
     "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
              "attention_factor", "truncate"},
     "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
@@ -156,12 +157,8 @@ def _rope(config: dict) -> tuple[float, dict[str, Any]]:
     kind = params.pop("rope_type", None) or params.pop("type", None)
     params.pop("type", None)
     kind = None if kind == "default" else kind
-    if kind == "dynamic":
-        raise _refuse(f"{field}.rope_type", kind, "HF's dynamic NTK recomputes the base from the longest sequence "
-                      "of each forward call (so a position's logits depend on the sequence length); seqarch's "
-                      "dynamic NTK uses length t + 1 for query t. They agree only within the trained length")
     if kind not in _ROPE_FIELDS:
-        raise _refuse(f"{field}.rope_type", kind, "seqarch represents default, linear, yarn and llama3")
+        raise _refuse(f"{field}.rope_type", kind, "seqarch represents default, linear, dynamic, yarn and llama3")
     if float(params.pop("partial_rotary_factor", 1.0)) != 1.0:
         raise _refuse("partial_rotary_factor", config.get("partial_rotary_factor"), "seqarch rotates whole heads")
     for key in sorted(params):
@@ -177,8 +174,10 @@ def _rope(config: dict) -> tuple[float, dict[str, Any]]:
     if factor is None:
         raise _refuse(f"{field}.factor", None, f"RoPE type {kind} needs a factor")
     keys: dict[str, Any] = {"rope_scaling": kind, "rope_factor": float(factor), "max_position": original}
-    if kind == "linear":
+    if kind in ("linear", "dynamic"):
         keys["max_position"] = max_position
+    if kind == "dynamic":
+        keys["dynamic_ntk_mode"] = "per_call"
     if kind == "yarn":
         if params.get("truncate", True) is not True:
             raise _refuse(f"{field}.truncate", params["truncate"], "seqarch's YaRN ramp always truncates the "

@@ -20,6 +20,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from seqarch.configs import outside_stacklevel
 
@@ -131,6 +132,45 @@ class CompiledKernel:
         except RuntimeError as error:
             return False, str(error)
         return True, ""
+
+
+class _CheckpointedKernel(torch.autograd.Function):
+    """A compiled recurrence whose forward stores the state every `chunk` tokens and whose backward
+    replays each chunk from its checkpoint (the delta rule, generalized delta rule and wkv6 kernels).
+
+    The kernel module's contract: `forward(*inputs, initial_state, scale, chunk, store_checkpoints) ->
+    (out, final_state, checkpoints)` and `backward(*inputs, scale, checkpoints, dout, dfinal_state, chunk)
+    -> (*d_inputs, d_initial_state)`; an input may be None (its gradient is then ignored)."""
+
+    @staticmethod
+    def forward(ctx, kernel: CompiledKernel, scale: float, chunk: int, initial_state, *inputs):
+        needs_backward = any(ctx.needs_input_grad[3:])
+        out, final_state, checkpoints = kernel.load().forward(*inputs, initial_state, scale, chunk, needs_backward)
+        if needs_backward:
+            ctx.save_for_backward(*inputs, checkpoints)
+        ctx.kernel, ctx.scale, ctx.chunk, ctx.has_initial_state = kernel, scale, chunk, initial_state is not None
+        ctx.out_shape = out.shape
+        ctx.set_materialize_grads(False)
+        return out, final_state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dfinal_state):
+        *inputs, checkpoints = ctx.saved_tensors
+        dout = checkpoints.new_zeros(ctx.out_shape) if dout is None else dout.contiguous()
+        dfinal_state = None if dfinal_state is None else dfinal_state.contiguous()
+        *grads, dinitial = ctx.kernel.load().backward(*inputs, ctx.scale, checkpoints, dout, dfinal_state, ctx.chunk)
+        grads = [None if x is None else grad for x, grad in zip(inputs, grads, strict=True)]
+        return None, None, None, (dinitial if ctx.has_initial_state else None), *grads
+
+
+def run_checkpointed_kernel(kernel: CompiledKernel, inputs: tuple[torch.Tensor | None, ...],
+                            initial_state: torch.Tensor | None, scale: float,
+                            chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernel` (see `_CheckpointedKernel`) on contiguous `inputs` of one compute dtype, differentiable
+    in every input and `initial_state`: -> (out, final_state). Checkpoints are stored only when a
+    gradient is needed."""
+    return _CheckpointedKernel.apply(kernel, float(scale), chunk, initial_state, *inputs)
 
 
 def check_backend(op: str, backend: str, valid: tuple[str, ...]) -> None:

@@ -59,9 +59,14 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch.autograd.function import once_differentiable
 
-from seqarch.backends import CompiledKernel, check_backend, compiled_or_eager, describe_compiled_or_eager
+from seqarch.backends import (
+    CompiledKernel,
+    check_backend,
+    compiled_or_eager,
+    describe_compiled_or_eager,
+    run_checkpointed_kernel,
+)
 
 Backend = Literal["auto", "compiled", "chunked", "sequential"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -186,32 +191,6 @@ def describe_backend(backend: str, device: torch.device | str = "cpu") -> str:
 
 
 # --- the compiled path (KERNEL, built on first use) ---------------------------------------------
-class _CompiledGeneralizedDeltaRule(torch.autograd.Function):
-    """The recurrence through the C++ kernel. q, k, a, b, gk (B, T, H, K), v (B, T, H, V), initial_state
-    (B, H, K, V) or None, contiguous, in one compute dtype -> out (B, T, H, V), final state (B, H, K, V)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, a, b, gk, initial_state, scale, chunk):
-        needs_backward = any(ctx.needs_input_grad[:7])
-        out, final_state, checkpoints = KERNEL.load().forward(q, k, v, a, b, gk, initial_state, scale, chunk,
-                                                              needs_backward)
-        if needs_backward:
-            ctx.save_for_backward(q, k, v, a, b, gk, checkpoints)
-        ctx.scale, ctx.chunk, ctx.has_initial_state = scale, chunk, initial_state is not None
-        ctx.set_materialize_grads(False)
-        return out, final_state
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dfinal_state):
-        q, k, v, a, b, gk, checkpoints = ctx.saved_tensors
-        dout = torch.zeros_like(v) if dout is None else dout.contiguous()
-        dfinal_state = None if dfinal_state is None else dfinal_state.contiguous()
-        dq, dk, dv, da, db, dgk, dinitial = KERNEL.load().backward(q, k, v, a, b, gk, ctx.scale, checkpoints, dout,
-                                                                   dfinal_state, ctx.chunk)
-        return dq, dk, dv, da, db, dgk, (dinitial if ctx.has_initial_state else None), None, None
-
-
 def _compiled(q, k, v, a, b, gk, scale, initial_state, output_final_state, chunk_size):
     """Cast to the compute dtype (at least float32), make contiguous, run the kernel, cast back."""
     dtype = q.dtype
@@ -220,7 +199,7 @@ def _compiled(q, k, v, a, b, gk, scale, initial_state, output_final_state, chunk
     q, k, v, a, b, gk = (t.to(compute).contiguous() for t in (q, k, v, a, b, gk))
     if initial_state is not None:
         initial_state = initial_state.to(compute).contiguous()
-    out, state = _CompiledGeneralizedDeltaRule.apply(q, k, v, a, b, gk, initial_state, float(scale), chunk_size)
+    out, state = run_checkpointed_kernel(KERNEL, (q, k, v, a, b, gk), initial_state, scale, chunk_size)
     return _finish(out, state, dtype, output_final_state)
 
 

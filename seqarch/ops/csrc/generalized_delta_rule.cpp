@@ -59,22 +59,12 @@ using seqarch_kernels::data_or_null;
 using seqarch_kernels::value_or_undefined;
 using seqarch_kernels::decay_exp;
 
-struct Sizes {
-  int64_t batch, len, heads, keys, values, chunk, nchunks;
+using Sizes = seqarch_kernels::ChunkSizes;
+using seqarch_kernels::prefetch_row;
 
-  // (batch, head) tasks per thread at least: waking a second thread costs more than a small problem
-  // (tens of microseconds, far more while another process holds the core), so problems under ~2^18
-  // state updates per thread run on the calling thread.
-  int64_t grain() const { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, len * keys * values)); }
-
-  // Offsets of token t of task (b, h) in a (B, T, H, K) or (B, T, H, V) tensor.
-  int64_t key_offset(int64_t task, int64_t t) const {
-    return (((task / heads) * len + t) * heads + task % heads) * keys;
-  }
-  int64_t value_offset(int64_t task, int64_t t) const {
-    return (((task / heads) * len + t) * heads + task % heads) * values;
-  }
-};
+// Offsets of token t of task (b, h) in a (B, T, H, K) or (B, T, H, V) tensor.
+inline int64_t key_offset(const Sizes& n, int64_t task, int64_t t) { return n.row(task, t) * n.keys; }
+inline int64_t value_offset(const Sizes& n, int64_t task, int64_t t) { return n.row(task, t) * n.values; }
 
 // The input pointers of one token.
 template <typename scalar_t>
@@ -87,25 +77,18 @@ struct Inputs {
   const scalar_t *q, *k, *v, *a, *b, *gk;
 
   Token<scalar_t> at(const Sizes& n, int64_t task, int64_t t) const {
-    const int64_t ko = n.key_offset(task, t), vo = n.value_offset(task, t);
+    const int64_t ko = key_offset(n, task, t), vo = value_offset(n, task, t);
     return {q + ko, k + ko, v + vo, a + ko, b + ko, gk + ko};
   }
 };
 
-// Tokens of one (batch, head) lie H K elements apart, often a page apart, where the hardware
-// prefetchers stop: the rows of a token a few steps ahead are requested in software.
+// How many tokens ahead the rows are prefetched (see seqarch_kernels::prefetch_row).
 constexpr int64_t kPrefetchDistance = 8;
 
 template <typename scalar_t>
-inline void prefetch_rows(const scalar_t* row, int64_t size) {
-  constexpr int64_t line = 64 / sizeof(scalar_t);
-  for (int64_t j = 0; j < size; j += line) __builtin_prefetch(row + j);
-}
-
-template <typename scalar_t>
 inline void prefetch_token(const Token<scalar_t>& x, int64_t keys, int64_t values) {
-  for (const scalar_t* row : {x.q, x.k, x.a, x.b, x.gk}) prefetch_rows(row, keys);
-  prefetch_rows(x.v, values);
+  for (const scalar_t* row : {x.q, x.k, x.a, x.b, x.gk}) prefetch_row(row, keys);
+  prefetch_row(x.v, values);
 }
 
 // Per-token scalars over K: qs = scale q_t, e = exp(gk_t).
@@ -184,7 +167,7 @@ void forward_kernel(const Sizes& n, const Inputs<scalar_t>& in, const scalar_t* 
           }
           const Token<scalar_t> x = in.at(n, task, t);
           token_scalars(x, scale, n.keys, qs.data(), e.data());
-          scalar_t* o_t = out + n.value_offset(task, t);
+          scalar_t* o_t = out + value_offset(n, task, t);
           const scalar_t* sa = reads.data() + local * n.values;
           scalar_t* sa_next = reads_next.data() + local * n.values;
           if (t + 1 < n.len) {
@@ -315,12 +298,12 @@ void backward_kernel(const Sizes& n, const Inputs<scalar_t>& in, scalar_t scale,
         }
         for (int64_t t = stop - 1; t >= start; --t) {
           if (t - kPrefetchDistance >= 0) {  // the previous chunk's tokens too: it is walked next
-            const int64_t ahead = n.value_offset(task, t - kPrefetchDistance);
+            const int64_t ahead = value_offset(n, task, t - kPrefetchDistance);
             prefetch_token(in.at(n, task, t - kPrefetchDistance), n.keys, n.values);
-            prefetch_rows(dout + ahead, n.values);
+            prefetch_row(dout + ahead, n.values);
           }
           const Token<scalar_t> x = in.at(n, task, t);
-          const int64_t local = t - start, ko = n.key_offset(task, t), vo = n.value_offset(task, t);
+          const int64_t local = t - start, ko = key_offset(n, task, t), vo = value_offset(n, task, t);
           token_scalars(x, scale, n.keys, qs.data(), e.data());
           const scalar_t* sa = reads.data() + local * n.values;
           const scalar_t* do_t = dout + vo;
@@ -355,10 +338,9 @@ void backward_kernel(const Sizes& n, const Inputs<scalar_t>& in, scalar_t scale,
 }
 
 Sizes sizes_of(const at::Tensor& q, const at::Tensor& v, int64_t chunk) {
-  TORCH_CHECK(chunk >= 1, "generalized_delta_rule kernel: chunk must be >= 1, got ", chunk);
   TORCH_CHECK(q.dim() == 4 && v.dim() == 4, "generalized_delta_rule kernel: q and v must be (B, T, H, K / V)");
-  const int64_t len = q.size(1);
-  return {q.size(0), len, q.size(2), q.size(3), v.size(3), chunk, (len + chunk - 1) / chunk};
+  return seqarch_kernels::chunk_sizes("generalized_delta_rule", q.size(0), q.size(1), q.size(2), q.size(3), v.size(3),
+                                      chunk);
 }
 
 template <typename scalar_t>
@@ -385,8 +367,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   check_inputs({q, k, v, a, b, gk});
   auto out = at::empty_like(v);
   auto final_state = at::empty({n.batch, n.heads, n.keys, n.values}, v.options());
-  auto checkpoints = at::empty({store_checkpoints ? n.batch * n.heads * n.nchunks * n.keys * n.values : 0},
-                               v.options());
+  auto checkpoints = seqarch_kernels::empty_checkpoints(n, store_checkpoints, v.options());
   const at::Tensor h0_t = value_or_undefined(h0);
   if (h0_t.defined()) check_inputs({q, h0_t});
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "generalized_delta_rule_forward", [&] {
@@ -404,8 +385,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& dout, const c10::optional<at::Tensor>& dfinal, int64_t chunk) {
   const Sizes n = sizes_of(q, v, chunk);
   check_inputs({q, k, v, a, b, gk, checkpoints, dout});
-  TORCH_CHECK(checkpoints.numel() == n.batch * n.heads * n.nchunks * n.keys * n.values,
-              "generalized_delta_rule kernel: backward needs the forward's checkpoints of the same chunk size");
+  seqarch_kernels::check_checkpoints("generalized_delta_rule", n, checkpoints);
   TORCH_CHECK(dout.sizes() == v.sizes(), "generalized_delta_rule kernel: dout must have v's shape");
   const at::Tensor dfinal_t = value_or_undefined(dfinal);
   if (dfinal_t.defined()) check_inputs({q, dfinal_t});

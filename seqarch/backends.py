@@ -65,6 +65,14 @@ def _build_directory(name: str) -> Path:
     return Path(_get_build_directory(name, verbose=False))
 
 
+@cache
+def _sources_hash(source: str):
+    """The sha256 state after a kernel's source and every header beside it, read once per process."""
+    folder = Path(source).parent
+    hashed = [Path(source), *sorted(folder.glob("*.h"))]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in hashed))
+
+
 @dataclass(frozen=True)
 class CompiledKernel:
     """One C++ CPU kernel of seqarch/ops/csrc, built on first use and cached on disk.
@@ -89,12 +97,13 @@ class CompiledKernel:
         return ["-O3", "-fopenmp", *self.flags]
 
     def cache_name(self) -> str:
-        """The extension's versioned name: `name` plus a digest of source, headers, flags and ABI."""
-        folder = Path(self.source).parent
-        hashed = [Path(self.source), *sorted(folder.glob("*.h"))]
+        """The extension's versioned name: `name` plus a digest of source, headers, flags and ABI (the
+        files are read once per process: `load()` runs on every kernel call, decode steps too)."""
         abi = (f"torch={torch.__version__};python={sys.implementation.cache_tag}-{sysconfig.get_config_var('SOABI')};"
                f"cxx11abi={int(torch._C._GLIBCXX_USE_CXX11_ABI)};flags={' '.join(self.cflags)}")
-        digest = hashlib.sha256(b"".join(path.read_bytes() for path in hashed) + abi.encode()).hexdigest()[:12]
+        state = _sources_hash(self.source).copy()
+        state.update(abi.encode())
+        digest = state.hexdigest()[:12]
         return f"{self.name}_{digest}"
 
     def available(self) -> bool:

@@ -110,11 +110,24 @@ def _finish(out, state, dtype, output_final_state):
     return out.to(dtype), (state.to(dtype) if output_final_state else None)
 
 
-def generalized_delta_rule_step(q_t, k_t, v_t, a_t, b_t, gk_t, state, scale: float | None = None):
+def generalized_delta_rule_step(q_t, k_t, v_t, a_t, b_t, gk_t, state, scale: float | None = None,
+                                backend: Backend = "sequential"):
     """One token: q_t, k_t, a_t, b_t, gk_t (B, H, K), v_t (B, H, V), state (B, H, K, V) ->
-    (o_t (B, H, V), new state (B, H, K, V)). Computed in `state`'s dtype."""
+    (o_t (B, H, V), new state (B, H, K, V)). Computed in `state`'s dtype (at least float32 on the kernel).
+
+    backend "sequential" (the default, and the reference's body) runs it in PyTorch; "auto" / "compiled"
+    run the compiled kernel's forward on one token where `resolve_backend` picks it and no gradient is
+    needed (decoding): at batch 1, H = 12, K = V = 64 that call costs about a quarter of the PyTorch
+    step's six small ops (docs/mixers/rwkv7.md)."""
     scale = q_t.shape[-1] ** -0.5 if scale is None else scale
-    q_t, k_t, v_t, a_t, b_t, gk_t = (t.to(state.dtype) for t in (q_t, k_t, v_t, a_t, b_t, gk_t))
+    inputs = (q_t, k_t, v_t, a_t, b_t, gk_t)
+    if backend != "sequential" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, state))):
+        if resolve_backend(backend, q_t.device) == "compiled":
+            dtype = torch.promote_types(state.dtype, torch.float32)
+            tokens = [t.to(dtype).unsqueeze(1).contiguous() for t in inputs]  # (B, 1, H, K)
+            out, final, _ = KERNEL.load().forward(*tokens, state.to(dtype).contiguous(), float(scale), 1, False)
+            return out[:, 0].to(state.dtype), final.to(state.dtype)
+    q_t, k_t, v_t, a_t, b_t, gk_t = (t.to(state.dtype) for t in inputs)
     read = torch.einsum("bhk,bhkv->bhv", a_t, state)  # sa_t = a_t^T S_{t-1}
     state = (gk_t.exp().unsqueeze(-1) * state + b_t.unsqueeze(-1) * read.unsqueeze(-2)
              + k_t.unsqueeze(-1) * v_t.unsqueeze(-2))

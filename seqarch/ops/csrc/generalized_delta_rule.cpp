@@ -20,7 +20,8 @@
 // streams the rows of S once: S[i, :] = e_i S[i, :] + b_i sa_t + k_i v_t, and from the new row both
 // o_t += q_i S[i, :] and the next token's read sa_{t+1} += a_{t+1, i} S[i, :] (each column of S
 // evolves on its own, so the read of token t + 1 is formed while token t writes): one load and one
-// store of S per token. The inner loops run over V on contiguous memory and vectorise; exp(gk_t) is
+// store of S per token, two rows per iteration (the V-long sums o and sa_{t+1} are loaded and stored
+// once per two rows). The inner loops run over V on contiguous memory and vectorise; exp(gk_t) is
 // an inlined polynomial over K. With checkpoints on, the state entering every chunk, S_{cC - 1}, is
 // stored (B, H, N, K, V).
 //
@@ -123,7 +124,27 @@ inline void token_step(const scalar_t* qs, const scalar_t* e, const Token<scalar
   const scalar_t* __restrict v = x.v;
   if (WithOutput) std::fill(o, o + values, scalar_t(0));
   if (WithRead) std::fill(sa_next, sa_next + values, scalar_t(0));
-  for (int64_t i = 0; i < keys; ++i) {
+  // Two rows per iteration: the V-long sums o and sa_next are loaded and stored once per two rows.
+  int64_t i = 0;
+  for (; i + 2 <= keys; i += 2) {
+    const scalar_t e0 = e[i], b0 = x.b[i], k0 = x.k[i], e1 = e[i + 1], b1 = x.b[i + 1], k1 = x.k[i + 1];
+    const scalar_t q0 = WithOutput ? qs[i] : scalar_t(0), q1 = WithOutput ? qs[i + 1] : scalar_t(0);
+    const scalar_t a0 = WithRead ? a_next[i] : scalar_t(0), a1 = WithRead ? a_next[i + 1] : scalar_t(0);
+    const scalar_t* prev0 = prev + i * values;
+    const scalar_t* prev1 = prev0 + values;
+    scalar_t* next0 = next + i * values;
+    scalar_t* next1 = next0 + values;
+#pragma omp simd
+    for (int64_t j = 0; j < values; ++j) {
+      const scalar_t s0 = e0 * prev0[j] + b0 * sa[j] + k0 * v[j];
+      const scalar_t s1 = e1 * prev1[j] + b1 * sa[j] + k1 * v[j];
+      next0[j] = s0;
+      next1[j] = s1;
+      if (WithOutput) o[j] += q0 * s0 + q1 * s1;
+      if (WithRead) sa_next[j] += a0 * s0 + a1 * s1;
+    }
+  }
+  for (; i < keys; ++i) {
     const scalar_t ei = e[i], bi = x.b[i], ki = x.k[i];
     const scalar_t qi = WithOutput ? qs[i] : scalar_t(0), ai = WithRead ? a_next[i] : scalar_t(0);
     const scalar_t* prev_row = prev + i * values;
@@ -209,7 +230,36 @@ inline void adjoint_sums(const Adjoint<scalar_t>& x, int64_t keys, int64_t value
   scalar_t* __restrict dv = x.dv;
   std::fill(dsa, dsa + values, scalar_t(0));
   std::fill(dv, dv + values, scalar_t(0));
-  for (int64_t i = 0; i < keys; ++i) {
+  // Two rows per iteration: the column sums dsa and dv are loaded and stored once per two rows.
+  int64_t i = 0;
+  for (; i + 2 <= keys; i += 2) {
+    const scalar_t q0 = x.qs[i], b0 = x.b[i], k0 = x.k[i], q1 = x.qs[i + 1], b1 = x.b[i + 1], k1 = x.k[i + 1];
+    const scalar_t* __restrict S0 = x.S + i * values;
+    const scalar_t* __restrict S1 = S0 + values;
+    const scalar_t* __restrict G0 = x.G + i * values;
+    const scalar_t* __restrict G1 = G0 + values;
+    scalar_t sd0 = 0, gv0 = 0, gsa0 = 0, gs0 = 0, sd1 = 0, gv1 = 0, gsa1 = 0, gs1 = 0;
+#pragma omp simd reduction(+ : sd0, gv0, gsa0, gs0, sd1, gv1, gsa1, gs1)
+    for (int64_t j = 0; j < values; ++j) {
+      const scalar_t s0 = S0[j], s1 = S1[j], d = dout[j];
+      const scalar_t g0 = G0[j] + q0 * d, g1 = G1[j] + q1 * d;
+      dsa[j] += b0 * g0 + b1 * g1;
+      dv[j] += k0 * g0 + k1 * g1;
+      sd0 += s0 * d;
+      sd1 += s1 * d;
+      gv0 += g0 * value[j];
+      gv1 += g1 * value[j];
+      gsa0 += g0 * read[j];
+      gsa1 += g1 * read[j];
+      gs0 += g0 * s0;
+      gs1 += g1 * s1;
+    }
+    x.s_do[i] = sd0, x.s_do[i + 1] = sd1;
+    x.g_v[i] = gv0, x.g_v[i + 1] = gv1;
+    x.g_sa[i] = gsa0, x.g_sa[i + 1] = gsa1;
+    x.g_s[i] = gs0, x.g_s[i + 1] = gs1;
+  }
+  for (; i < keys; ++i) {
     const scalar_t qi = x.qs[i], bi = x.b[i], ki = x.k[i];
     const scalar_t* __restrict S_row = x.S + i * values;
     const scalar_t* __restrict G_row = x.G + i * values;

@@ -368,3 +368,18 @@ def test_seqlm_v_first_forward_prefill_steps_agree_with_gradients():
         assert getattr(model.layers[2].mixer, name).grad.abs().max() > 0, name
     off = SeqLM(vocab_size=40, d_model=WIDTH, n_layers=2, mixer="rwkv7", rwkv7={"value_residual": False})
     assert not any(layer.mixer.config.value_residual for layer in off.layers)
+
+
+def test_quality_scoring_threads_v_first_as_the_model():
+    """The quality sweep runs the blocks itself (head only at scored positions): it must pass v_first on."""
+    from seqarch.bench.quality import IGNORE, scored_logits
+    from seqarch.models.lm import SeqLM
+
+    model = trained_like_model(SeqLM(vocab_size=30, d_model=WIDTH, n_layers=2, mixer="rwkv7", head_dim=HEAD,
+                                     backend="chunked").double())
+    inputs = torch.randint(0, 30, (BATCH, 17), generator=torch.Generator().manual_seed(5))
+    targets = inputs.clone()
+    targets[:, :5] = IGNORE
+    with torch.no_grad():
+        logits, _ = scored_logits(model, inputs, targets)
+        assert_close(logits, model(inputs)[targets != IGNORE], "scored logits vs SeqLM.forward")

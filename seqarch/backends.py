@@ -20,6 +20,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from seqarch.configs import outside_stacklevel
 
@@ -64,6 +65,14 @@ def _build_directory(name: str) -> Path:
     return Path(_get_build_directory(name, verbose=False))
 
 
+@cache
+def _sources_hash(source: str):
+    """The sha256 state after a kernel's source and every header beside it, read once per process."""
+    folder = Path(source).parent
+    hashed = [Path(source), *sorted(folder.glob("*.h"))]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in hashed))
+
+
 @dataclass(frozen=True)
 class CompiledKernel:
     """One C++ CPU kernel of seqarch/ops/csrc, built on first use and cached on disk.
@@ -88,12 +97,13 @@ class CompiledKernel:
         return ["-O3", "-fopenmp", *self.flags]
 
     def cache_name(self) -> str:
-        """The extension's versioned name: `name` plus a digest of source, headers, flags and ABI."""
-        folder = Path(self.source).parent
-        hashed = [Path(self.source), *sorted(folder.glob("*.h"))]
+        """The extension's versioned name: `name` plus a digest of source, headers, flags and ABI (the
+        files are read once per process: `load()` runs on every kernel call, decode steps too)."""
         abi = (f"torch={torch.__version__};python={sys.implementation.cache_tag}-{sysconfig.get_config_var('SOABI')};"
                f"cxx11abi={int(torch._C._GLIBCXX_USE_CXX11_ABI)};flags={' '.join(self.cflags)}")
-        digest = hashlib.sha256(b"".join(path.read_bytes() for path in hashed) + abi.encode()).hexdigest()[:12]
+        state = _sources_hash(self.source).copy()
+        state.update(abi.encode())
+        digest = state.hexdigest()[:12]
         return f"{self.name}_{digest}"
 
     def available(self) -> bool:
@@ -131,6 +141,45 @@ class CompiledKernel:
         except RuntimeError as error:
             return False, str(error)
         return True, ""
+
+
+class _CheckpointedKernel(torch.autograd.Function):
+    """A compiled recurrence whose forward stores the state every `chunk` tokens and whose backward
+    replays each chunk from its checkpoint (the delta rule, generalized delta rule and wkv6 kernels).
+
+    The kernel module's contract: `forward(*inputs, initial_state, scale, chunk, store_checkpoints) ->
+    (out, final_state, checkpoints)` and `backward(*inputs, scale, checkpoints, dout, dfinal_state, chunk)
+    -> (*d_inputs, d_initial_state)`; an input may be None (its gradient is then ignored)."""
+
+    @staticmethod
+    def forward(ctx, kernel: CompiledKernel, scale: float, chunk: int, initial_state, *inputs):
+        needs_backward = any(ctx.needs_input_grad[3:])
+        out, final_state, checkpoints = kernel.load().forward(*inputs, initial_state, scale, chunk, needs_backward)
+        if needs_backward:
+            ctx.save_for_backward(*inputs, checkpoints)
+        ctx.kernel, ctx.scale, ctx.chunk, ctx.has_initial_state = kernel, scale, chunk, initial_state is not None
+        ctx.out_shape = out.shape
+        ctx.set_materialize_grads(False)
+        return out, final_state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dfinal_state):
+        *inputs, checkpoints = ctx.saved_tensors
+        dout = checkpoints.new_zeros(ctx.out_shape) if dout is None else dout.contiguous()
+        dfinal_state = None if dfinal_state is None else dfinal_state.contiguous()
+        *grads, dinitial = ctx.kernel.load().backward(*inputs, ctx.scale, checkpoints, dout, dfinal_state, ctx.chunk)
+        grads = [None if x is None else grad for x, grad in zip(inputs, grads, strict=True)]
+        return None, None, None, (dinitial if ctx.has_initial_state else None), *grads
+
+
+def run_checkpointed_kernel(kernel: CompiledKernel, inputs: tuple[torch.Tensor | None, ...],
+                            initial_state: torch.Tensor | None, scale: float,
+                            chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernel` (see `_CheckpointedKernel`) on contiguous `inputs` of one compute dtype, differentiable
+    in every input and `initial_state`: -> (out, final_state). Checkpoints are stored only when a
+    gradient is needed."""
+    return _CheckpointedKernel.apply(kernel, float(scale), chunk, initial_state, *inputs)
 
 
 def check_backend(op: str, backend: str, valid: tuple[str, ...]) -> None:

@@ -142,7 +142,7 @@ def _bad_inputs(trained: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
     corrupt.write_bytes(b"this is not a checkpoint")
     return [
         (["train"], "seqarch: unknown command 'train'; valid commands: fit, generate, list"),
-        (["fit", "recipe=nope"], "seqarch fit: unknown recipe 'nope'; valid: gated_deltanet, hybrid"),
+        (["fit", "recipe=nope"], "seqarch fit: unknown recipe 'nope'; valid: deltanet, gated_deltanet, hybrid"),
         (["fit", "recipe=s4d", "optim.lrr=1"], "seqarch fit: unknown config key 'lrr' for optim; valid keys:"),
         (["fit", "recipe=s4d", "data=wiki"], "seqarch fit: unknown data source 'wiki'; valid: stdlib, text"),
         (["fit", "recipe=s4d", "model.mixer=lstm"], "seqarch fit: mixer 'lstm' is not registered (yet); registered:"),

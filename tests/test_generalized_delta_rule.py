@@ -312,3 +312,25 @@ def test_against_fla_dplr_recurrence(length, form):
     op = FORMS["chunked"] if form == "chunked" else compiled_op
     assert_same(run_with_grads(op, inputs), run_with_grads(fla_op, inputs), f"{form} vs fla L={length}",
                 dtype=torch.float32)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_step_equals_the_pytorch_step(dtype):
+    """The decode step through the kernel (no gradient needed) equals the PyTorch step, token after token."""
+    inputs = make_inputs(7, dtype)
+    names = ("q", "k", "v", "a", "b", "gk")
+    state_ref = state = inputs["initial_state"]
+    with torch.no_grad():
+        for t in range(7):
+            token = [inputs[n][:, t] for n in names]
+            out_ref, state_ref = generalized_delta_rule_step(*token, state_ref, scale=0.7)
+            out, state = generalized_delta_rule_step(*token, state, scale=0.7, backend="compiled")
+            assert out.dtype == dtype and state.dtype == dtype
+            assert_close(out, out_ref, f"compiled step {t} output")
+            assert_close(state, state_ref, f"compiled step {t} state")
+    # With a gradient needed the step stays differentiable (the PyTorch body).
+    token = [inputs[n][:, 0].clone().requires_grad_(True) for n in names]
+    out, _ = generalized_delta_rule_step(*token, inputs["initial_state"], backend="compiled")
+    out.sum().backward()
+    assert token[0].grad is not None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from seqarch import backends
 from seqarch.backends import CompiledKernel
 from seqarch.ops.selective_scan import KERNEL
 
@@ -42,6 +43,8 @@ def test_cache_name_changes_with_every_included_header(tmp_path, source):
         header = folder / name
         original = header.read_bytes()
         header.write_bytes(original + b"\n// changed\n")
+        backends._sources_hash.cache_clear()  # the files are read once per process; a rebuilt install reads them anew
         assert kernel.cache_name() != before, f"{source}: editing {name} keeps the cache name"
         header.write_bytes(original)
+        backends._sources_hash.cache_clear()
     assert kernel.cache_name() == before

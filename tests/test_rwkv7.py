@@ -269,3 +269,117 @@ def test_block_uses_the_channel_mix():
     block = build_block("rwkv7", d_model=WIDTH)
     assert type(block.mlp).__name__ == "RWKV7ChannelMix"
     assert block.state_nbytes(BATCH, 10) == block.init_state(BATCH).nbytes
+
+
+# --- the whole model: v_first threaded through the stack --------------------------------------------------
+def reference_model(model, tokens):
+    """RWKV-LM's whole-model forward (RWKV-v7/rwkv_v7_demo.py, `RWKV.forward` and `Block.forward`), one token
+    at a time through the per-token time-mix and channel-mix above, with the SeqLM's weights. Block 0's value
+    is v_first; every later block mixes towards it. seqarch's documented deviation in the norms is kept: its
+    RMSNorms stand where RWKV-LM has LayerNorms (ln1, ln2, ln_out), and there is no ln0."""
+    def rms(x, norm):
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+    params = [{name: t.detach() for name, t in layer.mixer.state_dict().items()} for layer in model.layers]
+    ffn = [{name: t.detach() for name, t in layer.mlp.state_dict().items()} for layer in model.layers]
+    cfg = model.layers[0].mixer.config
+    batch, length = tokens.shape
+    x_all = model.embedding.weight.detach()[tokens]
+    zeros = torch.zeros(batch, x_all.shape[-1], dtype=x_all.dtype)
+    att_prev = [zeros] * len(model.layers)
+    ffn_prev = [zeros] * len(model.layers)
+    states = [torch.zeros(batch, cfg.heads, cfg.head_size, cfg.head_size, dtype=x_all.dtype)] * len(model.layers)
+    logits = []
+    for t in range(length):
+        x, v_first = x_all[:, t], None
+        for i, layer in enumerate(model.layers):
+            xx, att_prev[i], states[i], v_first = reference_time_mixing(i, cfg.heads, cfg.head_size,
+                                                                        rms(x, layer.norm_mixer), att_prev[i],
+                                                                        v_first, states[i], params[i])
+            x = x + xx
+            xx, ffn_prev[i] = reference_channel_mixing(rms(x, layer.norm_mlp), ffn_prev[i], ffn[i])
+            x = x + xx
+        logits.append(rms(x, model.norm) @ model.head.weight.detach().T)
+    return torch.stack(logits, dim=1)
+
+
+def trained_like_model(model, seed=1):
+    for index, layer in enumerate(model.layers):
+        trained_like(layer.mixer, seed=seed + index)
+        if layer.mixer.config.value_residual:  # v0 / v1 at trained scale, so the gate is far from constant
+            generator = torch.Generator().manual_seed(100 + index)
+            with torch.no_grad():
+                layer.mixer.v0.add_(torch.randn(layer.mixer.v0.shape, generator=generator, dtype=torch.float64))
+        with torch.no_grad():
+            layer.mlp.value.weight.normal_(0.0, layer.mlp.value.weight.shape[1] ** -0.5)
+    return model
+
+
+@pytest.mark.parametrize("n_layers", [2, 3])
+def test_seqlm_threads_v_first_as_rwkv_lm(n_layers):
+    from seqarch.models.lm import SeqLM
+
+    model = SeqLM(vocab_size=50, d_model=WIDTH, n_layers=n_layers, mixer="rwkv7", head_dim=HEAD,
+                  backend="chunked").double()
+    assert [layer.mixer.config.value_residual for layer in model.layers] == [False] + [True] * (n_layers - 1)
+    trained_like_model(model)
+    tokens = torch.randint(0, 50, (BATCH, 23), generator=torch.Generator().manual_seed(3))
+    expected = reference_model(model, tokens)
+    with torch.no_grad():
+        logits = model(tokens)
+        prefill, state = model.prefill(tokens[:, :9], model.init_state(BATCH))
+        steps = [prefill]
+        for t in range(9, 23):
+            step, state = model.step(tokens[:, t], state)
+            steps.append(step.unsqueeze(1))
+    assert_close(logits, expected, f"SeqLM rwkv7 x{n_layers} forward vs RWKV-LM's model")
+    assert_close(torch.cat(steps, dim=1), expected, f"SeqLM rwkv7 x{n_layers} prefill + steps vs RWKV-LM's model")
+    # The residual matters: a model whose later layers ignore v_first computes something else.
+    plain = SeqLM(vocab_size=50, d_model=WIDTH, n_layers=n_layers, mixer="rwkv7", head_dim=HEAD,
+                  backend="chunked").double()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer in plain.layers[1:]:
+            layer.mixer.v0.fill_(-30.0)  # sigmoid(-30) ~ 1e-13: no residual
+        assert (plain(tokens) - logits).abs().max() > 1e-3
+
+
+def test_seqlm_v_first_forward_prefill_steps_agree_with_gradients():
+    """float32, the default backend, a hybrid stack (another mixer between the rwkv7 layers passes the context by),
+    and a config that turns the residual off keeps every layer on its own value."""
+    from seqarch.models.lm import SeqLM
+
+    model = SeqLM(vocab_size=40, d_model=WIDTH, n_layers=3, mixer=["rwkv7", "attention", "rwkv7"],
+                  rwkv7={"head_dim": HEAD}, attention={"n_heads": 4})
+    assert model.layers[2].mixer.config.value_residual
+    tokens = torch.randint(0, 40, (BATCH, 63), generator=torch.Generator().manual_seed(4))
+    logits = model(tokens)
+    with torch.no_grad():
+        prefill, state = model.prefill(tokens[:, :30], model.init_state(BATCH))
+        steps = [prefill]
+        for t in range(30, 63):
+            step, state = model.step(tokens[:, t], state)
+            steps.append(step.unsqueeze(1))
+    assert_close(torch.cat(steps, dim=1), logits.detach(), "hybrid rwkv7 prefill + steps vs forward")
+    logits.square().mean().backward()
+    first_value = model.layers[0].mixer.value.weight.grad
+    assert first_value is not None and first_value.abs().max() > 0
+    for name in ("v0", "v1", "v2"):
+        assert getattr(model.layers[2].mixer, name).grad.abs().max() > 0, name
+    off = SeqLM(vocab_size=40, d_model=WIDTH, n_layers=2, mixer="rwkv7", rwkv7={"value_residual": False})
+    assert not any(layer.mixer.config.value_residual for layer in off.layers)
+
+
+def test_quality_scoring_threads_v_first_as_the_model():
+    """The quality sweep runs the blocks itself (head only at scored positions): it must pass v_first on."""
+    from seqarch.bench.quality import IGNORE, scored_logits
+    from seqarch.models.lm import SeqLM
+
+    model = trained_like_model(SeqLM(vocab_size=30, d_model=WIDTH, n_layers=2, mixer="rwkv7", head_dim=HEAD,
+                                     backend="chunked").double())
+    inputs = torch.randint(0, 30, (BATCH, 17), generator=torch.Generator().manual_seed(5))
+    targets = inputs.clone()
+    targets[:, :5] = IGNORE
+    with torch.no_grad():
+        logits, _ = scored_logits(model, inputs, targets)
+        assert_close(logits, model(inputs)[targets != IGNORE], "scored logits vs SeqLM.forward")

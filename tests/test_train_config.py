@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from seqarch import list_mixers
 from seqarch.overrides import ConfigError, parse_overrides
 from seqarch.train.config import list_recipes, load_recipe, resolve
 
-ARCHITECTURES = {"transformer", "mamba", "mamba2", "mamba3", "rwkv6", "rwkv7", "retnet", "gated_deltanet", "hyena",
-                 "s4d", "hybrid"}
+ARCHITECTURES = {"transformer", "mamba", "mamba2", "mamba3", "rwkv6", "rwkv7", "retnet", "deltanet", "gated_deltanet",
+                 "hyena", "s4d", "hybrid"}
 
 
 def fit_config(*args: str):
@@ -25,6 +26,14 @@ def test_one_recipe_per_architecture_sharing_one_base():
         assert tree["optim"] == base["optim"] and tree["trainer"] == base["trainer"]
     hybrid = load_recipe("hybrid")["model"]
     assert "attention" in hybrid["mixer"] and "mamba" in hybrid["mixer"] and len(hybrid["mixer"]) == hybrid["n_layers"]
+
+
+def test_every_registered_mixer_has_a_recipe():
+    in_recipes = set()
+    for name in list_recipes():
+        mixer = load_recipe(name)["model"]["mixer"]
+        in_recipes |= {mixer} if isinstance(mixer, str) else set(mixer)
+    assert set(list_mixers()) - in_recipes == set(), "registered mixers without a recipe"
 
 
 def test_overrides_are_typed_and_dotted():
@@ -53,7 +62,7 @@ def test_recipe_by_path_extending_the_base(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["recipe=nope"], "unknown recipe 'nope'; valid: gated_deltanet, hybrid, hyena, mamba"),
+    (["recipe=nope"], "unknown recipe 'nope'; valid: deltanet, gated_deltanet, hybrid, hyena"),
     (["recipe=/no/such.yaml"], "recipe file '/no/such.yaml' does not exist"),
     (["recipe=s4d", "optim.lrr=1"], "unknown config key 'lrr' for optim; valid keys: beta1, beta2"),
     (["recipe=s4d", "colour=red"], "unknown key 'colour'; valid top-level keys: recipe"),

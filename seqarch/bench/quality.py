@@ -207,8 +207,9 @@ def scored_logits(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[t
     """inputs, targets (B, L) -> (logits (S, V), targets (S,)) at the S scored positions only: every position
     goes through the blocks (the mixers need the whole sequence), the final norm and head only where scored."""
     x = model._embed(inputs, 0)
+    context = {}  # what layers pass on within the call, as SeqLM.forward (RWKV-7's v_first)
     for layer in model.layers:
-        x = layer(x)
+        x = layer(x, context=context)
     scored = targets != IGNORE
     return model.head(model.norm(x[scored])), targets[scored]
 

@@ -22,12 +22,17 @@ Channel-mix (RWKV's own MLP, returned by `own_mlp()` for the block):
     y = W_v ReLU(W_k (x_t + (x_{t-1} - x_t) * x_k))^2
 
 The value residual. In RWKV-LM every layer after the first mixes its value with the first layer's
-(`v_first`), which the model threads through the stack. A mixer in seqarch's standard block sees only
-its own input, so by default (`value_residual=False`) it is what RWKV-LM's first layer is: no v0/v1/v2,
-v is its own value. With `value_residual=True` it holds v0/v1/v2 (so a later layer's weights load) and
-`forward` / `prefill` / `step` take the first layer's value as the keyword `v_first` ((B, L, D) or
-(B, D)); without it the residual is the identity (v + (v - v) * s = v). Threading `v_first` through
-SeqLM is not done: a model that wants it passes it itself.
+(`v_first`), which the model threads through the stack. A mixer with `value_residual=False` is what
+RWKV-LM's first layer is: no v0/v1/v2, v is its own value. With `value_residual=True` it holds
+v0/v1/v2 (so a later layer's weights load) and mixes its value towards `v_first`. Two ways to pass it:
+
+- `context=` (what SeqLM does): a dict shared by all layers of one forward / prefill / step call. The
+  first rwkv7 layer to see it stores its own value under `V_FIRST` ((B, L, D), in step mode (B, 1, D):
+  v_first is per token, so no state carries it); every later layer with `value_residual=True` mixes
+  towards it. SeqLM builds the first rwkv7 layer with `value_residual=False` and the later ones with
+  `value_residual=True` unless the config says otherwise.
+- the keyword `v_first` ((B, L, D) or (B, D)), for a model that threads it itself; without either the
+  residual is the identity (v + (v - v) * s = v).
 
 State: (token-shift input, wkv state) here; the channel-mix's token shift lives in the block's MLP
 state. The wkv state is (B, H, K, V) in flash-linear-attention's layout, the transpose of RWKV-LM's
@@ -55,6 +60,7 @@ from seqarch.registry import register
 
 _DECAY_SCALE = math.exp(-0.5)  # the decay exp(-exp(-softplus(-z) - 0.5)) = exp(-exp(-0.5) sigmoid(z))
 _MIXED = ("r", "w", "k", "v", "a", "g")  # the six token-shift interpolations, in RWKV-LM's order
+V_FIRST = "rwkv7.v_first"  # the key of the first layer's value in a model's per-call `context` dict
 
 
 def _lora_rank(width: int, factor: float) -> int:
@@ -74,7 +80,9 @@ class RWKV7Config:
     a_lora_rank: int | None = None  # a1 / a2, the in-context learning rate (D_AAA_LORA)
     value_lora_rank: int | None = None  # v1 / v2, the value residual (D_MV_LORA)
     gate_lora_rank: int | None = None  # g1 / g2, the output gate (D_GATE_LORA)
-    value_residual: bool = False  # hold v0/v1/v2 and accept v_first, as RWKV-LM's layers after the first
+    # hold v0/v1/v2 and mix v towards the first layer's value, as RWKV-LM's layers after the first (SeqLM sets
+    # it True on every rwkv7 layer after its first one unless given)
+    value_residual: bool = False
     ffn_ratio: float = 4.0  # channel-mix hidden width F / D (RWKV-7 uses 4)
     # Layer position for the initialisation (RWKV-LM's layer_id / n_layer); the defaults are its first layer.
     layer_id: int = 0
@@ -144,6 +152,17 @@ def _token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     """x (B, L, D) -> the previous token of every position, `last` (B, D) (or zeros) before the first."""
     first = x.new_zeros(x.shape[0], 1, x.shape[2]) if last is None else last.to(x.dtype).unsqueeze(1)
     return torch.cat([first, x[:, :-1]], dim=1)
+
+
+def _low_rank(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor, base: torch.Tensor | None = None,
+              inner=None) -> torch.Tensor:
+    """base + inner(x @ first) @ second for x (..., D), first (D, R), second (R, D), base (1, 1, D) or None;
+    the add is fused into the second product (addmm)."""
+    hidden = x.reshape(-1, x.shape[-1]) @ first
+    if inner is not None:
+        hidden = inner(hidden)
+    out = hidden @ second if base is None else torch.addmm(base.reshape(1, -1), hidden, second)
+    return out.view(*x.shape[:-1], second.shape[-1])
 
 
 def _orthogonal(rows: int, cols: int, scale: float) -> torch.Tensor:
@@ -218,30 +237,43 @@ class RWKV7Mixer(SequenceMixer):
                 param._no_weight_decay = True
 
     # --- pieces ---------------------------------------------------------------------------
-    def _project(self, x: torch.Tensor, x_prev: torch.Tensor, v_first: torch.Tensor | None):
-        """x, x_prev (B, L, D) -> the delta rule's inputs (B, L, H, K) and the rest of the time-mix."""
+    def _project(self, x: torch.Tensor, x_prev: torch.Tensor, v_first: torch.Tensor | None, context: dict | None):
+        """x, x_prev (B, L, D) -> the delta rule's inputs (B, L, H, K) and the rest of the time-mix. With a
+        `context`, the first layer to see it leaves its value there as v_first for the later ones."""
         xx = x_prev - x
-        xr, xw, xk, xv, xa, xg = (x + xx * getattr(self, f"x_{name}") for name in _MIXED)
+        # Fused elementwise forms (addcmul, lerp, addmm): at L = 4096 the time-mix is memory-bound outside
+        # its projections, so each pass over a (B, L, D) tensor saved counts.
+        xr, xw, xk, xv, xa, xg = (torch.addcmul(x, xx, getattr(self, f"x_{name}")) for name in _MIXED)
         r = self.receptance(xr)
-        log_decay = -_DECAY_SCALE * torch.sigmoid(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)
+        log_decay = -_DECAY_SCALE * torch.sigmoid(_low_rank(xw, self.w1, self.w2, self.w0, torch.tanh))
         k = self.key(xk)
         v = self.value(xv)
+        if context is not None:
+            if V_FIRST not in context:
+                context[V_FIRST] = v
+            elif v_first is None:
+                v_first = context[V_FIRST]
         if self.config.value_residual and v_first is not None:
-            v = v + (v_first.to(v.dtype) - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
+            v = torch.lerp(v, v_first.to(v.dtype), torch.sigmoid(_low_rank(xv, self.v1, self.v2, self.v0)))
+        a = torch.sigmoid(_low_rank(xa, self.a1, self.a2, self.a0))
+        g = _low_rank(xg, self.g1, self.g2, inner=torch.sigmoid)
         split = "b l (h k) -> b l h k"
         heads = self.config.heads
         kappa = F.normalize(rearrange(k * self.k_k, split, h=heads), dim=-1)
-        k = k * (1 + (a - 1) * self.k_a)
+        k = k * torch.addcmul(1 - self.k_a, a, self.k_a)  # k (1 + (a - 1) k_a)
         r, k, v, a, log_decay = (rearrange(t, split, h=heads) for t in (r, k, v, a, log_decay))
         return r, k, v, -kappa, kappa * a, log_decay, g
 
     def _output(self, out, r, k, v, g) -> torch.Tensor:
         """out, r, k, v (B, L, H, K), g (B, L, D) -> (B, L, D): GroupNorm, the r_k bonus, gate, projection."""
-        normed = rearrange(self.ln_x(rearrange(out, "b l h k -> (b l) (h k)")), "(b l) d -> b l d", b=out.shape[0])
-        bonus = ((r * k * self.r_k).sum(-1, keepdim=True) * v).flatten(2)
-        return self.output((normed + bonus) * g)
+        # GroupNorm with one group per head is a LayerNorm over each head's K channels: ln_x's parameters
+        # applied as layer_norm's, which is several times faster than torch's group_norm on CPU (and at
+        # decode, batch 1, group_norm dominated the whole step).
+        heads, size = out.shape[-2], out.shape[-1]
+        weight, bias = self.ln_x.weight.view(heads, size), self.ln_x.bias.view(heads, size)
+        normed = torch.addcmul(bias, F.layer_norm(out, (size,), eps=self.ln_x.eps), weight)
+        bonus = (r * k * self.r_k).sum(-1, keepdim=True)  # (B, L, H, 1), times v below
+        return self.output((torch.addcmul(normed, bonus, v) * g.unflatten(-1, (heads, size))).flatten(2))
 
     def _check_v_first(self, v_first, shape, what):
         if v_first is None:
@@ -251,9 +283,10 @@ class RWKV7Mixer(SequenceMixer):
         if tuple(v_first.shape) != tuple(shape):
             raise ValueError(f"{what}: v_first must have the input's shape {tuple(shape)}, got {tuple(v_first.shape)}")
 
-    def _run(self, x, state: RWKV7State | None, v_first):
+    def _run(self, x, state: RWKV7State | None, v_first, context):
         cfg = self.config
-        r, k, v, a, b, log_decay, g = self._project(x, _token_shift(x, None if state is None else state.shift), v_first)
+        r, k, v, a, b, log_decay, g = self._project(x, _token_shift(x, None if state is None else state.shift), v_first,
+                                                    context)
         initial = None if state is None else state.wkv
         out, final = generalized_delta_rule(r, k, v, a, b, log_decay, scale=1.0, initial_state=initial,
                                             output_final_state=state is not None, backend=cfg.backend,
@@ -264,10 +297,14 @@ class RWKV7Mixer(SequenceMixer):
     def describe_paths(self, device: torch.device | str = "cpu") -> str:
         return f"generalized delta rule {describe_backend(self.config.backend, device)}; recurrent step"
 
-    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None = None) -> torch.Tensor:
+    # SeqLM's blocks pass their per-call context dict to a mixer that sets this (see seqarch.models.block)
+    uses_layer_context = True
+
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None = None,
+                context: dict | None = None) -> torch.Tensor:
         check_input(x, self.d_model, 3, "rwkv7.forward")
         self._check_v_first(v_first, x.shape, "rwkv7.forward")
-        return self._run(x, None, v_first)[0]
+        return self._run(x, None, v_first, context)[0]
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> RWKV7State:
         cfg = self.config
@@ -277,26 +314,26 @@ class RWKV7Mixer(SequenceMixer):
             wkv=torch.zeros(batch_size, cfg.heads, cfg.head_size, cfg.head_size, **factory),
         )
 
-    def prefill(self, x: torch.Tensor, state: RWKV7State,
-                v_first: torch.Tensor | None = None) -> tuple[torch.Tensor, RWKV7State]:
+    def prefill(self, x: torch.Tensor, state: RWKV7State, v_first: torch.Tensor | None = None,
+                context: dict | None = None) -> tuple[torch.Tensor, RWKV7State]:
         check_input(x, self.d_model, 3, "rwkv7.prefill")
         check_state(state, RWKV7State, x.shape[0], "rwkv7.prefill")
         self._check_v_first(v_first, x.shape, "rwkv7.prefill")
         if x.shape[1] == 0:
             return x, state
-        y, wkv = self._run(x, state, v_first)
+        y, wkv = self._run(x, state, v_first, context)
         return y, RWKV7State(shift=x[:, -1].to(state.shift.dtype), wkv=wkv.to(state.wkv.dtype))
 
-    def step(self, x_t: torch.Tensor, state: RWKV7State,
-             v_first: torch.Tensor | None = None) -> tuple[torch.Tensor, RWKV7State]:
+    def step(self, x_t: torch.Tensor, state: RWKV7State, v_first: torch.Tensor | None = None,
+             context: dict | None = None) -> tuple[torch.Tensor, RWKV7State]:
         check_input(x_t, self.d_model, 2, "rwkv7.step")
         check_state(state, RWKV7State, x_t.shape[0], "rwkv7.step")
         self._check_v_first(v_first, x_t.shape, "rwkv7.step")
         r, k, v, a, b, log_decay, g = self._project(x_t.unsqueeze(1), state.shift.to(x_t.dtype).unsqueeze(1),
-                                                    None if v_first is None else v_first.unsqueeze(1))
+                                                    None if v_first is None else v_first.unsqueeze(1), context)
         wkv = state.wkv.to(torch.promote_types(x_t.dtype, torch.float32))
         out_t, wkv = generalized_delta_rule_step(r[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], log_decay[:, 0], wkv,
-                                                 scale=1.0)
+                                                 scale=1.0, backend=self.config.backend)
         y = self._output(out_t.to(x_t.dtype).unsqueeze(1), r, k, v, g)
         return y.squeeze(1), RWKV7State(shift=x_t.to(state.shift.dtype), wkv=wkv.to(state.wkv.dtype))
 

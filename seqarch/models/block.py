@@ -8,6 +8,10 @@ stack of blocks decodes token by token. A mixer that brings its own channel mixe
 channel-mix, which has a token-shift state) returns it from `own_mlp()`; the block uses it in
 place of SwiGLU and carries its state.
 
+`context` (optional on forward / prefill / step): a dict that a model shares among its blocks for one
+call, passed on to a mixer whose class sets `uses_layer_context = True` (RWKV-7 leaves its first layer's
+value there for the value residual of the later ones); other mixers never see it.
+
 Initialisation (`init_weights`, run at construction and again by SeqLM with the model's depth) follows
 GPT-2 / Zoology / mamba-ssm's `_init_weights`: every nn.Linear of the mixer and the MLP is drawn from
 N(0, 0.02) with a zero bias, except modules and parameters tagged `_no_reinit = True` (their owner's
@@ -93,9 +97,13 @@ class Block(nn.Module):
     def state_grows_with_length(self) -> bool:
         return self.mixer.state_grows_with_length
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _context(self, context: dict | None) -> dict:
+        """The keyword that hands a model's per-call context to the mixer, if the mixer takes one."""
+        return {"context": context} if context is not None and getattr(self.mixer, "uses_layer_context", False) else {}
+
+    def forward(self, x: torch.Tensor, context: dict | None = None) -> torch.Tensor:
         """x (B, L, D) -> (B, L, D)."""
-        x = x + self.mixer(self.norm_mixer(x))
+        x = x + self.mixer(self.norm_mixer(x), **self._context(context))
         if self.mlp is not None:
             x = x + self.mlp(self.norm_mlp(x))
         return x
@@ -104,8 +112,8 @@ class Block(nn.Module):
         mlp_state = self.mlp.init_state(batch_size, device=device, dtype=dtype) if self.stateful_mlp else None
         return BlockState(mixer=self.mixer.init_state(batch_size, device=device, dtype=dtype), mlp=mlp_state)
 
-    def _run(self, x, state: BlockState, method: str):
-        y, mixer_state = getattr(self.mixer, method)(self.norm_mixer(x), state.mixer)
+    def _run(self, x, state: BlockState, method: str, context: dict | None):
+        y, mixer_state = getattr(self.mixer, method)(self.norm_mixer(x), state.mixer, **self._context(context))
         x = x + y
         mlp_state = None
         if self.stateful_mlp:
@@ -115,13 +123,15 @@ class Block(nn.Module):
             x = x + self.mlp(self.norm_mlp(x))
         return x, BlockState(mixer=mixer_state, mlp=mlp_state)
 
-    def prefill(self, x: torch.Tensor, state: BlockState) -> tuple[torch.Tensor, BlockState]:
+    def prefill(self, x: torch.Tensor, state: BlockState,
+                context: dict | None = None) -> tuple[torch.Tensor, BlockState]:
         """x (B, L, D) continuing from `state`."""
-        return self._run(x, state, "prefill")
+        return self._run(x, state, "prefill", context)
 
-    def step(self, x_t: torch.Tensor, state: BlockState) -> tuple[torch.Tensor, BlockState]:
+    def step(self, x_t: torch.Tensor, state: BlockState,
+             context: dict | None = None) -> tuple[torch.Tensor, BlockState]:
         """One token x_t (B, D)."""
-        return self._run(x_t, state, "step")
+        return self._run(x_t, state, "step", context)
 
     def state_nbytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         total = self.mixer.state_nbytes(batch_size, seq_len, dtype)

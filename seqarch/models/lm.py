@@ -9,6 +9,9 @@ for the layers of that kind only (`attention={"n_heads": 4}`), and `layer_overri
 layer index for single layers, applied last (`layer_overrides={2: {"knn_top_k": 32}}`: kNN memory on
 layer 2 only, as the Memorizing Transformer does).
 
+Layers pass values on within one call through a `context` dict (seqarch.models.block): RWKV-7's first
+layer leaves its value there for the value residual of the later rwkv7 layers, as RWKV-LM's model.
+
 `position_embedding="sinusoidal"` adds Vaswani et al.'s absolute position table to the token
 embedding (positions counted from the first prefilled token, carried in the state); "none" leaves
 positions to the mixers (RoPE / ALiBi inside attention, or none at all).
@@ -52,6 +55,14 @@ def _layer_overrides(overrides: dict | None, n_layers: int) -> dict[int, dict]:
     return checked
 
 
+def _thread_value_residual(names: list[str], configs: list[dict]) -> None:
+    """RWKV-7's value residual across the stack, as RWKV-LM's model: the first rwkv7 layer produces
+    v_first, every later one mixes towards it (`value_residual=True`), unless its config sets the key."""
+    rwkv7_layers = [index for index, name in enumerate(names) if name == "rwkv7"]
+    for index in rwkv7_layers[1:]:
+        configs[index].setdefault("value_residual", True)
+
+
 class SeqLM(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, mixer: str | list[str] = "attention",
                  mlp: bool = True, tie_embeddings: bool = True, norm_eps: float = 1e-5,
@@ -93,13 +104,15 @@ class SeqLM(nn.Module):
         self.check_finite = False
         factory = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(vocab_size, d_model, **factory)
+        configs = [{**shared, **mixer_kwargs.get(name, {}), **per_layer.get(index, {})}
+                   for index, name in enumerate(names)]
+        _thread_value_residual(names, configs)
         # The mixer is built first and wrapped here (not through build_block), so a mixer config key that shares
         # a name with a block argument (Mamba-2's own `norm_eps`) reaches the mixer instead of colliding.
         self.layers = nn.ModuleList(
-            Block(build_mixer(name, d_model=d_model, **factory,
-                              **{**shared, **mixer_kwargs.get(name, {}), **per_layer.get(index, {})}),
+            Block(build_mixer(name, d_model=d_model, **factory, **config),
                   mlp=mlp, norm_eps=norm_eps, mlp_hidden=mlp_hidden, mlp_bias=mlp_bias, **factory)
-            for index, name in enumerate(names)
+            for name, config in zip(names, configs, strict=True)
         )
         self.norm = nn.RMSNorm(d_model, eps=norm_eps, **factory)
         self.head = nn.Linear(d_model, vocab_size, bias=False, **factory)
@@ -170,8 +183,9 @@ class SeqLM(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) int64 -> logits (B, L, V)."""
         x = self._checked(self._embed(tokens, 0), "the embedding")
+        context = {}  # what layers pass on within this call (RWKV-7's v_first); see seqarch.models.block
         for index, layer in enumerate(self.layers):
-            x = self._checked(layer(x), f"layer {index} ({self.layer_names[index]})")
+            x = self._checked(layer(x, context=context), f"layer {index} ({self.layer_names[index]})")
         return self.head(self.norm(x))
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> LMState:
@@ -182,9 +196,9 @@ class SeqLM(nn.Module):
     def prefill(self, tokens: torch.Tensor, state: LMState) -> tuple[torch.Tensor, LMState]:
         """tokens (B, L) continuing from `state` -> (logits (B, L, V), new state)."""
         x = self._checked(self._embed(tokens, state.position), "the embedding")
-        new_states = []
+        new_states, context = [], {}
         for index, (layer, layer_state) in enumerate(zip(self.layers, state.layers, strict=True)):
-            x, layer_state = layer.prefill(x, layer_state)
+            x, layer_state = layer.prefill(x, layer_state, context=context)
             self._checked(x, f"layer {index} ({self.layer_names[index]})")
             new_states.append(layer_state)
         return self.head(self.norm(x)), LMState(layers=new_states, position=state.position + tokens.shape[1])
@@ -192,9 +206,9 @@ class SeqLM(nn.Module):
     def step(self, token: torch.Tensor, state: LMState) -> tuple[torch.Tensor, LMState]:
         """token (B,) -> (logits (B, V), new state)."""
         x = self._checked(self._embed(token[:, None], state.position)[:, 0], "the embedding")
-        new_states = []
+        new_states, context = [], {}
         for index, (layer, layer_state) in enumerate(zip(self.layers, state.layers, strict=True)):
-            x, layer_state = layer.step(x, layer_state)
+            x, layer_state = layer.step(x, layer_state, context=context)
             self._checked(x, f"layer {index} ({self.layer_names[index]})")
             new_states.append(layer_state)
         return self.head(self.norm(x)), LMState(layers=new_states, position=state.position + 1)

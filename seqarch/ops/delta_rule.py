@@ -57,7 +57,6 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch.autograd.function import once_differentiable
 
 from seqarch.backends import (
     CompiledKernel,
@@ -65,6 +64,7 @@ from seqarch.backends import (
     compiled_or_eager,
     describe_compiled_or_eager,
     notify_once,
+    run_checkpointed_kernel,
 )
 
 Backend = Literal["auto", "compiled", "chunked", "sequential"]
@@ -346,33 +346,6 @@ def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, backend
 
 
 # --- the compiled path (KERNEL, built on first use) -----------------------------------------------------
-class _CompiledDeltaRule(torch.autograd.Function):
-    """The (gated) delta rule through the C++ kernel. q, k (B, T, H, K), v (B, T, H, V), g (B, T, H) or
-    None, beta (B, T, H), initial_state (B, H, K, V) or None, contiguous, in one compute dtype ->
-    o (B, T, H, V), final state (B, H, K, V)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial_state, scale, chunk):
-        needs_backward = any(ctx.needs_input_grad[:6])
-        o, final_state, checkpoints = KERNEL.load().forward(q, k, v, g, beta, initial_state, scale, chunk,
-                                                            needs_backward)
-        ctx.save_for_backward(q, k, v, g, beta, checkpoints)
-        ctx.scale, ctx.chunk, ctx.has_initial_state = scale, chunk, initial_state is not None
-        ctx.set_materialize_grads(False)
-        return o, final_state
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do, dfinal_state):
-        q, k, v, g, beta, checkpoints = ctx.saved_tensors
-        do = torch.zeros_like(v) if do is None else do.contiguous()
-        dfinal_state = None if dfinal_state is None else dfinal_state.contiguous()
-        dq, dk, dv, dg, dbeta, dinitial = KERNEL.load().backward(q, k, v, g, beta, ctx.scale, checkpoints, do,
-                                                                 dfinal_state, ctx.chunk)
-        return (dq, dk, dv, dg if g is not None else None, dbeta, dinitial if ctx.has_initial_state else None,
-                None, None)
-
-
 def _compiled(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):
     """Cast to the compute dtype (at least float32), make contiguous, run the kernel, cast o back."""
     dtype, out_dtype = _compute_dtype(q, k, v, g, beta, initial_state), v.dtype
@@ -380,5 +353,5 @@ def _compiled(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_
     g = None if g is None else g.to(dtype).contiguous()
     if initial_state is not None:
         initial_state = initial_state.to(dtype).contiguous()
-    o, final = _CompiledDeltaRule.apply(q, k, v, g, beta, initial_state, float(scale), chunk_size)
+    o, final = run_checkpointed_kernel(KERNEL, (q, k, v, g, beta), initial_state, scale, chunk_size)
     return o.to(out_dtype), (final if output_final_state else None)

@@ -59,9 +59,14 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch.autograd.function import once_differentiable
 
-from seqarch.backends import CompiledKernel, check_backend, compiled_or_eager, describe_compiled_or_eager
+from seqarch.backends import (
+    CompiledKernel,
+    check_backend,
+    compiled_or_eager,
+    describe_compiled_or_eager,
+    run_checkpointed_kernel,
+)
 
 Backend = Literal["auto", "compiled", "chunked", "sequential"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -105,11 +110,24 @@ def _finish(out, state, dtype, output_final_state):
     return out.to(dtype), (state.to(dtype) if output_final_state else None)
 
 
-def generalized_delta_rule_step(q_t, k_t, v_t, a_t, b_t, gk_t, state, scale: float | None = None):
+def generalized_delta_rule_step(q_t, k_t, v_t, a_t, b_t, gk_t, state, scale: float | None = None,
+                                backend: Backend = "sequential"):
     """One token: q_t, k_t, a_t, b_t, gk_t (B, H, K), v_t (B, H, V), state (B, H, K, V) ->
-    (o_t (B, H, V), new state (B, H, K, V)). Computed in `state`'s dtype."""
+    (o_t (B, H, V), new state (B, H, K, V)). Computed in `state`'s dtype (at least float32 on the kernel).
+
+    backend "sequential" (the default, and the reference's body) runs it in PyTorch; "auto" / "compiled"
+    run the compiled kernel's forward on one token where `resolve_backend` picks it and no gradient is
+    needed (decoding): at batch 1, H = 12, K = V = 64 that call costs about a quarter of the PyTorch
+    step's six small ops (docs/mixers/rwkv7.md)."""
     scale = q_t.shape[-1] ** -0.5 if scale is None else scale
-    q_t, k_t, v_t, a_t, b_t, gk_t = (t.to(state.dtype) for t in (q_t, k_t, v_t, a_t, b_t, gk_t))
+    inputs = (q_t, k_t, v_t, a_t, b_t, gk_t)
+    if backend != "sequential" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, state))):
+        if resolve_backend(backend, q_t.device) == "compiled":
+            dtype = torch.promote_types(state.dtype, torch.float32)
+            tokens = [t.to(dtype).unsqueeze(1).contiguous() for t in inputs]  # (B, 1, H, K)
+            out, final, _ = KERNEL.load().forward(*tokens, state.to(dtype).contiguous(), float(scale), 1, False)
+            return out[:, 0].to(state.dtype), final.to(state.dtype)
+    q_t, k_t, v_t, a_t, b_t, gk_t = (t.to(state.dtype) for t in inputs)
     read = torch.einsum("bhk,bhkv->bhv", a_t, state)  # sa_t = a_t^T S_{t-1}
     state = (gk_t.exp().unsqueeze(-1) * state + b_t.unsqueeze(-1) * read.unsqueeze(-2)
              + k_t.unsqueeze(-1) * v_t.unsqueeze(-2))
@@ -186,32 +204,6 @@ def describe_backend(backend: str, device: torch.device | str = "cpu") -> str:
 
 
 # --- the compiled path (KERNEL, built on first use) ---------------------------------------------
-class _CompiledGeneralizedDeltaRule(torch.autograd.Function):
-    """The recurrence through the C++ kernel. q, k, a, b, gk (B, T, H, K), v (B, T, H, V), initial_state
-    (B, H, K, V) or None, contiguous, in one compute dtype -> out (B, T, H, V), final state (B, H, K, V)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, a, b, gk, initial_state, scale, chunk):
-        needs_backward = any(ctx.needs_input_grad[:7])
-        out, final_state, checkpoints = KERNEL.load().forward(q, k, v, a, b, gk, initial_state, scale, chunk,
-                                                              needs_backward)
-        if needs_backward:
-            ctx.save_for_backward(q, k, v, a, b, gk, checkpoints)
-        ctx.scale, ctx.chunk, ctx.has_initial_state = scale, chunk, initial_state is not None
-        ctx.set_materialize_grads(False)
-        return out, final_state
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dfinal_state):
-        q, k, v, a, b, gk, checkpoints = ctx.saved_tensors
-        dout = torch.zeros_like(v) if dout is None else dout.contiguous()
-        dfinal_state = None if dfinal_state is None else dfinal_state.contiguous()
-        dq, dk, dv, da, db, dgk, dinitial = KERNEL.load().backward(q, k, v, a, b, gk, ctx.scale, checkpoints, dout,
-                                                                   dfinal_state, ctx.chunk)
-        return dq, dk, dv, da, db, dgk, (dinitial if ctx.has_initial_state else None), None, None
-
-
 def _compiled(q, k, v, a, b, gk, scale, initial_state, output_final_state, chunk_size):
     """Cast to the compute dtype (at least float32), make contiguous, run the kernel, cast back."""
     dtype = q.dtype
@@ -220,7 +212,7 @@ def _compiled(q, k, v, a, b, gk, scale, initial_state, output_final_state, chunk
     q, k, v, a, b, gk = (t.to(compute).contiguous() for t in (q, k, v, a, b, gk))
     if initial_state is not None:
         initial_state = initial_state.to(compute).contiguous()
-    out, state = _CompiledGeneralizedDeltaRule.apply(q, k, v, a, b, gk, initial_state, float(scale), chunk_size)
+    out, state = run_checkpointed_kernel(KERNEL, (q, k, v, a, b, gk), initial_state, scale, chunk_size)
     return _finish(out, state, dtype, output_final_state)
 
 

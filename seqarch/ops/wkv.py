@@ -47,7 +47,6 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch.autograd.function import once_differentiable
 
 from seqarch.backends import (
     CompiledKernel,
@@ -55,6 +54,7 @@ from seqarch.backends import (
     compiled_or_eager,
     describe_compiled_or_eager,
     renamed_keyword,
+    run_checkpointed_kernel,
 )
 
 DEFAULT_CHUNK_SIZE = 32
@@ -254,31 +254,6 @@ def _intra_chunk(queries, keys_to_end, r, k, v, u, local, local_before, through,
 
 
 # --- the compiled path (KERNEL, built on first use) ---------------------------------------------
-class _CompiledWkv6(torch.autograd.Function):
-    """wkv6 through the C++ kernel. r, k, w (B, H, T, K), v (B, H, T, V), u (H, K), initial_state
-    (B, H, K, V) or None, contiguous, in one compute dtype -> out (B, H, T, V), final state."""
-
-    @staticmethod
-    def forward(ctx, r, k, v, w, u, initial_state, scale, chunk):
-        needs_backward = any(ctx.needs_input_grad[:6])
-        out, final_state, checkpoints = KERNEL.load().forward(r, k, v, w, u, initial_state, scale, chunk,
-                                                                  needs_backward)
-        ctx.save_for_backward(r, k, v, w, u, checkpoints)
-        ctx.scale, ctx.chunk, ctx.has_initial_state = scale, chunk, initial_state is not None
-        ctx.set_materialize_grads(False)
-        return out, final_state
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dfinal_state):
-        r, k, v, w, u, checkpoints = ctx.saved_tensors
-        dout = torch.zeros_like(v) if dout is None else dout.contiguous()
-        dfinal_state = None if dfinal_state is None else dfinal_state.contiguous()
-        dr, dk, dv, dw, du, dinitial = KERNEL.load().backward(r, k, v, w, u, ctx.scale, checkpoints, dout,
-                                                                  dfinal_state, ctx.chunk)
-        return dr, dk, dv, dw, du, (dinitial if ctx.has_initial_state else None), None, None
-
-
 def _wkv6_compiled(r, k, v, w, u, scale, initial_state, output_final_state, chunk_size):
     """Cast to the compute dtype (at least float32), make contiguous, run the kernel, cast back."""
     dtype = r.dtype
@@ -287,7 +262,7 @@ def _wkv6_compiled(r, k, v, w, u, scale, initial_state, output_final_state, chun
     r, k, v, w, u = (t.to(compute).contiguous() for t in (r, k, v, w, u))
     if initial_state is not None:
         initial_state = initial_state.to(compute).contiguous()
-    out, state = _CompiledWkv6.apply(r, k, v, w, u, initial_state, float(scale), chunk_size)
+    out, state = run_checkpointed_kernel(KERNEL, (r, k, v, w, u), initial_state, scale, chunk_size)
     return _finish(out, state, dtype, output_final_state)
 
 

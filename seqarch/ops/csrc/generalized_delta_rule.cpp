@@ -20,7 +20,8 @@
 // streams the rows of S once: S[i, :] = e_i S[i, :] + b_i sa_t + k_i v_t, and from the new row both
 // o_t += q_i S[i, :] and the next token's read sa_{t+1} += a_{t+1, i} S[i, :] (each column of S
 // evolves on its own, so the read of token t + 1 is formed while token t writes): one load and one
-// store of S per token. The inner loops run over V on contiguous memory and vectorise; exp(gk_t) is
+// store of S per token, two rows per iteration (the V-long sums o and sa_{t+1} are loaded and stored
+// once per two rows). The inner loops run over V on contiguous memory and vectorise; exp(gk_t) is
 // an inlined polynomial over K. With checkpoints on, the state entering every chunk, S_{cC - 1}, is
 // stored (B, H, N, K, V).
 //
@@ -59,22 +60,12 @@ using seqarch_kernels::data_or_null;
 using seqarch_kernels::value_or_undefined;
 using seqarch_kernels::decay_exp;
 
-struct Sizes {
-  int64_t batch, len, heads, keys, values, chunk, nchunks;
+using Sizes = seqarch_kernels::ChunkSizes;
+using seqarch_kernels::prefetch_row;
 
-  // (batch, head) tasks per thread at least: waking a second thread costs more than a small problem
-  // (tens of microseconds, far more while another process holds the core), so problems under ~2^18
-  // state updates per thread run on the calling thread.
-  int64_t grain() const { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, len * keys * values)); }
-
-  // Offsets of token t of task (b, h) in a (B, T, H, K) or (B, T, H, V) tensor.
-  int64_t key_offset(int64_t task, int64_t t) const {
-    return (((task / heads) * len + t) * heads + task % heads) * keys;
-  }
-  int64_t value_offset(int64_t task, int64_t t) const {
-    return (((task / heads) * len + t) * heads + task % heads) * values;
-  }
-};
+// Offsets of token t of task (b, h) in a (B, T, H, K) or (B, T, H, V) tensor.
+inline int64_t key_offset(const Sizes& n, int64_t task, int64_t t) { return n.row(task, t) * n.keys; }
+inline int64_t value_offset(const Sizes& n, int64_t task, int64_t t) { return n.row(task, t) * n.values; }
 
 // The input pointers of one token.
 template <typename scalar_t>
@@ -87,25 +78,18 @@ struct Inputs {
   const scalar_t *q, *k, *v, *a, *b, *gk;
 
   Token<scalar_t> at(const Sizes& n, int64_t task, int64_t t) const {
-    const int64_t ko = n.key_offset(task, t), vo = n.value_offset(task, t);
+    const int64_t ko = key_offset(n, task, t), vo = value_offset(n, task, t);
     return {q + ko, k + ko, v + vo, a + ko, b + ko, gk + ko};
   }
 };
 
-// Tokens of one (batch, head) lie H K elements apart, often a page apart, where the hardware
-// prefetchers stop: the rows of a token a few steps ahead are requested in software.
+// How many tokens ahead the rows are prefetched (see seqarch_kernels::prefetch_row).
 constexpr int64_t kPrefetchDistance = 8;
 
 template <typename scalar_t>
-inline void prefetch_rows(const scalar_t* row, int64_t size) {
-  constexpr int64_t line = 64 / sizeof(scalar_t);
-  for (int64_t j = 0; j < size; j += line) __builtin_prefetch(row + j);
-}
-
-template <typename scalar_t>
 inline void prefetch_token(const Token<scalar_t>& x, int64_t keys, int64_t values) {
-  for (const scalar_t* row : {x.q, x.k, x.a, x.b, x.gk}) prefetch_rows(row, keys);
-  prefetch_rows(x.v, values);
+  for (const scalar_t* row : {x.q, x.k, x.a, x.b, x.gk}) prefetch_row(row, keys);
+  prefetch_row(x.v, values);
 }
 
 // Per-token scalars over K: qs = scale q_t, e = exp(gk_t).
@@ -140,7 +124,27 @@ inline void token_step(const scalar_t* qs, const scalar_t* e, const Token<scalar
   const scalar_t* __restrict v = x.v;
   if (WithOutput) std::fill(o, o + values, scalar_t(0));
   if (WithRead) std::fill(sa_next, sa_next + values, scalar_t(0));
-  for (int64_t i = 0; i < keys; ++i) {
+  // Two rows per iteration: the V-long sums o and sa_next are loaded and stored once per two rows.
+  int64_t i = 0;
+  for (; i + 2 <= keys; i += 2) {
+    const scalar_t e0 = e[i], b0 = x.b[i], k0 = x.k[i], e1 = e[i + 1], b1 = x.b[i + 1], k1 = x.k[i + 1];
+    const scalar_t q0 = WithOutput ? qs[i] : scalar_t(0), q1 = WithOutput ? qs[i + 1] : scalar_t(0);
+    const scalar_t a0 = WithRead ? a_next[i] : scalar_t(0), a1 = WithRead ? a_next[i + 1] : scalar_t(0);
+    const scalar_t* prev0 = prev + i * values;
+    const scalar_t* prev1 = prev0 + values;
+    scalar_t* next0 = next + i * values;
+    scalar_t* next1 = next0 + values;
+#pragma omp simd
+    for (int64_t j = 0; j < values; ++j) {
+      const scalar_t s0 = e0 * prev0[j] + b0 * sa[j] + k0 * v[j];
+      const scalar_t s1 = e1 * prev1[j] + b1 * sa[j] + k1 * v[j];
+      next0[j] = s0;
+      next1[j] = s1;
+      if (WithOutput) o[j] += q0 * s0 + q1 * s1;
+      if (WithRead) sa_next[j] += a0 * s0 + a1 * s1;
+    }
+  }
+  for (; i < keys; ++i) {
     const scalar_t ei = e[i], bi = x.b[i], ki = x.k[i];
     const scalar_t qi = WithOutput ? qs[i] : scalar_t(0), ai = WithRead ? a_next[i] : scalar_t(0);
     const scalar_t* prev_row = prev + i * values;
@@ -184,7 +188,7 @@ void forward_kernel(const Sizes& n, const Inputs<scalar_t>& in, const scalar_t* 
           }
           const Token<scalar_t> x = in.at(n, task, t);
           token_scalars(x, scale, n.keys, qs.data(), e.data());
-          scalar_t* o_t = out + n.value_offset(task, t);
+          scalar_t* o_t = out + value_offset(n, task, t);
           const scalar_t* sa = reads.data() + local * n.values;
           scalar_t* sa_next = reads_next.data() + local * n.values;
           if (t + 1 < n.len) {
@@ -226,7 +230,36 @@ inline void adjoint_sums(const Adjoint<scalar_t>& x, int64_t keys, int64_t value
   scalar_t* __restrict dv = x.dv;
   std::fill(dsa, dsa + values, scalar_t(0));
   std::fill(dv, dv + values, scalar_t(0));
-  for (int64_t i = 0; i < keys; ++i) {
+  // Two rows per iteration: the column sums dsa and dv are loaded and stored once per two rows.
+  int64_t i = 0;
+  for (; i + 2 <= keys; i += 2) {
+    const scalar_t q0 = x.qs[i], b0 = x.b[i], k0 = x.k[i], q1 = x.qs[i + 1], b1 = x.b[i + 1], k1 = x.k[i + 1];
+    const scalar_t* __restrict S0 = x.S + i * values;
+    const scalar_t* __restrict S1 = S0 + values;
+    const scalar_t* __restrict G0 = x.G + i * values;
+    const scalar_t* __restrict G1 = G0 + values;
+    scalar_t sd0 = 0, gv0 = 0, gsa0 = 0, gs0 = 0, sd1 = 0, gv1 = 0, gsa1 = 0, gs1 = 0;
+#pragma omp simd reduction(+ : sd0, gv0, gsa0, gs0, sd1, gv1, gsa1, gs1)
+    for (int64_t j = 0; j < values; ++j) {
+      const scalar_t s0 = S0[j], s1 = S1[j], d = dout[j];
+      const scalar_t g0 = G0[j] + q0 * d, g1 = G1[j] + q1 * d;
+      dsa[j] += b0 * g0 + b1 * g1;
+      dv[j] += k0 * g0 + k1 * g1;
+      sd0 += s0 * d;
+      sd1 += s1 * d;
+      gv0 += g0 * value[j];
+      gv1 += g1 * value[j];
+      gsa0 += g0 * read[j];
+      gsa1 += g1 * read[j];
+      gs0 += g0 * s0;
+      gs1 += g1 * s1;
+    }
+    x.s_do[i] = sd0, x.s_do[i + 1] = sd1;
+    x.g_v[i] = gv0, x.g_v[i + 1] = gv1;
+    x.g_sa[i] = gsa0, x.g_sa[i + 1] = gsa1;
+    x.g_s[i] = gs0, x.g_s[i + 1] = gs1;
+  }
+  for (; i < keys; ++i) {
     const scalar_t qi = x.qs[i], bi = x.b[i], ki = x.k[i];
     const scalar_t* __restrict S_row = x.S + i * values;
     const scalar_t* __restrict G_row = x.G + i * values;
@@ -315,12 +348,12 @@ void backward_kernel(const Sizes& n, const Inputs<scalar_t>& in, scalar_t scale,
         }
         for (int64_t t = stop - 1; t >= start; --t) {
           if (t - kPrefetchDistance >= 0) {  // the previous chunk's tokens too: it is walked next
-            const int64_t ahead = n.value_offset(task, t - kPrefetchDistance);
+            const int64_t ahead = value_offset(n, task, t - kPrefetchDistance);
             prefetch_token(in.at(n, task, t - kPrefetchDistance), n.keys, n.values);
-            prefetch_rows(dout + ahead, n.values);
+            prefetch_row(dout + ahead, n.values);
           }
           const Token<scalar_t> x = in.at(n, task, t);
-          const int64_t local = t - start, ko = n.key_offset(task, t), vo = n.value_offset(task, t);
+          const int64_t local = t - start, ko = key_offset(n, task, t), vo = value_offset(n, task, t);
           token_scalars(x, scale, n.keys, qs.data(), e.data());
           const scalar_t* sa = reads.data() + local * n.values;
           const scalar_t* do_t = dout + vo;
@@ -355,10 +388,9 @@ void backward_kernel(const Sizes& n, const Inputs<scalar_t>& in, scalar_t scale,
 }
 
 Sizes sizes_of(const at::Tensor& q, const at::Tensor& v, int64_t chunk) {
-  TORCH_CHECK(chunk >= 1, "generalized_delta_rule kernel: chunk must be >= 1, got ", chunk);
   TORCH_CHECK(q.dim() == 4 && v.dim() == 4, "generalized_delta_rule kernel: q and v must be (B, T, H, K / V)");
-  const int64_t len = q.size(1);
-  return {q.size(0), len, q.size(2), q.size(3), v.size(3), chunk, (len + chunk - 1) / chunk};
+  return seqarch_kernels::chunk_sizes("generalized_delta_rule", q.size(0), q.size(1), q.size(2), q.size(3), v.size(3),
+                                      chunk);
 }
 
 template <typename scalar_t>
@@ -385,8 +417,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   check_inputs({q, k, v, a, b, gk});
   auto out = at::empty_like(v);
   auto final_state = at::empty({n.batch, n.heads, n.keys, n.values}, v.options());
-  auto checkpoints = at::empty({store_checkpoints ? n.batch * n.heads * n.nchunks * n.keys * n.values : 0},
-                               v.options());
+  auto checkpoints = seqarch_kernels::empty_checkpoints(n, store_checkpoints, v.options());
   const at::Tensor h0_t = value_or_undefined(h0);
   if (h0_t.defined()) check_inputs({q, h0_t});
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "generalized_delta_rule_forward", [&] {
@@ -404,8 +435,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& dout, const c10::optional<at::Tensor>& dfinal, int64_t chunk) {
   const Sizes n = sizes_of(q, v, chunk);
   check_inputs({q, k, v, a, b, gk, checkpoints, dout});
-  TORCH_CHECK(checkpoints.numel() == n.batch * n.heads * n.nchunks * n.keys * n.values,
-              "generalized_delta_rule kernel: backward needs the forward's checkpoints of the same chunk size");
+  seqarch_kernels::check_checkpoints("generalized_delta_rule", n, checkpoints);
   TORCH_CHECK(dout.sizes() == v.sizes(), "generalized_delta_rule kernel: dout must have v's shape");
   const at::Tensor dfinal_t = value_or_undefined(dfinal);
   if (dfinal_t.defined()) check_inputs({q, dfinal_t});

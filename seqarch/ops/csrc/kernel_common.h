@@ -52,4 +52,43 @@ const scalar_t* data_or_null(const at::Tensor& t) {
 // An optional tensor argument from Python (None) as an undefined tensor, which data_or_null maps to nullptr.
 inline at::Tensor value_or_undefined(const c10::optional<at::Tensor>& t) { return t.has_value() ? t.value() : at::Tensor(); }
 
+// --- the recurrences checkpointed every C tokens (delta_rule.cpp, generalized_delta_rule.cpp, wkv6.cpp) ---
+// B batch, T length, H heads, K key size, V value size, C checkpoint interval, N = ceil(T / C). The
+// forward stores the state entering every chunk, (B, H, N, K, V); the backward replays each chunk from it.
+struct ChunkSizes {
+  int64_t batch, len, heads, keys, values, chunk, nchunks;
+
+  // (batch, head) tasks per thread at least: waking a second thread costs more than a small problem
+  // (tens of microseconds, far more while another process holds the core), so problems under ~2^18
+  // state updates per thread run on the calling thread.
+  int64_t grain() const { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, len * keys * values)); }
+  // The row of token t of task (b, h) in a (B, T, H, ...) tensor.
+  int64_t row(int64_t task, int64_t t) const { return ((task / heads) * len + t) * heads + task % heads; }
+  int64_t state_size() const { return keys * values; }
+};
+
+inline ChunkSizes chunk_sizes(const char* op, int64_t batch, int64_t len, int64_t heads, int64_t keys, int64_t values,
+                              int64_t chunk) {
+  TORCH_CHECK(chunk >= 1, op, " kernel: chunk must be >= 1, got ", chunk);
+  return {batch, len, heads, keys, values, chunk, (len + chunk - 1) / chunk};
+}
+
+// The checkpoint tensor the forward fills: (B, H, N, K, V) when `store`, else empty.
+inline at::Tensor empty_checkpoints(const ChunkSizes& n, bool store, const at::TensorOptions& options) {
+  return store ? at::empty({n.batch, n.heads, n.nchunks, n.keys, n.values}, options) : at::empty({0}, options);
+}
+
+inline void check_checkpoints(const char* op, const ChunkSizes& n, const at::Tensor& checkpoints) {
+  TORCH_CHECK(checkpoints.numel() == n.batch * n.heads * n.nchunks * n.keys * n.values, op,
+              " kernel: backward needs the forward's checkpoints of the same chunk size");
+}
+
+// Tokens of one (batch, head) lie H K numbers apart in the (B, T, H, K) layout, a page every token or
+// two, where the hardware prefetchers stop: the kernels request the rows a few tokens ahead themselves.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t size) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < size * int64_t(sizeof(scalar_t)); offset += 64) __builtin_prefetch(bytes + offset);
+}
+
 }  // namespace seqarch_kernels

@@ -78,14 +78,7 @@ inline void decay_and_add(const scalar_t* prev, scalar_t* next, const scalar_t* 
   }
 }
 
-struct Sizes {
-  int64_t batch, heads, len, keys, values, chunk, nchunks;
-
-  // (batch, head) tasks per thread at least: waking a second thread costs more than a small
-  // problem (tens of microseconds, and far more while another process holds the core), so
-  // problems under ~2^18 state updates per thread run on the calling thread.
-  int64_t grain() const { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, len * keys * values)); }
-};
+using Sizes = seqarch_kernels::ChunkSizes;  // the (B, H, T, ...) layout here: ChunkSizes::row does not apply
 
 // One token on the columns [j0, j0 + W) of the state: o_t[j] = bonus v_t[j] + sum_i q_i S[i, j], then
 // S[:, j] = e S[:, j] + k_t v_t[j]. W is a compile-time width so that the W partial outputs and
@@ -122,7 +115,7 @@ void forward_kernel(const Sizes& n, const at::Tensor& r, const at::Tensor& k, co
   const scalar_t* h0_p = data_or_null<scalar_t>(h0);
   scalar_t* out_p = out.data_ptr<scalar_t>();
   scalar_t* fs_p = final_state.data_ptr<scalar_t>();
-  scalar_t* ck_p = checkpoints.defined() ? checkpoints.data_ptr<scalar_t>() : nullptr;
+  scalar_t* ck_p = checkpoints.numel() ? checkpoints.data_ptr<scalar_t>() : nullptr;
   const int64_t state_size = n.keys * n.values;
 
   at::parallel_for(0, n.batch * n.heads, n.grain(), [&](int64_t begin, int64_t end) {
@@ -288,9 +281,7 @@ void backward_kernel(const Sizes& n, const at::Tensor& r, const at::Tensor& k, c
 }
 
 Sizes sizes_of(const at::Tensor& r, const at::Tensor& v, int64_t chunk) {
-  TORCH_CHECK(chunk >= 1, "wkv6 kernel: chunk must be >= 1, got ", chunk);
-  const int64_t len = r.size(2);
-  return {r.size(0), r.size(1), len, r.size(3), v.size(3), chunk, (len + chunk - 1) / chunk};
+  return seqarch_kernels::chunk_sizes("wkv6", r.size(0), r.size(2), r.size(1), r.size(3), v.size(3), chunk);
 }
 
 // r, k, w (B, H, T, K), v (B, H, T, V), u (H, K), h0 (B, H, K, V) or None, all contiguous, one
@@ -303,13 +294,12 @@ std::vector<at::Tensor> forward(const at::Tensor& r, const at::Tensor& k, const 
   const Sizes n = sizes_of(r, v, chunk);
   auto out = at::empty_like(v);
   auto final_state = at::empty({n.batch, n.heads, n.keys, n.values}, v.options());
-  auto checkpoints = store_checkpoints ? at::empty({n.batch, n.heads, n.nchunks, n.keys, n.values}, v.options())
-                                       : at::Tensor();
+  auto checkpoints = seqarch_kernels::empty_checkpoints(n, store_checkpoints, v.options());
   const at::Tensor h0_t = value_or_undefined(h0);
   AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "wkv6_forward", [&] {
     forward_kernel<scalar_t>(n, r, k, v, w, u, h0_t, static_cast<scalar_t>(scale), out, final_state, checkpoints);
   });
-  return {out, final_state, store_checkpoints ? checkpoints : at::empty({0}, v.options())};
+  return {out, final_state, checkpoints};
 }
 
 // The inputs of `forward`, its checkpoints, dout (B, H, T, V) and dL/d(final state) (B, H, K, V)
@@ -318,8 +308,7 @@ std::vector<at::Tensor> backward(const at::Tensor& r, const at::Tensor& k, const
                                  const at::Tensor& u, double scale, const at::Tensor& checkpoints, const at::Tensor& dout,
                                  const c10::optional<at::Tensor>& dfinal, int64_t chunk) {
   const Sizes n = sizes_of(r, v, chunk);
-  TORCH_CHECK(checkpoints.numel() == n.batch * n.heads * n.nchunks * n.keys * n.values,
-              "wkv6 kernel: backward needs the forward's checkpoints of the same chunk size");
+  seqarch_kernels::check_checkpoints("wkv6", n, checkpoints);
   auto dr = at::empty_like(r);
   auto dk = at::empty_like(k);
   auto dv = at::empty_like(v);

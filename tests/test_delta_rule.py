@@ -3,7 +3,7 @@ against the sequential reference (forward, final state and gradients), the one-t
 under strong gates,
 and flash-linear-attention's naive PyTorch functions (loaded by path: importing `fla` pulls triton).
 
-The fla tests need the test-only reference packages: pip install --no-deps -r requirements-reference.txt
+The fla tests need the test-only reference packages that the README's test command installs (requirements-reference.txt)
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ independent transcription of flash-linear-attention's layers driven by fla's nai
 parameter names and shapes against fla's layer source text, initialisation, variants and state checks.
 
 fla's layer classes import triton, so they are read as text, never imported; the naive op files are
-loaded by path (pip install --no-deps -r requirements-reference.txt).
+loaded by path (installed by the README's test command from requirements-reference.txt).
 """
 
 from __future__ import annotations

@@ -5,11 +5,7 @@ without rotation cannot represent."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +16,7 @@ from seqarch.mixers.mamba3 import Mamba3State
 from seqarch.ops.mamba3 import mamba3_scan
 from seqarch.ops.ssd import ssd
 from tests.contract_checks import BATCH, check_paths_agree, check_prefill_then_continue
+from tests.references import load_mamba_ssm_file
 from tests.tolerance import assert_close
 
 WIDTH = 64
@@ -66,20 +63,10 @@ def test_parameter_names_and_shapes_follow_mamba_ssm(variant):
     mixer.load_state_dict({name: torch.randn(shape) for name, shape in expected.items()})
 
 
-def _reference_source() -> Path | None:
-    spec = importlib.util.find_spec("mamba_ssm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "modules" / "mamba3.py"
-    return path if path.exists() else None
-
-
-@pytest.mark.skipif(_reference_source() is None, reason="mamba-ssm is not installed (its CUDA build fails on CPU)")
 @pytest.mark.parametrize("variant", list(REFERENCE_PARAMETERS))
 def test_state_dict_matches_mamba_ssm_source(variant, monkeypatch):
     """Build mamba-ssm's own Mamba3 module from its source (its kernels replaced by placeholders, as
     only __init__ runs) and load its state dict into ours."""
-    source = _reference_source()
 
     class GatedRMSNorm(torch.nn.Module):  # the parameters of mamba-ssm's layernorm_gated.RMSNorm
         def __init__(self, hidden_size, eps=1e-5, group_size=None, norm_before_gate=True, device=None, dtype=None):
@@ -95,16 +82,7 @@ def test_state_dict_matches_mamba_ssm_source(variant, monkeypatch):
         "mamba_ssm.ops.tilelang.mamba3.mamba3_mimo": {"mamba3_mimo": object()},
         "mamba_ssm.ops.cute.mamba3.mamba3_step_fn": {"mamba3_step_fn": None},
     }
-    parents = ["mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", "mamba_ssm.ops.triton.mamba3",
-               "mamba_ssm.ops.tilelang", "mamba_ssm.ops.tilelang.mamba3", "mamba_ssm.ops.cute",
-               "mamba_ssm.ops.cute.mamba3"]  # empty, so that importing the kernels' packages runs nothing
-    for name, attributes in {**dict.fromkeys(parents, {}), **placeholders}.items():
-        module = types.ModuleType(name)
-        module.__dict__.update(attributes)
-        monkeypatch.setitem(sys.modules, name, module)
-    spec = importlib.util.spec_from_file_location("mamba_ssm_mamba3_source", source)
-    reference_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference_module)
+    reference_module = load_mamba_ssm_file("modules/mamba3.py", monkeypatch, placeholders)
     kwargs, _ = REFERENCE_PARAMETERS[variant]
     reference = reference_module.Mamba3(d_model=WIDTH, **kwargs)
     mixer = ours(kwargs)

@@ -120,9 +120,11 @@ _PACKAGE = str(Path(__file__).resolve().parent)
 
 def outside_stacklevel() -> int:
     """The `warnings.warn` stacklevel of the first caller outside seqarch (so the warning names the
-    user's line, whatever path led here: build_mixer, SeqLM, a recipe)."""
+    user's line, whatever path led here: build_mixer, SeqLM, a recipe, a config's __post_init__; the
+    `__init__` that dataclasses generate has no file, "<string>", and counts as inside)."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+    while frame is not None and (frame.f_code.co_filename == "<string>"
+                                 or str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE)):
         frame, level = frame.f_back, level + 1
     return level
 

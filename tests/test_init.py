@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
+from seqarch.mixers.base import takes_stack_position
 from seqarch.models.block import _reinitialised_linears
 from seqarch.models.lm import SeqLM
-from seqarch.registry import build_mixer, list_mixers
+from seqarch.registry import build_mixer, get_entry, list_mixers
 
 D_MODEL, VOCAB = 64, 512
 
@@ -48,7 +49,9 @@ def test_projections_follow_the_rule_and_special_parameters_keep_the_mixers_init
     branches = n_layers * (2 if mlp or brings_mlp else 1)
     torch.manual_seed(0)
     nn.Embedding(VOCAB, D_MODEL)  # SeqLM draws its embedding first, then layer 0's mixer:
-    alone = build_mixer(mixer, d_model=D_MODEL)  # the same draws as layer 0's mixer before the model init
+    # the same draws as layer 0's mixer before the model init, at its place in the stack (RWKV's init depends on it)
+    stack = {"layer_id": 0, "n_layers": n_layers} if takes_stack_position(get_entry(mixer).config_cls) else {}
+    alone = build_mixer(mixer, d_model=D_MODEL, **stack)
     model = _model(mixer, n_layers, mlp)
     assert sum(layer.residual_branches for layer in model.layers) == branches
     assert model.embedding.weight.std().item() == pytest.approx(0.02, rel=_std_tolerance(VOCAB * D_MODEL))

@@ -147,3 +147,29 @@ def test_block_drops_into_another_model():
     model(torch.randn(4, 10, 16)).sum().backward()
     assert model.blocks[1].mlp is None
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_stack_position_is_declared_one_way():
+    """A config that takes a stack position declares both fields (the one shape SeqLM fills), not one alone."""
+    import dataclasses
+
+    from seqarch.mixers.base import STACK_POSITION_FIELDS
+    from seqarch.registry import get_entry, list_mixers
+
+    for name in list_mixers():
+        fields = {field.name for field in dataclasses.fields(get_entry(name).config_cls)}
+        declared = fields & set(STACK_POSITION_FIELDS)
+        assert len(declared) in (0, 2), f"{name} declares {sorted(declared)}, not all of {STACK_POSITION_FIELDS}"
+
+
+def test_seqlm_tells_each_mixer_its_place_in_the_stack():
+    """layer_id / n_layers: block index and model depth over the whole stack, unless the layer's config gives
+    them; mixers without the fields get nothing; the filled values are not saved, so a rebuild fills them again."""
+    model = SeqLM(VOCAB, d_model=64, n_layers=4, mixer=["rwkv6", "attention", "rwkv7", "rwkv6"],
+                  layer_overrides={3: {"layer_id": 1}})
+    positions = [(layer.mixer.config.layer_id, layer.mixer.config.n_layers)
+                 if hasattr(layer.mixer.config, "layer_id") else None for layer in model.layers]
+    assert positions == [(0, 4), None, (2, 4), (1, 4)]
+    assert "layer_id" not in model.init_kwargs and "n_layers" not in str(model.init_kwargs.get("layer_overrides"))
+    clone = SeqLM.from_config(model.init_kwargs)
+    assert [layer.mixer.config for layer in clone.layers] == [layer.mixer.config for layer in model.layers]

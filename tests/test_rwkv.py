@@ -54,6 +54,81 @@ def finch_time_mix(mixer, x):
     return torch.stack(outputs, dim=1)
 
 
+def rwkv_lm_x060_init(layer_id: int, n_layer: int, n_embd: int, head_size: int) -> dict[str, torch.Tensor]:
+    """RWKV-LM's x060 initialisation of block `layer_id` of `n_layer`, transcribed channel by channel in float32
+    from BlinkDL/RWKV-LM RWKV-v5/src/model.py: RWKV_Tmix_x060 (time_maa_*, time_decay, time_faaaa), RWKV_CMix_x060
+    (its time_maa_k / time_maa_r, keys prefixed "ffn.") and RWKV.generate_init_weight (ln_x.weight); dim_att =
+    n_embd. Shapes are RWKV-LM's."""
+    ratio_0_to_1 = layer_id / (n_layer - 1)
+    ratio_1_to_almost0 = 1.0 - layer_id / n_layer
+    ddd = torch.tensor([[[i / n_embd for i in range(n_embd)]]])
+    decay = torch.tensor([-6 + 5 * (n / (n_embd - 1)) ** (0.7 + 1.3 * ratio_0_to_1) for n in range(n_embd)])
+    bonus = torch.tensor([ratio_0_to_1 * (1 - n / (n_embd - 1)) + ((n + 1) % 3 - 1) * 0.1 for n in range(n_embd)])
+    return {
+        "time_maa_x": 1.0 - torch.pow(ddd, ratio_1_to_almost0),
+        "time_maa_w": 1.0 - torch.pow(ddd, ratio_1_to_almost0),
+        "time_maa_k": 1.0 - torch.pow(ddd, ratio_1_to_almost0),
+        "time_maa_v": 1.0 - (torch.pow(ddd, ratio_1_to_almost0) + 0.3 * ratio_0_to_1),
+        "time_maa_r": 1.0 - torch.pow(ddd, 0.5 * ratio_1_to_almost0),
+        "time_maa_g": 1.0 - torch.pow(ddd, 0.5 * ratio_1_to_almost0),
+        "time_decay": decay.reshape(1, 1, n_embd),
+        "time_faaaa": bonus.reshape(n_embd // head_size, head_size),
+        "ln_x.weight": torch.ones(n_embd) * ((1 + layer_id) / n_layer) ** 0.7,
+        "ffn.time_maa_k": 1.0 - torch.pow(ddd, ratio_1_to_almost0**3),
+        "ffn.time_maa_r": 1.0 - torch.pow(ddd, ratio_1_to_almost0**3),
+    }
+
+
+def block_parameters(block) -> dict[str, torch.Tensor]:
+    """A block's time-mix parameters by name, its channel-mix's prefixed "ffn." (RWKV-LM's `att` / `ffn`)."""
+    return {**dict(block.mixer.named_parameters()), **{f"ffn.{name}": p for name, p in block.mlp.named_parameters()}}
+
+
+def assert_rwkv_lm_init(block, layer_id: int, n_layer: int, where: str) -> None:
+    ours = block_parameters(block)
+    for name, expected in rwkv_lm_x060_init(layer_id, n_layer, WIDTH, block.mixer.config.head_dim).items():
+        assert_close(ours[name].detach().reshape(expected.shape), expected, f"{where}: {name}")
+
+
+@pytest.mark.parametrize("n_layers", [3, 6])
+def test_each_layer_of_a_model_starts_as_rwkv_lm_x060(n_layers):
+    """First, middle and last layer of an n-layer SeqLM against RWKV-LM's formulas for that layer (the two
+    ratios have different denominators, so a single depth ratio cannot match both)."""
+    model = SeqLM(50, d_model=WIDTH, n_layers=n_layers, mixer="rwkv6")
+    for layer_id in (0, n_layers // 2, n_layers - 1):
+        assert_rwkv_lm_init(model.layers[layer_id], layer_id, n_layers, f"layer {layer_id} of {n_layers}")
+
+
+def test_hybrid_layers_count_their_place_in_the_whole_stack():
+    """In a hybrid, an rwkv6 layer's position is its block index among all blocks (as RWKV-LM counts
+    layer_id), and an explicit per-layer setting wins over the one SeqLM fills in."""
+    model = SeqLM(50, d_model=WIDTH, n_layers=4, mixer=["attention", "rwkv6", "attention", "rwkv6"])
+    assert_rwkv_lm_init(model.layers[1], 1, 4, "hybrid layer 1 of 4")
+    assert_rwkv_lm_init(model.layers[3], 3, 4, "hybrid layer 3 of 4")
+    pinned = SeqLM(50, d_model=WIDTH, n_layers=4, mixer="rwkv6", layer_overrides={2: {"layer_id": 0, "n_layers": 2}})
+    assert_rwkv_lm_init(pinned.layers[2], 0, 2, "layer 2 told it is layer 0 of 2")
+    assert_rwkv_lm_init(pinned.layers[3], 3, 4, "layer 3 of 4 beside it")
+
+
+def test_depth_ratio_is_deprecated_and_builds_the_old_init():
+    """An old config's depth_ratio r still builds (and loads) for one release, with the initialisation it gave:
+    r for both of RWKV-LM's ratios (ratio_0_to_1 = r, ratio_1_to_almost0 = 1 - r), the channel-mix's mu with
+    exponent 1 - r, ln_x weight 1."""
+    with pytest.warns(DeprecationWarning, match="'depth_ratio' for mixer 'rwkv6' is deprecated.*'layer_id' and "
+                                                "'n_layers'") as caught:
+        block = build_block("rwkv6", d_model=WIDTH, depth_ratio=0.25)
+    assert caught[0].filename == __file__, "the warning points at the caller's line"
+    ours = block_parameters(block)
+    profile = 1.0 - (torch.arange(WIDTH) / WIDTH) ** 0.75
+    channel = torch.arange(WIDTH) / (WIDTH - 1)
+    zigzag = ((torch.arange(WIDTH) + 1) % 3 - 1) * 0.1
+    expected = {"time_maa_x": profile, "time_maa_v": profile - 0.3 * 0.25, "ffn.time_maa_k": profile,
+                "time_decay": -6 + 5 * channel ** (0.7 + 1.3 * 0.25), "ln_x.weight": torch.ones(WIDTH),
+                "time_faaaa": (0.25 * (1 - channel) + zigzag).view(2, 32)}
+    for name, value in expected.items():
+        assert_close(ours[name].detach(), value, f"depth_ratio=0.25: {name}")
+
+
 def test_time_mix_matches_the_equations():
     mixer = build_mixer("rwkv6", d_model=WIDTH).double()
     x = torch.randn(2, 37, WIDTH, dtype=torch.float64)
@@ -174,6 +249,8 @@ def test_default_heads_and_decay_sign():
         ({"backend": "fast"}, "'auto' \\| 'compiled' \\| 'chunked' \\| 'parallel' \\| 'sequential', got 'fast'"),
         ({"chunk_size": 20, "subchunk_size": 8}, "multiple of subchunk_size"),
         ({"depth_ratio": 1.5}, r"depth_ratio must be in \[0, 1\]"),
+        ({"layer_id": 3, "n_layers": 3}, "need 0 <= layer_id < n_layers, got layer_id=3, n_layers=3"),
+        ({"n_layers": 0}, "need 0 <= layer_id < n_layers"),
         ({"ffn_ratio": 0}, "ffn_ratio must be > 0"),
         ({"chunk_size": "32"}, "must be int"),
     ],

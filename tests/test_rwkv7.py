@@ -164,6 +164,48 @@ def test_state_dict_keys_and_shapes_are_rwkv_lm_x070(value_residual):
     assert ffn == {"x_k": (1, 1, 768), "key.weight": (3072, 768), "value.weight": (768, 3072)}
 
 
+def rwkv_lm_x070_init(layer_id: int, n_layer: int, C: int, N: int) -> dict[str, torch.Tensor]:
+    """RWKV-LM's x070 initialisation of the deterministic parameters of block `layer_id` of `n_layer`, transcribed
+    channel by channel in float32 from BlinkDL/RWKV-LM RWKV-v7/train_temp/src/model.py: RWKV_Tmix_x070 (x_*, w0,
+    a0, v0, k_k, k_a, r_k), RWKV_CMix_x070 (x_k, key "ffn.x_k") and RWKV.generate_init_weight (ln_x.weight).
+    Shapes are RWKV-LM's."""
+    ratio_0_to_1 = layer_id / (n_layer - 1)
+    ratio_1_to_almost0 = 1.0 - layer_id / n_layer
+    ddd = torch.tensor([[[i / C for i in range(C)]]])
+    linear = torch.tensor([n / (C - 1) - 0.5 for n in range(C)])
+    zigzag = torch.tensor([((n % N) - (N - 1) / 2) / ((N - 1) / 2) for n in range(C)])
+    zigzag = zigzag * zigzag.abs()
+    www = torch.tensor([-6 + 6 * (n / (C - 1)) ** (1 + ratio_0_to_1**0.3) for n in range(C)])
+    lerps = {"r": 0.2, "w": 0.9, "k": 0.7, "v": 0.7, "a": 0.9, "g": 0.2}
+    return {
+        **{f"x_{name}": 1.0 - torch.pow(ddd, factor * ratio_1_to_almost0) for name, factor in lerps.items()},
+        "w0": (www + 0.5 + zigzag * 2.5).reshape(1, 1, C),
+        "a0": (torch.zeros(C) - 0.19 + zigzag * 0.3 + linear * 0.4).reshape(1, 1, C),
+        "v0": (torch.zeros(C) + 0.73 - linear * 0.4).reshape(1, 1, C),
+        "k_k": (torch.zeros(C) + 0.71 - linear * 0.1).reshape(1, 1, C),
+        "k_a": torch.zeros(1, 1, C) + 1.02,
+        "r_k": torch.zeros(C // N, N) - 0.04,
+        "ln_x.weight": torch.ones(C) * ((1 + layer_id) / n_layer) ** 0.7,
+        "ffn.x_k": 1.0 - torch.pow(ddd, ratio_1_to_almost0**4),
+    }
+
+
+@pytest.mark.parametrize("n_layers", [3, 6])
+def test_each_layer_of_a_model_starts_as_rwkv_lm_x070(n_layers):
+    """First, middle and last layer of an n-layer SeqLM against RWKV-LM's formulas for that layer. RWKV-LM's
+    first layer also holds v0 (unused); ours has none (value_residual=False)."""
+    from seqarch.models.lm import SeqLM
+
+    model = SeqLM(50, d_model=WIDTH, n_layers=n_layers, mixer="rwkv7", head_dim=HEAD)
+    for layer_id in (0, n_layers // 2, n_layers - 1):
+        block = model.layers[layer_id]
+        ours = {**dict(block.mixer.named_parameters()), **{f"ffn.{n}": p for n, p in block.mlp.named_parameters()}}
+        assert ("v0" in ours) == (layer_id > 0)
+        for name, expected in rwkv_lm_x070_init(layer_id, n_layers, WIDTH, HEAD).items():
+            if name in ours:
+                assert_close(ours[name].detach(), expected, f"layer {layer_id} of {n_layers}: {name}")
+
+
 def test_initialisation_follows_rwkv_lm():
     """Spot values of RWKV-LM's init formulas (layer 0 of 12, C = 128, N = 64), evaluated by hand."""
     mixer = build_mixer("rwkv7", d_model=128, layer_id=0, n_layers=12)

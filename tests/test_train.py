@@ -73,3 +73,26 @@ def test_precision_choice_reaches_the_model(precision, dtype, tmp_path):
     assert state["model.embedding.weight"].dtype == dtype
     summary = json.loads((run / "summary.json").read_text())
     assert summary["metric"] == "accuracy" and 0 <= summary["val_accuracy"] <= 1
+
+
+def test_a_checkpoint_saved_with_rwkv6_depth_ratio_still_loads(tmp_path, capsys):
+    """A run whose config names rwkv6's deprecated depth_ratio (as configs before layer_id / n_layers could)
+    trains, saves, and its checkpoint loads again with a DeprecationWarning, with the trained weights; the
+    same checkpoint without the key (the usual old config) loads too."""
+    from seqarch.runs import model_from_checkpoint, read_checkpoint
+
+    args = ["fit", "recipe=rwkv6", "model.rwkv6.depth_ratio=0.5", "data=induction", "data.seq_len=16",
+            "data.vocab_size=8", "data.batch_size=4", "data.num_train=16", "data.num_val=8", "model.d_model=16",
+            "model.n_layers=2", "trainer.max_steps=1", "trainer.val_every=1", "trainer.val_batches=1",
+            "trainer.num_threads=1", "trainer.progress=false", f"out_dir={tmp_path}"]
+    with pytest.warns(DeprecationWarning, match="'depth_ratio' for mixer 'rwkv6' is deprecated"):
+        assert main(args) == 0, capsys.readouterr().err
+    (run,) = (tmp_path / "rwkv6").iterdir()
+    _, contents = read_checkpoint(str(run))
+    assert contents["hyper_parameters"]["model_kwargs"]["rwkv6"] == {"depth_ratio": 0.5}
+    saved = {key.removeprefix("model."): value for key, value in contents["state_dict"].items()}
+    with pytest.warns(DeprecationWarning, match="'depth_ratio' for mixer 'rwkv6' is deprecated"):
+        model = model_from_checkpoint(contents)
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    del contents["hyper_parameters"]["model_kwargs"]["rwkv6"]
+    assert all(torch.equal(value, saved[key]) for key, value in model_from_checkpoint(contents).state_dict().items())

@@ -21,6 +21,10 @@ The rest of the contract, declared here once:
 - `state_nbytes(batch_size, seq_len, dtype)`, `flops_per_token(seq_len)` and
   `describe_paths(device)` are the accounting the benchmarks and `seqarch list` read.
 - Algorithm choice is the config field `backend`, passed through to the op, which resolves it.
+- Stack position: a mixer whose initialisation depends on where it sits in a model (RWKV's) declares
+  the config fields `layer_id: int = 0` and `n_layers: int = 1` (STACK_POSITION_FIELDS, checked by
+  `check_stack_position`); SeqLM fills them per layer with the block index and the model's depth
+  unless the layer's config gives them (`takes_stack_position`).
 """
 
 from __future__ import annotations
@@ -217,3 +221,18 @@ def check_positive(owner: str, **sizes: int | float | None) -> None:
         if value is not None and not value > 0:
             bound = ">= 1" if isinstance(value, int) else "> 0"
             raise ValueError(f"{owner}: {name} must be {bound}, got {value}")
+
+
+STACK_POSITION_FIELDS = ("layer_id", "n_layers")  # the config fields of a mixer whose init depends on its depth
+
+
+def takes_stack_position(config_cls: type) -> bool:
+    """Whether `config_cls` declares both stack-position fields (SeqLM then fills them per layer)."""
+    names = {field.name for field in dataclasses.fields(config_cls)}
+    return all(name in names for name in STACK_POSITION_FIELDS)
+
+
+def check_stack_position(owner: str, layer_id: int, n_layers: int) -> None:
+    """Raise ValueError unless 0 <= layer_id < n_layers (a block index in a model of n_layers blocks)."""
+    if n_layers < 1 or not 0 <= layer_id < n_layers:
+        raise ValueError(f"{owner}: need 0 <= layer_id < n_layers, got layer_id={layer_id}, n_layers={n_layers}")

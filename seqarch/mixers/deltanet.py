@@ -202,7 +202,7 @@ class _DeltaRuleMixer(SequenceMixer):
             self.g_proj = nn.Linear(config.d_model, config.value_dim, bias=False, **factory)
         self.o_norm = OutputNorm(config.head_v_dim, config.norm_eps, **factory)
         self.o_proj = nn.Linear(config.value_dim, config.d_model, bias=False, **factory)
-        self.o_proj._is_residual_projection = True  # fla's model init divides it by sqrt(residual branches)
+        self.o_proj._is_residual_projection = True  # scaled by 1/sqrt(residual branches) in the model init (GPT-2)
 
     def _init_linear_and_conv(self) -> None:
         """As fla's `_init_weights`: every Linear and conv weight N(0, initializer_range), biases 0."""

@@ -21,10 +21,20 @@ Channel-mix (RWKV's own MLP, returned by `own_mlp()` for the block):
 
 The family's state is (time-mix shift, wkv state) in the mixer and (channel-mix shift) in the
 block's MLP state: the block owns the channel-mix, so it carries its state.
+
+Initialisation depends on the layer's place in the model, as RWKV-LM's (`layer_id` of `n_layers`, which
+SeqLM fills per layer): with ratio_0_to_1 = layer_id / (n_layers - 1) and ratio_1_to_almost0 =
+1 - layer_id / n_layers (two denominators, as RWKV-LM), and p_i = i / D over channels,
+
+    mu_x = mu_w = mu_k = 1 - p^ratio_1;   mu_v = mu_k - 0.3 ratio_0;   mu_r = mu_g = 1 - p^(0.5 ratio_1)
+    d_i = -6 + 5 (i / (D - 1))^(0.7 + 1.3 ratio_0);   u_i = ratio_0 (1 - i / (D - 1)) + 0.1 ((i + 1) mod 3 - 1)
+    ln_x.weight = ((layer_id + 1) / n_layers)^0.7     (RWKV-LM's generate_init_weight)
+    channel-mix mu_k = mu_r = 1 - p^(ratio_1^3)
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,7 +44,16 @@ from einops import rearrange
 from torch import nn
 
 from seqarch.backends import check_backend
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
+from seqarch.configs import outside_stacklevel
+from seqarch.mixers.base import (
+    MixerState,
+    SequenceMixer,
+    check_input,
+    check_positive,
+    check_stack_position,
+    check_state,
+    element_size,
+)
 from seqarch.ops.wkv import BACKENDS, Backend, describe_backend, wkv6, wkv6_step
 from seqarch.registry import register
 
@@ -48,7 +67,13 @@ class RWKV6Config:
     mix_lora_rank: int = 32  # rank R of the token-shift interpolation MLP (RWKV-LM's TIME_MIX_EXTRA_DIM)
     decay_lora_rank: int = 64  # rank of the decay MLP (RWKV-LM's TIME_DECAY_EXTRA_DIM)
     ffn_ratio: float = 3.5  # channel-mix hidden width F / D, rounded down to a multiple of 32 (as RWKV-6)
-    depth_ratio: float = 0.5  # layer position in the stack, 0 first .. 1 last; RWKV's init varies with it
+    # Stack position (RWKV-LM's layer_id / n_layer), which the initialisation depends on; SeqLM fills both
+    # per layer (block index, model depth). The defaults are the first layer of one.
+    layer_id: int = 0
+    n_layers: int = 1
+    # Deprecated, accepted for one release: one position in [0, 1] used for both of RWKV-LM's ratios (and the
+    # channel-mix's mu exponent, ln_x weight 1): the initialisation before layer_id / n_layers. None: unused.
+    depth_ratio: float | None = None
     # wkv algorithm: "auto" (compiled C++ kernel on CPU where it builds, else "chunked"), "compiled",
     # "chunked" (eager PyTorch), "parallel" (O(L^2 K) memory), "sequential" (token loop, reference)
     backend: Backend = "auto"
@@ -75,8 +100,20 @@ class RWKV6Config:
                              f"decay_lora_rank={self.decay_lora_rank}")
         if self.ffn_ratio <= 0:
             raise ValueError(f"rwkv6: ffn_ratio must be > 0, got {self.ffn_ratio}")
-        if not 0.0 <= self.depth_ratio <= 1.0:
-            raise ValueError(f"rwkv6: depth_ratio must be in [0, 1], got {self.depth_ratio}")
+        check_stack_position("rwkv6", self.layer_id, self.n_layers)
+        if self.depth_ratio is not None:
+            if not 0.0 <= self.depth_ratio <= 1.0:
+                raise ValueError(f"rwkv6: depth_ratio must be in [0, 1], got {self.depth_ratio}")
+            warnings.warn("config key 'depth_ratio' for mixer 'rwkv6' is deprecated and will be removed in the next "
+                          "release; use 'layer_id' and 'n_layers' (SeqLM sets them per layer)", DeprecationWarning,
+                          stacklevel=outside_stacklevel())
+
+    @property
+    def depth_ratios(self) -> tuple[float, float]:
+        """RWKV-LM's (ratio_0_to_1, ratio_1_to_almost0) for this layer (the deprecated depth_ratio r: (r, 1 - r))."""
+        if self.depth_ratio is not None:
+            return self.depth_ratio, 1.0 - self.depth_ratio
+        return layer_ratios(self.layer_id, self.n_layers)
 
     @property
     def n_heads(self) -> int:
@@ -104,9 +141,20 @@ def _token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([first, x[:, :-1]], dim=1)
 
 
+def layer_ratios(layer_id: int, n_layers: int) -> tuple[float, float]:
+    """RWKV-LM's (ratio_0_to_1, ratio_1_to_almost0) = (layer_id / (n_layers - 1), 1 - layer_id / n_layers) of
+    layer `layer_id` in a model of `n_layers` (ratio_0_to_1 = 0 for a one-layer model, where RWKV-LM divides by 0)."""
+    return (layer_id / (n_layers - 1) if n_layers > 1 else 0.0), 1.0 - layer_id / n_layers
+
+
+def ln_x_scale(layer_id: int, n_layers: int) -> float:
+    """The initial weight of a layer's ln_x GroupNorm in RWKV-LM (`generate_init_weight`): ((layer_id + 1) / n)^0.7."""
+    return ((layer_id + 1) / n_layers) ** 0.7
+
+
 def _depth_profile(width: int, exponent: float) -> torch.Tensor:
-    """1 - (i / D)^exponent over channels i: RWKV's initial interpolation weights mu."""
-    return 1.0 - (torch.arange(width) / width) ** exponent
+    """1 - (i / D)^exponent over channels i (float64): RWKV's initial interpolation weights mu."""
+    return 1.0 - (torch.arange(width, dtype=torch.float64) / width) ** exponent
 
 
 @register("rwkv6", RWKV6Config)
@@ -118,8 +166,8 @@ class RWKV6Mixer(SequenceMixer):
         self.config = config
         self.d_model = width = config.d_model
         heads = config.n_heads
-        factory = {"device": device, "dtype": dtype}
-        early, late = config.depth_ratio, 1.0 - config.depth_ratio  # RWKV-LM's ratio_0_to_1, ratio_1_to_almost0
+        factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}  # the profiles are built in float64
+        early, late = config.depth_ratios  # RWKV-LM's ratio_0_to_1, ratio_1_to_almost0
 
         with torch.no_grad():
             self.time_maa_x = nn.Parameter(_depth_profile(width, late).to(**factory))
@@ -133,14 +181,14 @@ class RWKV6Mixer(SequenceMixer):
             rank = config.mix_lora_rank
             self.time_maa_w1 = nn.Parameter(torch.empty(width, len(_MIXED) * rank, **factory).uniform_(-0.01, 0.01))
             self.time_maa_w2 = nn.Parameter(torch.empty(len(_MIXED), rank, width, **factory).uniform_(-0.01, 0.01))
-            channel = torch.arange(width) / max(width - 1, 1)
+            channel = torch.arange(width, dtype=torch.float64) / max(width - 1, 1)
             # Decay speeds from -6 (slow, long memory) to -1 (fast), steeper in deeper layers.
             self.time_decay = nn.Parameter((-6.0 + 5.0 * channel ** (0.7 + 1.3 * early)).to(**factory))
             self.time_decay_w1 = nn.Parameter(
                 torch.empty(width, config.decay_lora_rank, **factory).uniform_(-0.01, 0.01))
             self.time_decay_w2 = nn.Parameter(
                 torch.empty(config.decay_lora_rank, width, **factory).uniform_(-0.01, 0.01))
-            zigzag = ((torch.arange(width) + 1) % 3 - 1) * 0.1
+            zigzag = ((torch.arange(width, dtype=torch.float64) + 1) % 3 - 1) * 0.1
             self.time_faaaa = nn.Parameter(  # the bonus u of the current token, (H, K)
                 rearrange(early * (1.0 - channel) + zigzag, "(h k) -> h k", h=heads).to(**factory))
         for param in (self.time_maa_x, self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r,
@@ -154,6 +202,9 @@ class RWKV6Mixer(SequenceMixer):
         self.output = nn.Linear(width, width, bias=False, **factory)
         self.output._is_residual_projection = True  # scaled by 1/sqrt(depth) in the model init
         self.ln_x = nn.GroupNorm(heads, width, eps=config.norm_eps, **factory)
+        if config.depth_ratio is None:  # RWKV-LM's model init: deeper layers' ln_x start larger
+            with torch.no_grad():
+                self.ln_x.weight.fill_(ln_x_scale(config.layer_id, config.n_layers))
 
     # --- pieces ---------------------------------------------------------------------------
     def _project(self, x: torch.Tensor, x_prev: torch.Tensor):
@@ -248,10 +299,11 @@ class RWKV6ChannelMix(SequenceMixer):
         super().__init__()
         self.config = config
         self.d_model = width = config.d_model
-        factory = {"device": device, "dtype": dtype}
-        late = 1.0 - config.depth_ratio
-        self.time_maa_k = nn.Parameter(_depth_profile(width, late).to(**factory))
-        self.time_maa_r = nn.Parameter(_depth_profile(width, late).to(**factory))
+        factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}  # the profiles are built in float64
+        late = config.depth_ratios[1]
+        exponent = late if config.depth_ratio is not None else late**3  # RWKV-LM's x060: ratio_1_to_almost0^3
+        self.time_maa_k = nn.Parameter(_depth_profile(width, exponent).to(**factory))
+        self.time_maa_r = nn.Parameter(_depth_profile(width, exponent).to(**factory))
         for param in (self.time_maa_k, self.time_maa_r):
             param._no_weight_decay = True
         self.key = nn.Linear(width, config.ffn_hidden, bias=False, **factory)

@@ -34,6 +34,10 @@ v0/v1/v2 (so a later layer's weights load) and mixes its value towards `v_first`
 - the keyword `v_first` ((B, L, D) or (B, D)), for a model that threads it itself; without either the
   residual is the identity (v + (v - v) * s = v).
 
+Initialisation depends on the layer's place in the model (`layer_id` of `n_layers`, which SeqLM fills per
+layer), as RWKV-LM's: the lerps x_*, the decay base w0 and the channel-mix's x_k through its two ratios
+(seqarch.mixers.rwkv.layer_ratios), and ln_x's weight ((layer_id + 1) / n_layers)^0.7 (its generate_init_weight).
+
 State: (token-shift input, wkv state) here; the channel-mix's token shift lives in the block's MLP
 state. The wkv state is (B, H, K, V) in flash-linear-attention's layout, the transpose of RWKV-LM's
 (V, K) per head.
@@ -50,7 +54,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
+from seqarch.mixers.base import (
+    MixerState,
+    SequenceMixer,
+    check_input,
+    check_positive,
+    check_stack_position,
+    check_state,
+    element_size,
+)
+from seqarch.mixers.rwkv import layer_ratios, ln_x_scale
 from seqarch.ops.generalized_delta_rule import (
     describe_backend,
     generalized_delta_rule,
@@ -84,7 +97,8 @@ class RWKV7Config:
     # it True on every rwkv7 layer after its first one unless given)
     value_residual: bool = False
     ffn_ratio: float = 4.0  # channel-mix hidden width F / D (RWKV-7 uses 4)
-    # Layer position for the initialisation (RWKV-LM's layer_id / n_layer); the defaults are its first layer.
+    # Stack position (RWKV-LM's layer_id / n_layer), which the initialisation depends on; SeqLM fills both per
+    # layer (block index, model depth). The defaults are the first layer of one.
     layer_id: int = 0
     n_layers: int = 1
     # generalized delta rule: "auto" ("compiled" on CPU where it builds, else "chunked"), "compiled" (C++ CPU
@@ -110,9 +124,7 @@ class RWKV7Config:
                              f"subchunk_size={self.subchunk_size}")
         if self.ffn_ratio <= 0:
             raise ValueError(f"rwkv7: ffn_ratio must be > 0, got {self.ffn_ratio}")
-        if self.n_layers < 1 or not 0 <= self.layer_id < self.n_layers:
-            raise ValueError(f"rwkv7: need 0 <= layer_id < n_layers, got layer_id={self.layer_id}, "
-                             f"n_layers={self.n_layers}")
+        check_stack_position("rwkv7", self.layer_id, self.n_layers)
 
     @property
     def head_size(self) -> int:
@@ -181,9 +193,7 @@ class RWKV7Mixer(SequenceMixer):
         self.d_model = width = config.d_model
         heads, size = config.heads, config.head_size
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}  # the profiles are built in float64
-        layer, layers = config.layer_id, config.n_layers
-        early = layer / (layers - 1) if layers > 1 else 0.0  # RWKV-LM's ratio_0_to_1
-        late = 1.0 - layer / layers  # ratio_1_to_almost0
+        early, late = layer_ratios(config.layer_id, config.n_layers)  # RWKV-LM's ratio_0_to_1, ratio_1_to_almost0
 
         with torch.no_grad():
             ddd = torch.arange(width, dtype=torch.float64) / width
@@ -222,6 +232,7 @@ class RWKV7Mixer(SequenceMixer):
         self.output = nn.Linear(width, width, bias=False, **factory)
         self.ln_x = nn.GroupNorm(heads, width, eps=config.norm_eps, **factory)
         with torch.no_grad():
+            self.ln_x.weight.fill_(ln_x_scale(config.layer_id, config.n_layers))  # RWKV-LM's model init
             bound = width**-0.5
             self.receptance.weight.uniform_(-0.5 * bound, 0.5 * bound)
             self.key.weight.uniform_(-0.05 * bound, 0.05 * bound)
@@ -363,7 +374,7 @@ class RWKV7ChannelMix(SequenceMixer):
         self.config = config
         self.d_model = width = config.d_model
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
-        late = 1.0 - config.layer_id / config.n_layers
+        late = layer_ratios(config.layer_id, config.n_layers)[1]
         with torch.no_grad():
             profile = 1.0 - (torch.arange(width, dtype=torch.float64) / width) ** (late**4)
             self.x_k = nn.Parameter(profile.view(1, 1, width).to(**factory))

@@ -12,6 +12,11 @@ layer 2 only, as the Memorizing Transformer does).
 Layers pass values on within one call through a `context` dict (seqarch.models.block): RWKV-7's first
 layer leaves its value there for the value residual of the later rwkv7 layers, as RWKV-LM's model.
 
+A mixer whose initialisation depends on its depth (RWKV-6, RWKV-7) declares the config fields `layer_id`
+and `n_layers` (seqarch.mixers.base.STACK_POSITION_FIELDS); SeqLM sets them to the block's index and the
+model's depth, counted over the whole stack as RWKV-LM counts its blocks (in a hybrid, an rwkv layer's
+position among all layers, not among the rwkv ones), unless the layer's config gives them.
+
 `position_embedding="sinusoidal"` adds Vaswani et al.'s absolute position table to the token
 embedding (positions counted from the first prefilled token, carried in the state); "none" leaves
 positions to the mixers (RoPE / ALiBi inside attention, or none at all).
@@ -25,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqarch.mixers.base import MixerState
+from seqarch.mixers.base import MixerState, takes_stack_position
 from seqarch.models.block import Block
 from seqarch.positional import sinusoidal_positions
-from seqarch.registry import build_mixer, list_mixers
+from seqarch.registry import build_mixer, get_entry, list_mixers
 
 POSITION_EMBEDDINGS = ("none", "sinusoidal")
 # Mixers that compute in complex numbers: torch has no complex bfloat16, and complex float16 lacks the ops
@@ -61,6 +66,15 @@ def _thread_value_residual(names: list[str], configs: list[dict]) -> None:
     rwkv7_layers = [index for index, name in enumerate(names) if name == "rwkv7"]
     for index in rwkv7_layers[1:]:
         configs[index].setdefault("value_residual", True)
+
+
+def _thread_stack_position(names: list[str], configs: list[dict]) -> None:
+    """Each layer's place in the stack, for mixers whose init depends on it (RWKV-LM's layer_id / n_layer): block
+    index and model depth over the whole stack, unless the layer's config sets the key."""
+    for index, name in enumerate(names):
+        if takes_stack_position(get_entry(name).config_cls):
+            configs[index].setdefault("layer_id", index)
+            configs[index].setdefault("n_layers", len(names))
 
 
 class SeqLM(nn.Module):
@@ -107,6 +121,7 @@ class SeqLM(nn.Module):
         configs = [{**shared, **mixer_kwargs.get(name, {}), **per_layer.get(index, {})}
                    for index, name in enumerate(names)]
         _thread_value_residual(names, configs)
+        _thread_stack_position(names, configs)
         # The mixer is built first and wrapped here (not through build_block), so a mixer config key that shares
         # a name with a block argument (Mamba-2's own `norm_eps`) reaches the mixer instead of colliding.
         self.layers = nn.ModuleList(

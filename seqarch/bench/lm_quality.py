@@ -44,8 +44,9 @@ import torch.nn.functional as F
 
 from seqarch.bench.quality import finite_or_null
 from seqarch.data.text import BYTE_VOCAB, stdlib_corpus, unigram_bits_per_byte
+from seqarch.models.block import build_block
 from seqarch.models.mlp import swiglu_hidden_size
-from seqarch.registry import build_block, list_mixers
+from seqarch.registry import list_mixers
 
 
 @dataclass(frozen=True)

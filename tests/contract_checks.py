@@ -24,6 +24,18 @@ class ForeignState(MixerState):
     hidden: torch.Tensor
 
 
+def with_zero_projections_drawn(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Draw every all-zero Linear weight (a reference that starts its blocks as the identity zeroes their output
+    projections: RWKV-LM) at a trained scale, N(0, 1 / fan_in), so a test of the paths sees the blocks compute."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for linear in module.modules():
+            if isinstance(linear, torch.nn.Linear) and torch.count_nonzero(linear.weight) == 0:
+                draw = torch.randn(linear.weight.shape, generator=generator, dtype=torch.float64)
+                linear.weight.copy_(draw * linear.in_features**-0.5)
+    return module
+
+
 def run_steps(module, x: torch.Tensor, state):
     """Feed x (B, L, D) one token at a time through module.step; returns (y (B, L, D), state)."""
     outputs = []

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from seqarch import build_block, build_mixer
 from seqarch.mixers.rwkv7 import RWKV7ChannelMixState, RWKV7Config, RWKV7State
 from tests.compiled import needs_compiler
-from tests.contract_checks import BATCH, check_gradients, check_paths_agree, check_prefill_then_continue, run_steps
+from tests.contract_checks import (
+    BATCH,
+    check_gradients,
+    check_paths_agree,
+    check_prefill_then_continue,
+    run_steps,
+    with_zero_projections_drawn,
+)
 from tests.tolerance import assert_close
 
 WIDTH, HEAD = 64, 16
@@ -393,6 +400,7 @@ def test_seqlm_v_first_forward_prefill_steps_agree_with_gradients():
 
     model = SeqLM(vocab_size=40, d_model=WIDTH, n_layers=3, mixer=["rwkv7", "attention", "rwkv7"],
                   rwkv7={"head_dim": HEAD}, attention={"n_heads": 4})
+    with_zero_projections_drawn(model)  # RWKV-LM's zero outputs would hide the rwkv7 layers (and their gradients)
     assert model.layers[2].mixer.config.value_residual
     tokens = torch.randint(0, 40, (BATCH, 63), generator=torch.Generator().manual_seed(4))
     logits = model(tokens)

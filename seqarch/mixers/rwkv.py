@@ -30,10 +30,17 @@ SeqLM fills per layer): with ratio_0_to_1 = layer_id / (n_layers - 1) and ratio_
     d_i = -6 + 5 (i / (D - 1))^(0.7 + 1.3 ratio_0);   u_i = ratio_0 (1 - i / (D - 1)) + 0.1 ((i + 1) mod 3 - 1)
     ln_x.weight = ((layer_id + 1) / n_layers)^0.7     (RWKV-LM's generate_init_weight)
     channel-mix mu_k = mu_r = 1 - p^(ratio_1^3)
+
+The projections take RWKV-LM's model init (`generate_init_weight`, which redraws every projection of the model
+it builds) when a block or SeqLM initialises the model (tagged `_model_init`, see seqarch.models.block):
+orthogonal W_r, W_v and channel-mix W_k with gain 1, W_k and W_g with gain 0.1, and zero W_o, channel-mix W_v
+and W_r, so each block starts as the identity. A mixer built alone keeps PyTorch's default Linear init, as
+RWKV-LM's module does before its model init.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -152,6 +159,23 @@ def ln_x_scale(layer_id: int, n_layers: int) -> float:
     return ((layer_id + 1) / n_layers) ** 0.7
 
 
+def orthogonal_(weight: torch.Tensor, gain: float) -> torch.Tensor:
+    """nn.init.orthogonal_ (orthonormal rows, or columns if taller than wide, times `gain`), drawn in float32
+    (float64 for a float64 weight) and copied in, so half-precision weights get it too (QR has no kernel for
+    them); a meta weight stays as it is."""
+    if weight.is_meta:
+        return weight
+    draw = torch.empty(weight.shape, device=weight.device,
+                       dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    return weight.copy_(nn.init.orthogonal_(draw, gain=gain))
+
+
+def rwkv_lm_init(linear: nn.Linear, gain: float) -> None:
+    """Tag `linear` with RWKV-LM's model-init rule (`generate_init_weight`): zero for gain 0, else orthogonal with
+    `gain`. The model init (seqarch.models.block.Block.init_weights) draws it in place of N(0, 0.02)."""
+    linear._model_init = nn.init.zeros_ if gain == 0 else functools.partial(orthogonal_, gain=gain)
+
+
 def _depth_profile(width: int, exponent: float) -> torch.Tensor:
     """1 - (i / D)^exponent over channels i (float64): RWKV's initial interpolation weights mu."""
     return 1.0 - (torch.arange(width, dtype=torch.float64) / width) ** exponent
@@ -200,7 +224,10 @@ class RWKV6Mixer(SequenceMixer):
         self.value = nn.Linear(width, width, bias=False, **factory)
         self.gate = nn.Linear(width, width, bias=False, **factory)
         self.output = nn.Linear(width, width, bias=False, **factory)
-        self.output._is_residual_projection = True  # scaled by 1/sqrt(depth) in the model init
+        self.output._is_residual_projection = True  # writes into the residual stream (zero at the model init)
+        for linear, gain in ((self.receptance, 1.0), (self.key, 0.1), (self.value, 1.0), (self.gate, 0.1),
+                             (self.output, 0.0)):
+            rwkv_lm_init(linear, gain)
         self.ln_x = nn.GroupNorm(heads, width, eps=config.norm_eps, **factory)
         if config.depth_ratio is None:  # RWKV-LM's model init: deeper layers' ln_x start larger
             with torch.no_grad():
@@ -310,6 +337,8 @@ class RWKV6ChannelMix(SequenceMixer):
         self.receptance = nn.Linear(width, width, bias=False, **factory)
         self.value = nn.Linear(config.ffn_hidden, width, bias=False, **factory)
         self.value._is_residual_projection = True  # the channel-mix's output, as SwiGLU's down projection
+        for linear, gain in ((self.key, 1.0), (self.receptance, 0.0), (self.value, 0.0)):
+            rwkv_lm_init(linear, gain)
 
     def _mix(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         xx = x_prev - x

@@ -37,6 +37,12 @@ v0/v1/v2 (so a later layer's weights load) and mixes its value towards `v_first`
 Initialisation depends on the layer's place in the model (`layer_id` of `n_layers`, which SeqLM fills per
 layer), as RWKV-LM's: the lerps x_*, the decay base w0 and the channel-mix's x_k through its two ratios
 (seqarch.mixers.rwkv.layer_ratios), and ln_x's weight ((layer_id + 1) / n_layers)^0.7 (its generate_init_weight).
+The projections: built alone, the mixer has `RWKV_Tmix_x070.__init__`'s scaled uniform W_r, W_k, W_v and a small
+W_o (RWKV-LM's is zero; this one gives the mixer an output and every parameter a gradient). When a block or SeqLM
+initialises the model it draws RWKV-LM's train_temp model init instead (`generate_init_weight`, which redraws
+every projection of the model it trains; tagged `_model_init`, see seqarch.models.block): orthogonal W_r, W_v
+and channel-mix W_k with gain 1, W_k with gain 0.1, and zero W_o and channel-mix W_v, so each block starts as
+the identity.
 
 State: (token-shift input, wkv state) here; the channel-mix's token shift lives in the block's MLP
 state. The wkv state is (B, H, K, V) in flash-linear-attention's layout, the transpose of RWKV-LM's
@@ -63,7 +69,7 @@ from seqarch.mixers.base import (
     check_state,
     element_size,
 )
-from seqarch.mixers.rwkv import layer_ratios, ln_x_scale
+from seqarch.mixers.rwkv import layer_ratios, ln_x_scale, rwkv_lm_init
 from seqarch.ops.generalized_delta_rule import (
     describe_backend,
     generalized_delta_rule,
@@ -237,12 +243,12 @@ class RWKV7Mixer(SequenceMixer):
             self.receptance.weight.uniform_(-0.5 * bound, 0.5 * bound)
             self.key.weight.uniform_(-0.05 * bound, 0.05 * bound)
             self.value.weight.uniform_(-0.5 * bound, 0.5 * bound)
-            # RWKV-LM zeroes the output projection; a small one keeps the block near the identity at
-            # the start while every time-mix parameter gets a gradient from the first step.
+            # RWKV-LM's module zeroes the output projection; a small one here gives a mixer built alone a
+            # non-zero output and every time-mix parameter a gradient (the model init zeroes it, as RWKV-LM).
             self.output.weight.uniform_(-0.1 * bound, 0.1 * bound)
-        for proj in (self.receptance, self.key, self.value, self.output):
-            proj._no_reinit = True  # the model init keeps RWKV-LM's scales (it only rescales the output)
         self.output._is_residual_projection = True
+        for linear, gain in ((self.receptance, 1.0), (self.key, 0.1), (self.value, 1.0), (self.output, 0.0)):
+            rwkv_lm_init(linear, gain)  # RWKV-LM's generate_init_weight, drawn by the model init
         for name, param in self.named_parameters():
             if name.startswith(("x_", "k_", "r_k")) or name in ("w0", "a0", "v0"):
                 param._no_weight_decay = True
@@ -383,10 +389,11 @@ class RWKV7ChannelMix(SequenceMixer):
         self.value = nn.Linear(config.ffn_hidden, width, bias=False, **factory)
         with torch.no_grad():
             self.key.weight.uniform_(-0.5 * width**-0.5, 0.5 * width**-0.5)
-            # RWKV-LM zeroes it; small so the key and x_k learn from the first step (as the time-mix output).
+            # RWKV-LM zeroes it; small here (built alone) as the time-mix output; the model init zeroes it.
             self.value.weight.uniform_(-0.1 * config.ffn_hidden**-0.5, 0.1 * config.ffn_hidden**-0.5)
-        self.key._no_reinit = self.value._no_reinit = True
         self.value._is_residual_projection = True  # the channel-mix's output, as SwiGLU's down projection
+        rwkv_lm_init(self.key, 1.0)
+        rwkv_lm_init(self.value, 0.0)
 
     def _mix(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         return self.value(torch.relu(self.key(x + (x_prev - x) * self.x_k)).square())

@@ -15,13 +15,16 @@ value there for the value residual of the later ones); other mixers never see it
 Initialisation (`init_weights`, run at construction and again by SeqLM with the model's depth) follows
 GPT-2 / Zoology / mamba-ssm's `_init_weights`: every nn.Linear of the mixer and the MLP is drawn from
 N(0, 0.02) with a zero bias, except modules and parameters tagged `_no_reinit = True` (their owner's
-reference init is kept, e.g. Mamba's projections as mamba-ssm keeps them, Hyena's implicit filter), and
-every module tagged `_is_residual_projection = True` (a mixer's output projection, the MLP's down
-projection: the ones that write into the residual stream) is then scaled by 1 / sqrt(N), N the number
-of residual branches of the whole model (2 per layer with an MLP, 1 without: mamba-ssm's
-n_residuals_per_layer * n_layer), so the residual stream's variance does not grow with depth. Other
-parameters (A_log, dt biases, decays, token-shift mixes, norms, convolutions) keep their mixer's init.
-The mixers say which module is which by these tags, so the block never matches parameter names.
+reference init is kept, e.g. Mamba's projections as mamba-ssm keeps them, Hyena's implicit filter) and
+modules tagged `_model_init = fn` (their reference's model init has its own rule for them, e.g. RWKV-LM's
+orthogonal and zero projections: `fn(weight)` draws it in place of N(0, 0.02)). Every module tagged
+`_is_residual_projection = True` (a mixer's output projection, the MLP's down projection: the ones that
+write into the residual stream) is then scaled by 1 / sqrt(N), N the number of residual branches of the
+whole model (2 per layer with an MLP, 1 without: mamba-ssm's n_residuals_per_layer * n_layer), so the
+residual stream's variance does not grow with depth; one with a `_model_init` rule is not (the rule is its
+reference's whole init, RWKV-LM's zero included). Other parameters (A_log, dt biases, decays, token-shift
+mixes, norms, convolutions) keep their mixer's init. The mixers say which module is which by these tags,
+so the block never matches parameter names.
 """
 
 from __future__ import annotations
@@ -80,15 +83,21 @@ class Block(nn.Module):
     def init_weights(self, total_residual_branches: int, std: float = 0.02) -> None:
         """(Re-)initialise the projections for a model with `total_residual_branches` residual branches
         (sum of `residual_branches` over its blocks); see the module docstring. Calling it again (SeqLM
-        does, once it knows its depth) redraws the N(0, std) projections and moves a kept-init residual
+        does, once it knows its depth) redraws the N(0, std) and rule-drawn projections and moves a kept-init residual
         projection from its previous scale to the new one, so the result does not depend on call order."""
         redrawn = _reinitialised_linears(self)
         for linear in redrawn:
-            nn.init.normal_(linear.weight, std=std)
+            rule = getattr(linear, "_model_init", None)
+            if rule is None:
+                nn.init.normal_(linear.weight, std=std)
+            else:
+                rule(linear.weight)
             if linear.bias is not None and not getattr(linear.bias, "_no_reinit", False):
                 nn.init.zeros_(linear.bias)
         scale = 1.0 / math.sqrt(total_residual_branches)
         for module in self.residual_projections():
+            if getattr(module, "_model_init", None) is not None:
+                continue  # its rule already is the reference's init for this depth
             previous = 1.0 if any(module is linear for linear in redrawn) else getattr(module, "_residual_scale", 1.0)
             module.weight.mul_(scale / previous)
             module._residual_scale = scale
@@ -141,8 +150,9 @@ class Block(nn.Module):
 
 
 def _reinitialised_linears(module: nn.Module) -> list[nn.Linear]:
-    """Every nn.Linear below `module` that the model init redraws: not tagged `_no_reinit`, and not
-    inside a module tagged `_no_reinit` (a mixer part that owns its init, such as an implicit filter)."""
+    """Every nn.Linear below `module` that the model init redraws (N(0, std), or its `_model_init` rule): not
+    tagged `_no_reinit`, and not inside a module tagged `_no_reinit` (a mixer part that owns its init, such as
+    an implicit filter)."""
     found = []
     for child in module.children():
         if getattr(child, "_no_reinit", False):

@@ -316,6 +316,29 @@ def test_compiled_matches_chunked_and_reference_at_mixer_scales(length, chunk, d
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("headdim", [32, 64])
+def test_compiled_head_dims_with_fixed_width_loops(headdim, dtype):
+    """P = 32 and 64 run the kernel's forward with P known at compile time: against the chunked path and the
+    reference, output, final state and gradients (other tests use small P, the run-time loop)."""
+    gen = torch.Generator().manual_seed(headdim)
+    inputs = {"x": torch.randn(1, 45, 2, headdim, generator=gen, dtype=dtype),
+              "dt": torch.randn(1, 45, 2, generator=gen, dtype=dtype) - 1,
+              "A": -torch.rand(2, generator=gen, dtype=dtype) * 4 - 0.5,
+              "B": torch.randn(1, 45, 1, 6, generator=gen, dtype=dtype),
+              "C": torch.randn(1, 45, 1, 6, generator=gen, dtype=dtype),
+              "D": torch.randn(2, generator=gen, dtype=dtype), "dt_bias": torch.randn(2, generator=gen, dtype=dtype),
+              "initial_states": torch.randn(1, 2, headdim, 6, generator=gen, dtype=dtype)}
+    y, final, grads = run_with_grads(lambda **kw: ssd_compiled(chunk_size=16, **kw), inputs, softplus=True)
+    for name, fn in (("chunked", lambda **kw: ssd_chunked(chunk_size=16, **kw)), ("sequential", ssd_ref)):
+        y_ref, final_ref, grads_ref = run_with_grads(fn, inputs, softplus=True)
+        assert_close(y, y_ref, f"compiled (P={headdim}) vs {name} y")
+        assert_close(final, final_ref, f"compiled (P={headdim}) vs {name} final state")
+        for key, grad_ref in grads_ref.items():
+            assert_close(grads[key], grad_ref, f"compiled (P={headdim}) vs {name} d{key}")
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("initial", [True, False], ids=["initial", "zeros"])
 @pytest.mark.parametrize("chunks", [1, 2, 9])
 def test_compiled_state_passing_follows_the_chunk_recurrence_with_gradients(chunks, initial, dtype):

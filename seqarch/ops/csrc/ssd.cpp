@@ -68,12 +68,15 @@ struct Extras {
   const scalar_t* D;      // (H, P) contiguous, or null
 };
 
-template <typename scalar_t>
+// PC: the head dim P as a compile-time constant (32, 64), so the row accumulator of y stays in registers
+// across the sum over s; 0 for any other P (read at run time).
+template <typename scalar_t, int PC>
 void blocks_forward_kernel(const BlockSizes& n, const scalar_t* x, const scalar_t* dt, const scalar_t* cum,
                            const scalar_t* scores, const Extras<scalar_t>& extra, scalar_t* y) {
-  const int64_t Q = n.chunk, P = n.headdim, per_group = n.heads / n.groups;
+  const int64_t Q = n.chunk, P = PC > 0 ? PC : n.headdim, per_group = n.heads / n.groups;
   at::parallel_for(0, n.batch * n.chunks * n.heads, 4, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> cl(Q), xl(Q * P), w(Q), acc(P);
+    std::vector<scalar_t> cl(Q), xl(Q * P), w(Q), acc_buffer(P);
+    scalar_t* __restrict acc = acc_buffer.data();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task % n.heads, k = (task / n.heads) % n.chunks, b = task / (n.heads * n.chunks);
       const int64_t t0 = k * Q, g = h / per_group;
@@ -90,27 +93,29 @@ void blocks_forward_kernel(const BlockSizes& n, const scalar_t* x, const scalar_
         const scalar_t* row = sc + q * Q;
 #pragma omp simd
         for (int64_t s = 0; s <= q; ++s) w[s] = decay_exp(cq - cl[s]) * row[s];
-        std::fill(acc.begin(), acc.end(), scalar_t(0));
+        scalar_t local[PC > 0 ? PC : 1];
+        scalar_t* __restrict out_row = PC > 0 ? local : acc;
+        for (int64_t p = 0; p < P; ++p) out_row[p] = scalar_t(0);
         if (extra.y_off) {
           const scalar_t e = decay_exp(cq);
           const scalar_t* yo = extra.y_off + n.off_row(b, k, q, h);
 #pragma omp simd
-          for (int64_t p = 0; p < P; ++p) acc[p] = e * yo[p];
+          for (int64_t p = 0; p < P; ++p) out_row[p] = e * yo[p];
         }
         if (extra.D) {
           const scalar_t* xq = x + n.x_row(b, t0 + q, h);
           const scalar_t* Dh = extra.D + h * P;
 #pragma omp simd
-          for (int64_t p = 0; p < P; ++p) acc[p] += Dh[p] * xq[p];
+          for (int64_t p = 0; p < P; ++p) out_row[p] += Dh[p] * xq[p];
         }
+        const scalar_t* __restrict xv = xl.data();
         for (int64_t s = 0; s <= q; ++s) {
           const scalar_t ws = w[s];
-          const scalar_t* xs = xl.data() + s * P;
 #pragma omp simd
-          for (int64_t p = 0; p < P; ++p) acc[p] += ws * xs[p];
+          for (int64_t p = 0; p < P; ++p) out_row[p] += ws * xv[s * P + p];
         }
         scalar_t* out = y + ((b * n.len + t0 + q) * n.heads + h) * P;
-        std::copy(acc.begin(), acc.end(), out);
+        std::copy(out_row, out_row + P, out);
       }
     }
   });
@@ -246,9 +251,17 @@ at::Tensor blocks_forward(const at::Tensor& x, const at::Tensor& dt, const at::T
   const at::Tensor off = seqarch_kernels::value_or_undefined(y_off), skip = seqarch_kernels::value_or_undefined(D);
   auto y = at::empty({n.batch, n.len, n.heads, n.headdim}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_blocks_forward", [&] {
-    blocks_forward_kernel<scalar_t>(n, x.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), cum.data_ptr<scalar_t>(),
-                                    scores.data_ptr<scalar_t>(), extras_of<scalar_t>(n, off, skip),
-                                    y.data_ptr<scalar_t>());
+    const auto run = [&](auto kernel) {
+      kernel(n, x.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), cum.data_ptr<scalar_t>(), scores.data_ptr<scalar_t>(),
+             extras_of<scalar_t>(n, off, skip), y.data_ptr<scalar_t>());
+    };
+    if (n.headdim == 32) {
+      run(blocks_forward_kernel<scalar_t, 32>);
+    } else if (n.headdim == 64) {
+      run(blocks_forward_kernel<scalar_t, 64>);
+    } else {
+      run(blocks_forward_kernel<scalar_t, 0>);
+    }
   });
   return y;
 }

@@ -84,6 +84,20 @@ def test_auto_runs_the_compiled_kernels_on_cpu_and_says_so(capsys, monkeypatch):
                                            "chunked SSD if the build fails")
 
 
+@needs_compiler
+def test_compiled_path_keeps_a_nan_from_reaching_earlier_positions():
+    """The compiled SSD never forms the masked upper triangle of its (Q, Q) blocks, so a NaN at position 8
+    leaves positions 0-7 finite (the chunked path multiplies masked entries by zero: docs/contract.md)."""
+    torch.manual_seed(0)
+    mixer = build_mixer("mamba2", d_model=32, backend="compiled")
+    x = torch.randn(1, 16, 32)
+    x[0, 8, 3] = float("nan")
+    with torch.no_grad():
+        y = mixer(x)
+    assert torch.isfinite(y[0, :8]).all()
+    assert not torch.isfinite(y[0, 8]).all()
+
+
 def test_old_config_names_still_work_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning) as caught:
         mixer = make(headdim=16, scan="sequential")

@@ -14,8 +14,9 @@ its peak resident set during one call, with large allocations forced to mmap the
 tensors leave the resident set at once.
 
 `--ssd-from REF` adds "mamba2 ssd@REF": the same mixer with `seqarch/ops/ssd.py` as committed at git
-REF (read with `git show`, loaded as its own module), so an SSD change is measured against the code
-it replaces in one process.
+REF (read with `git show`, loaded as its own module) and, where REF has no `seqarch/ops/gated_norm.py`,
+the gated norm on its eager path (what the mixer computed there), so the layer's SSD and norm are
+measured against the code they replace in one process.
 """
 
 from __future__ import annotations
@@ -31,9 +32,21 @@ import torch
 import seqarch.mixers.mamba2 as mamba2_module
 from seqarch import build_mixer, list_mixers
 from seqarch.bench.timing import Benchmark, run_benchmark, with_mode
+from seqarch.ops.gated_norm import gated_rms_norm
 
 MODES = ("forward", "forward+backward")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def has_file_at(ref: str, path: str) -> bool:
+    return subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{ref}:{path}"],
+                          capture_output=True).returncode == 0
+
+
+def eager_norm(*args, **kwargs):
+    """The gated norm as the mixer computed it before seqarch/ops/gated_norm.py: eager PyTorch."""
+    return gated_rms_norm(*args, **kwargs, backend="eager")
 
 
 @functools.cache
@@ -42,6 +55,7 @@ def ssd_at(ref: str):
     source = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:seqarch/ops/ssd.py"], capture_output=True,
                             text=True, check=True).stdout
     module = types.ModuleType(f"ssd_at_{ref}")
+    module.__file__ = str(ROOT / "seqarch" / "ops" / "ssd.py")  # its kernel sources, where it names any
     exec(compile(source, f"{ref}:seqarch/ops/ssd.py", "exec"), module.__dict__)  # noqa: S102 - our own file
     return module.ssd
 
@@ -65,13 +79,15 @@ def setup(impl: str, length: int, mode: str, d_model: int = 768):
     if ref is None:
         return call
     other = ssd_at(ref)
+    norm = mamba2_module.gated_rms_norm if has_file_at(ref, "seqarch/ops/gated_norm.py") else eager_norm
 
     def on_other_ssd():
-        current, mamba2_module.ssd = mamba2_module.ssd, other
+        current = mamba2_module.ssd, mamba2_module.gated_rms_norm
+        mamba2_module.ssd, mamba2_module.gated_rms_norm = other, norm
         try:
             call()
         finally:
-            mamba2_module.ssd = current
+            mamba2_module.ssd, mamba2_module.gated_rms_norm = current
 
     return on_other_ssd
 

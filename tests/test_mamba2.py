@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from seqarch import build_mixer
 from seqarch.backends import cuda_kernels_usable
+from tests.compiled import compiled, needs_compiler
 from tests.contract_checks import (
     check_causal,
     check_gradients,
@@ -23,6 +24,7 @@ from tests.tolerance import assert_close
 WIDTH = 64
 VARIANTS = {
     "ngroups2": {"ngroups": 2},
+    "chunked": {"backend": "chunked", "ngroups": 2},
     "sequential": {"backend": "sequential"},
     "small_chunks": {"chunk_size": 8, "ngroups": 2, "d_state": 16},
 }
@@ -45,9 +47,10 @@ def test_variant_keeps_the_contract(variant):
     check_state_bytes(mixer, f"mamba2 {variant}")
 
 
+@pytest.mark.parametrize("backend", [compiled("compiled"), "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_chunked_and_sequential_mixers_agree_with_gradients(dtype):
-    chunked = make(dtype, chunk_size=16, ngroups=2)
+def test_chunked_and_sequential_mixers_agree_with_gradients(dtype, backend):
+    chunked = make(dtype, chunk_size=16, ngroups=2, backend=backend)
     sequential = make(dtype, chunk_size=16, ngroups=2, backend="sequential")
     sequential.load_state_dict(chunked.state_dict())
     x = torch.randn(2, 45, WIDTH, dtype=dtype)
@@ -66,15 +69,33 @@ def test_chunked_and_sequential_mixers_agree_with_gradients(dtype):
         assert_close(grads[name], grad_ref, f"mamba2 chunked vs sequential d{name}")
 
 
-def test_auto_runs_the_chunked_path_on_cpu_and_says_so(capsys, monkeypatch):
+@needs_compiler
+def test_auto_runs_the_compiled_kernels_on_cpu_and_says_so(capsys, monkeypatch):
     from seqarch import backends
 
     monkeypatch.setattr(backends, "_NOTICES_SHOWN", set())
     mixer = make()
     with torch.no_grad():
         mixer(torch.randn(1, 5, WIDTH))
-    assert "ssd runs the chunked path on cpu" in capsys.readouterr().err
-    assert mixer.describe_paths("cpu") == "SSD backend=auto: chunked SSD (PyTorch)"
+    err = capsys.readouterr().err
+    assert "ssd runs the compiled C++ CPU kernel" in err
+    assert "gated_rms_norm runs the compiled C++ CPU kernel" in err
+    assert mixer.describe_paths("cpu") == ("SSD backend=auto: compiled C++ CPU kernel (built on first use, cached); "
+                                           "chunked SSD if the build fails")
+
+
+@needs_compiler
+def test_compiled_path_keeps_a_nan_from_reaching_earlier_positions():
+    """The compiled SSD never forms the masked upper triangle of its (Q, Q) blocks, so a NaN at position 8
+    leaves positions 0-7 finite (the chunked path multiplies masked entries by zero: docs/contract.md)."""
+    torch.manual_seed(0)
+    mixer = build_mixer("mamba2", d_model=32, backend="compiled")
+    x = torch.randn(1, 16, 32)
+    x[0, 8, 3] = float("nan")
+    with torch.no_grad():
+        y = mixer(x)
+    assert torch.isfinite(y[0, :8]).all()
+    assert not torch.isfinite(y[0, 8]).all()
 
 
 def test_old_config_names_still_work_with_a_deprecation_warning():
@@ -129,7 +150,8 @@ def test_gated_rmsnorm_normalises_each_group():
     [
         ({"head_dim": 48}, "expand \\* d_model = 128 is not divisible by head_dim=48"),
         ({"ngroups": 3}, "the 4 heads are not divisible into ngroups=3"),
-        ({"backend": "fast"}, "'backend' for mixer 'mamba2' must be 'auto' \\| 'chunked' \\| 'sequential'"),
+        ({"backend": "fast"},
+         "'backend' for mixer 'mamba2' must be 'auto' \\| 'compiled' \\| 'chunked' \\| 'sequential'"),
         ({"d_state": 0}, "d_state must be >= 1"),
         ({"chunk_size": 0}, "chunk_size must be >= 1"),
         ({"A_init_range": (0.0, 16.0)}, "A_init_range must be"),

@@ -88,7 +88,7 @@ def test_ssd_equals_mamba_ssm_minimal_ssd(monkeypatch, chunks, chunk, initial):
     # the listing takes the discretised inputs: X = x dt, A dt, and an initial state with a chunk axis
     expected, expected_final = module.ssd_minimal_discrete(x * dt[..., None], A * dt, B, C, chunk,
                                                            None if h0 is None else h0[:, None])
-    for backend in ("sequential", "chunked"):
+    for backend in ("sequential", "chunked", "compiled"):
         y, final = ssd(x, dt, A, B, C, chunk_size=chunk, initial_states=h0, return_final_states=True, backend=backend)
         assert_close(y, expected, f"ssd[{backend}] vs mamba-ssm ssd_minimal_discrete y")
         assert_close(final, expected_final, f"ssd[{backend}] vs mamba-ssm ssd_minimal_discrete final state")

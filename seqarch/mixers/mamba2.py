@@ -31,6 +31,7 @@ from torch import nn
 from seqarch.backends import check_backend
 from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state, element_size
 from seqarch.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
+from seqarch.ops.gated_norm import gated_rms_norm
 from seqarch.ops.ssd import BACKENDS, DEFAULT_CHUNK_SIZE, Backend, describe_backend, ssd, ssd_step
 from seqarch.registry import register
 
@@ -51,7 +52,7 @@ class Mamba2Config:
     norm_eps: float = 1e-5  # epsilon of the gated RMSNorm
     bias: bool = False  # biases in in_proj and out_proj (off in Mamba-2)
     conv_bias: bool = True  # bias of the depthwise conv
-    backend: Backend = "auto"  # the SSD scan's path; see seqarch.ops.ssd.resolve_backend
+    backend: Backend = "auto"  # the SSD path: "auto", "compiled", "chunked", "sequential"; see ops.ssd.resolve_backend
     # (min, max) clamp of dt after the softplus, as mamba-ssm's / HF's dt_limit; (0, inf) is off
     time_step_limit: tuple[float, ...] = (0.0, float("inf"))
 
@@ -99,7 +100,8 @@ class Mamba2State(MixerState):
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(y * silu(z)) over groups of `group_size` channels, times a learned weight (E,)."""
+    """RMSNorm(y * silu(z)) over groups of `group_size` channels, times a learned weight (E,):
+    `seqarch.ops.gated_norm.gated_rms_norm` (a fused C++ kernel on CPU, PyTorch elsewhere)."""
 
     def __init__(self, width: int, group_size: int, eps: float, device=None, dtype=None):
         super().__init__()
@@ -108,9 +110,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width, device=device, dtype=dtype))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        gated = rearrange(y * F.silu(z), "... (g c) -> ... g c", c=self.group_size)
-        normed = F.rms_norm(gated, (self.group_size,), eps=self.eps)
-        return rearrange(normed, "... g c -> ... (g c)") * self.weight
+        return gated_rms_norm(y, z, self.weight, self.eps, self.group_size)
 
 
 @register("mamba2", Mamba2Config)

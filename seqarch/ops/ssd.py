@@ -28,20 +28,27 @@ chunk-local cumulative sum (as mamba-ssm's kernels do; the rounding error is eps
 total decay). Across chunks, where totals of the whole sequence would be differenced, segment sums
 are accumulated directly from the masked chunk totals (the "stable segsum" of Listing 1).
 Layouts: the products with B and C run on x's own (B, L, H, P) layout, which for G = 1 needs no
-copy; only the per-head (Q, Q) blocks use a head-major copy of dt x.
+copy; only the eager path's per-head (Q, Q) blocks use a head-major copy of dt x.
 Lengths that are not a multiple of Q are padded with dt = 0 (decay 1, no input), which leaves the
 final state unchanged.
 
 Paths (`ssd(..., backend=)`, resolved by `resolve_backend`):
-- "chunked": the algorithm above in PyTorch;
+- "compiled" (`ssd_compiled`): the same four steps, with steps 1 and 3 in a C++ CPU kernel
+  (seqarch/ops/csrc/ssd.cpp, forward and backward; built on first use): the diagonal blocks one
+  (chunk, head) at a time in cache, written straight into x's layout (no (Q, Q) decay tensor, no
+  head-major copy), and the state passing as the plain recurrence over chunks, one streaming pass
+  (no blocks needed: it is not a chain of synchronised PyTorch calls); float32 and float64, other
+  dtypes run "chunked";
+- "chunked" (`ssd_chunked`): the algorithm above in PyTorch;
 - "sequential": `ssd_ref`, the recurrence one step at a time (the reference);
 - "auto": mamba-ssm's Triton kernel `mamba_chunk_scan_combined` on a CUDA device where mamba-ssm
-  imports, else "chunked", with a one-time notice.
+  imports; on CPU "compiled" where the kernel builds, else "chunked", with a one-time notice.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal, get_args
 
 import torch
@@ -49,14 +56,22 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch.autograd.function import once_differentiable
 
-from seqarch.backends import check_backend, cuda_kernels_usable, notify_once
+from seqarch.backends import (
+    CompiledKernel,
+    check_backend,
+    compiled_or_eager,
+    cuda_kernels_usable,
+    describe_compiled_or_eager,
+    notify_once,
+)
 
-Backend = Literal["auto", "chunked", "sequential"]
+Backend = Literal["auto", "compiled", "chunked", "sequential"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 # Measured on CPU at L = 4096, 48 heads of 32 x 64 (docs/mixers/mamba2.md): 32 and 64 are within
 # noise for the op, 128 and 256 are slower.
 DEFAULT_CHUNK_SIZE = 64
+KERNEL = CompiledKernel("seqarch_ssd", os.path.join(os.path.dirname(__file__), "csrc", "ssd.cpp"), ("-march=native",))
 
 
 def _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states) -> None:
@@ -178,25 +193,29 @@ def pass_states(chunk_states: torch.Tensor, totals: torch.Tensor, initial: torch
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The path `backend` runs on `device`: "cuda" (mamba-ssm's kernel), "chunked" or "sequential".
-    "auto" takes the CUDA kernel only on a CUDA device where mamba-ssm imports; an explicit choice
-    is kept."""
+    """The path `backend` runs on `device`: "cuda" (mamba-ssm's kernel), "compiled", "chunked" or
+    "sequential". "auto" takes the CUDA kernel only on a CUDA device where mamba-ssm imports; on CPU
+    "compiled" where the C++ kernel builds, else "chunked" with a one-time notice; an explicit choice
+    is kept (an explicit "compiled" that cannot run raises)."""
     check_backend("ssd", backend, BACKENDS)
-    if backend != "auto":
+    if backend in ("chunked", "sequential"):
         return backend
     device = torch.device(device)
-    chosen = "cuda" if cuda_kernels_usable("mamba_ssm", device) else "chunked"
-    notify_once(f"ssd:{chosen}:{device.type}", f"ssd runs the {chosen} path on {device.type}")
-    return chosen
+    if backend == "auto" and cuda_kernels_usable("mamba_ssm", device):
+        notify_once(f"ssd:cuda:{device.type}", f"ssd runs the cuda path on {device.type}")
+        return "cuda"
+    return compiled_or_eager("ssd", backend, device, KERNEL)
 
 
 def describe_backend(backend: str, device: torch.device | str = "cpu") -> str:
-    """What `resolve_backend` would pick, in words."""
+    """What `resolve_backend` would pick, in words, without building anything."""
     check_backend("ssd", backend, BACKENDS)
-    chosen = "cuda" if backend == "auto" and cuda_kernels_usable("mamba_ssm", device) else backend
-    chosen = "chunked" if chosen == "auto" else chosen
-    return f"backend={backend}: " + {"cuda": "mamba-ssm CUDA kernel", "chunked": "chunked SSD (PyTorch)",
-                                     "sequential": "sequential reference"}[chosen]
+    if backend == "auto" and cuda_kernels_usable("mamba_ssm", device):
+        return "backend=auto: mamba-ssm CUDA kernel"
+    if backend in ("chunked", "sequential"):
+        return f"backend={backend}: " + {"chunked": "chunked SSD (PyTorch)",
+                                         "sequential": "sequential reference"}[backend]
+    return describe_compiled_or_eager(backend, device, KERNEL, "chunked SSD")
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -219,6 +238,8 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
         return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, **arguments)
     if chosen == "sequential":
         return ssd_ref(x, dt, A, B, C, **arguments)
+    if chosen == "compiled" and x.dtype in (torch.float32, torch.float64):
+        return ssd_compiled(x, dt, A, B, C, chunk_size, **arguments)
     return ssd_chunked(x, dt, A, B, C, chunk_size, **arguments)
 
 
@@ -227,6 +248,77 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
                 dt_bias: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
                 dt_softplus: bool = False, return_final_states: bool = False):
     """The chunked SSD scan in PyTorch (the module docstring's four steps); arguments as `ssd`."""
+    return _chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states,
+                    compiled=False)
+
+
+def ssd_compiled(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                 dt_bias: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
+                 dt_softplus: bool = False, return_final_states: bool = False):
+    """The chunked SSD scan with steps 1 and 3 in the C++ kernel (float32 / float64); arguments as `ssd`."""
+    return _chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states,
+                    compiled=True)
+
+
+def _diagonal_blocks_eager(x, dt, cum, scores, groups):
+    """Step 1 in PyTorch: x (B, T, H, P), dt (B, T, H), cum (B, K, Q, H), scores (B, K, G, Q, Q)
+    -> y (B, K, Q, H, P)."""
+    chunk = cum.shape[2]
+    X = rearrange(x * dt[..., None], "b (k q) (g r) p -> b g r k q p", q=chunk, g=groups).contiguous()
+    cum_heads = rearrange(cum, "b k q (g r) -> b g r k q", g=groups).contiguous()  # so decay is head-major too
+    y = _DiagonalBlocks.apply(cum_heads, rearrange(scores, "b k g q s -> b g 1 k q s"), X)
+    return rearrange(y, "b g r k q p -> b k q (g r) p")
+
+
+class _CompiledChunkOutput(torch.autograd.Function):
+    """Steps 1 and 4 and the skip in the C++ kernel (seqarch/ops/csrc/ssd.cpp): x (B, T, H, P) (channels
+    contiguous), dt (B, T, H), cum (B, K, Q, H), scores (B, K, G, Q, Q) as `_diagonal_blocks_eager`, and
+    optionally y_off (B, K, G, Q, R P) (step 4's C read-out of the entering states) and D (H, P):
+    -> y (B, T, H, P) = diagonal blocks + exp(cum) y_off + D x, written once in x's layout."""
+
+    @staticmethod
+    def forward(ctx, x, dt, cum, scores, y_off, D):
+        chunk = cum.shape[2]
+        ctx.save_for_backward(x, dt, cum, scores, y_off, D)
+        return KERNEL.load().blocks_forward(x, dt, cum, scores, chunk, y_off, D)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, dt, cum, scores, y_off, D = ctx.saved_tensors
+        return tuple(KERNEL.load().blocks_backward(x, dt, cum, scores, dy.contiguous(), cum.shape[2], y_off, D))
+
+
+def _pass_states_eager(chunk_states, totals, initial):
+    """Step 3 in PyTorch: chunk_states (B, K, H, S), totals (B, K, H), initial (B, H, S) or None ->
+    the states entering chunks 0 .. K (the last the final state), (B, K + 1, H, S)."""
+    if initial is None:
+        initial = chunk_states.new_zeros(chunk_states.shape[0], *chunk_states.shape[2:])
+    return rearrange(pass_states(chunk_states, totals, initial), "b h k s -> b k h s")
+
+
+class _CompiledStatePassing(torch.autograd.Function):
+    """Step 3 in the C++ kernel (seqarch/ops/csrc/ssd.cpp): arguments as `_pass_states_eager`; one streaming
+    pass over the states per chunk, written in the layout the read-out by C takes."""
+
+    @staticmethod
+    def forward(ctx, chunk_states, totals, initial):
+        totals = totals.contiguous()
+        states = KERNEL.load().states_forward(chunk_states.contiguous(), totals, initial)
+        ctx.save_for_backward(totals, states)
+        ctx.has_initial = initial is not None
+        return states
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dstates):
+        totals, states = ctx.saved_tensors
+        grads, dtotals = KERNEL.load().states_backward(totals, states, dstates.contiguous())
+        return grads[:, 1:], dtotals, (grads[:, 0] if ctx.has_initial else None)
+
+
+def _chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states, compiled):
     _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
     if chunk_size < 1:
         raise ValueError(f"ssd: chunk_size must be >= 1, got {chunk_size}")
@@ -239,20 +331,22 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
         # dt = 0 on the padding: decay exp(0) = 1 and no input, so the final state is untouched.
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
+    if compiled:  # the kernel reads x's rows where they lie, but needs its channels contiguous
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        dt = dt.contiguous()
 
-    # Two layouts of dt x: x's own (B, L, H, P) = (B, K, Q, G, R P) for the products with B and C, whose
-    # (Q, N) blocks all R heads of a group share; head-major (B, G, R, K, Q, P) for the per-head (Q, Q) blocks.
+    # dt x stays in x's own (B, L, H, P) = (B, K, Q, G, R P) layout for the products with B and C, whose
+    # (Q, N) blocks all R heads of a group share.
     cum = rearrange(dt * A, "b (k q) h -> b k q h", q=chunk).cumsum(dim=2)  # (B, K, Q, H)
     dt_c = rearrange(dt, "b (k q) (g r) -> b k q g r 1", q=chunk, g=groups)
     x_c = rearrange(x, "b (k q) (g r) p -> b k q g r p", q=chunk, g=groups)
     Bc = rearrange(B, "b (k q) g n -> b k q g n", q=chunk)
     Cc = rearrange(C, "b (k q) g n -> b k q g n", q=chunk)
 
-    # 1. Diagonal blocks: masked decay times C B^T, applied to dt x.
-    X = rearrange(x_c * dt_c, "b k q g r p -> b g r k q p").contiguous()
-    scores = rearrange(torch.einsum("bkqgn,bksgn->bkgqs", Cc, Bc), "b k g q s -> b g 1 k q s")
-    cum_heads = rearrange(cum, "b k q (g r) -> b g r k q", g=groups).contiguous()  # so decay is head-major too
-    y_diag = _DiagonalBlocks.apply(cum_heads, scores, X)
+    # 1. Diagonal blocks: masked decay times C B^T, applied to dt x (compiled: computed with step 4, below).
+    scores = torch.einsum("bkqgn,bksgn->bkgqs", Cc, Bc)  # (B, K, G, Q, Q)
+    if not compiled:
+        y = _diagonal_blocks_eager(x, dt, cum, scores, groups)  # (B, K, Q, H, P)
 
     # 2. Each chunk's final state from its own inputs: x scaled by dt and the decay to the chunk's end.
     to_end = torch.exp(cum[:, :, -1:] - cum)  # (B, K, Q, H)
@@ -261,27 +355,26 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     chunk_states = torch.matmul(rearrange(x_end, "b k q g r p -> b k g (r p) q"),
                                 rearrange(Bc, "b k q g n -> b k g q n"))  # (B, K, G, R P, N)
 
-    # 3. State passing: the state entering chunk k, k = 0 .. K (K = the final state).
-    if initial_states is None:
-        initial = x.new_zeros(batch, heads, headdim * dstate)
-    else:
-        initial = rearrange(initial_states.to(x.dtype), "b h p n -> b h (p n)")
-    states = pass_states(rearrange(chunk_states, "b k g (r p) n -> b k (g r) (p n)", p=headdim),
-                         cum[:, :, -1], initial)  # (B, H, K + 1, P N)
-    entering = rearrange(states[:, :, :-1], "b (g r) k (p n) -> b k g (r p) n", g=groups, n=dstate).contiguous()
+    # 3. State passing: the state entering chunk k, k = 0 .. K (K = the final state), (B, K + 1, H, P N).
+    initial = None if initial_states is None else rearrange(initial_states.to(x.dtype), "b h p n -> b h (p n)")
+    passing = _CompiledStatePassing.apply if compiled else _pass_states_eager
+    states = passing(rearrange(chunk_states, "b k g (r p) n -> b k (g r) (p n)", p=headdim), cum[:, :, -1], initial)
+    entering = rearrange(states[:, :-1], "b k (g r) (p n) -> b k g (r p) n", g=groups, n=dstate)
 
-    # 4. Off-diagonal blocks: the entering state read out by C, decayed to each position.
+    # 4. Off-diagonal blocks: the entering state read out by C, decayed to each position; plus the skip D x.
     y_off = torch.matmul(rearrange(Cc, "b k q g n -> b k g q n"), entering.transpose(-1, -2))  # (B, K, G, Q, R P)
-    y_off = rearrange(y_off, "b k g q (r p) -> b k q (g r) p", p=headdim) * torch.exp(cum)[..., None]
-    y = y_off.add_(rearrange(y_diag, "b g r k q p -> b k q (g r) p"))
-    y = rearrange(y, "b k q h p -> b (k q) h p")[:, :length]
-    x = x[:, :length]
-    if D is not None:
-        y = y.addcmul_(x, D[:, None] if D.ndim == 1 else D)
+    if compiled:
+        skip = None if D is None else (D[:, None] if D.ndim == 1 else D).to(x.dtype).expand(heads, headdim).contiguous()
+        y = _CompiledChunkOutput.apply(x, dt, cum, scores.contiguous(), y_off.contiguous(), skip)[:, :length]
+    else:
+        y_off = rearrange(y_off, "b k g q (r p) -> b k q (g r) p", p=headdim)
+        y = rearrange((y_off * torch.exp(cum)[..., None]).add_(y), "b k q h p -> b (k q) h p")[:, :length]
+        if D is not None:
+            y = y.addcmul_(x[:, :length], D[:, None] if D.ndim == 1 else D)
     if z is not None:
         y = y * F.silu(z)
     if return_final_states:
-        return y, rearrange(states[:, :, -1], "b h (p n) -> b h p n", n=dstate)
+        return y, rearrange(states[:, -1], "b h (p n) -> b h p n", n=dstate)
     return y
 
 

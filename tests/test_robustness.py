@@ -261,9 +261,10 @@ def test_ctrl_c_before_a_run_starts_is_one_line_and_exit_130(monkeypatch, capsys
 
 # Parallel paths that mix every position of a sequence at once (a masked matrix product where
 # 0 * NaN = NaN, or an FFT) spread a NaN at position t to positions before t; the recurrent step does
-# not. docs/contract.md ("Non-finite values") lists these and mamba2 (which spreads too), mamba and
-# rwkv6 (which do not); those three run compiled C++ kernels by default, built on first use (minutes
-# on a busy machine), so they are not replayed here.
+# not. docs/contract.md ("Non-finite values") lists these and mamba2's chunked SSD (which spreads too),
+# mamba, rwkv6 and mamba2's compiled SSD (which do not); those run compiled C++ kernels by default, built
+# on first use (minutes on a busy machine), so they are not replayed here (tests/test_mamba2.py holds
+# the compiled SSD's).
 SPREADS_BACKWARDS = ("attention", "hyena", "retnet", "s4d")
 
 

@@ -532,46 +532,42 @@ class _ChunkedScan(torch.autograd.Function):
 
 
 class _CompiledScan(torch.autograd.Function):
-    """`_ChunkedScan` (same arguments and results) with the chunk-local products, the state passing
-    and their backward in the C++ kernel (seqarch/ops/csrc/mamba3.cpp): one task per (batch, head)
-    walks its chunks in order with the state in a local buffer, so no (B, H, K, M, M) or (B, H, K,
-    P, N) intermediate is made except the entering states kept for the backward. The rotations and
-    biases stay here (`_rotated`, `_rotation_backward`)."""
+    """`_ChunkedScan` in the C++ kernel (seqarch/ops/csrc/mamba3.cpp), with v and y in the op's
+    (B, Lq, R, H, P) order instead of head-major. One task per (batch, head) walks its chunks in
+    order with the state in a local buffer, building each chunk's rotated, biased k and q from B, C,
+    the biases and cos / sin of theta, so no (B, H, L, N) tensor is made and no (B, H, K, M, M) or
+    (B, H, K, P, N) intermediate except the entering states kept for the backward. The backward
+    walks the chunks in reverse and returns the gradients of B, C (summed over the heads of a group
+    in per-thread buffers), the biases, theta, v, cum, scale, current, the initial state and D."""
 
     @staticmethod
     def forward(ctx, B, C, B_bias, C_bias, theta, v, cum, scale, current, initial, D, heads, chunk, length):
-        batch, length_q, rank, groups, dstate = B.shape
         dtype = v.dtype
-        k, q, cos, sin = _rotated(B, C, B_bias, C_bias, theta, heads)  # (B, H, Lq, R, N), contiguous
-        flat = (batch, heads, length_q * rank, -1)
-        vc = v.reshape(flat).contiguous()
-        cum, scale, current = (t.to(dtype).contiguous() for t in (cum, scale, current))
-        initial_c = None if initial is None else initial.to(dtype).contiguous()
-        D_c = None if D is None else D.to(dtype).contiguous()
+        B, C, theta, cum, scale, current = (t.to(dtype).contiguous() for t in (B, C, theta, cum, scale, current))
+        B_bias, C_bias, initial, D = (None if t is None else t.to(dtype).contiguous()
+                                      for t in (B_bias, C_bias, initial, D))
+        if v.stride(-1) != 1 or v.shape[2] > 1:  # the kernel takes SISO's x as it comes (P contiguous)
+            v = v.contiguous()
+        cos, sin = torch.cos(theta), torch.sin(theta)
         store = any(ctx.needs_input_grad)
-        y, final, entering = KERNEL.load().forward(k.view(flat), q.view(flat), vc, cum, scale, current, initial_c, D_c,
-                                                   rank, store)
-        k_last = k[:, :, length - 1].clone()
+        y, final, k_last, entering = KERNEL.load().forward(B, C, B_bias, C_bias, cos, sin, v, cum, scale, current,
+                                                           initial, D, length - 1, store)
         if store:
-            ctx.save_for_backward(k, q, vc, cum, scale, current, D_c, entering, cos, sin, B_bias, C_bias)
-        ctx.sizes = (heads, groups, rank, length, initial is not None, D is not None)
-        return y.view(cum.shape + vc.shape[-1:]), final, k_last
+            ctx.save_for_backward(B, C, B_bias, C_bias, cos, sin, v, cum, scale, current, D, entering)
+        ctx.sizes = (length, initial is not None)
+        return y, final, k_last
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dfinal, dk_last):
-        k, q, vc, cum, scale, current, D, entering, cos, sin, B_bias, C_bias = ctx.saved_tensors
-        heads, groups, rank, length, has_initial, has_skip = ctx.sizes
-        flat = k.shape[:2] + (-1,)
-        dk, dq, dv, d_cum, d_scale, d_current, d_initial, dD = KERNEL.load().backward(
-            k.view(flat + k.shape[-1:]), q.view(flat + q.shape[-1:]), vc, cum, scale, current, D, rank, entering,
-            dy.reshape(vc.shape).contiguous(), dfinal.contiguous())
-        dk, dq = dk.view_as(k), dq.view_as(q)
-        dk[:, :, length - 1] += dk_last
-        dB, dC, dB_bias, dC_bias, d_theta = _rotation_backward(dk, dq, k, q, cos, sin, groups, B_bias, C_bias)
-        dv = dv.view(k.shape[:3] + (rank, vc.shape[-1]))
-        return (dB, dC, dB_bias, dC_bias, d_theta, dv, d_cum, d_scale, d_current, d_initial if has_initial else None,
-                dD.sum(0) if has_skip else None, None, None, None)
+        B, C, B_bias, C_bias, cos, sin, v, cum, scale, current, D, entering = ctx.saved_tensors
+        length, has_initial = ctx.sizes
+        (dB, dC, dB_bias, dC_bias, d_theta, dv, d_cum, d_scale, d_current, d_initial,
+         dD) = KERNEL.load().backward(B, C, B_bias, C_bias, cos, sin, v, cum, scale, current, D, length - 1, entering,
+                                      dy.contiguous(), dfinal.contiguous(), dk_last.contiguous())
+        return (dB, dC, None if B_bias is None else dB_bias.sum(0), None if C_bias is None else dC_bias.sum(0), d_theta,
+                dv, d_cum, d_scale, d_current, d_initial if has_initial else None, None if D is None else dD.sum(0),
+                None, None, None)
 
 
 def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, initial_state, chunk_size,
@@ -587,7 +583,9 @@ def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, in
 
     angle0 = None if initial_state is None else initial_state.angle
     theta_h = _CumulativeAngles.apply(angles, dt, angle0)  # (B, H, L, S)
-    if mimo_x is None:
+    if compiled:  # the kernel reads v in the op's order, (B, L, R, H, P)
+        v = x[:, :, None] if mimo_x is None else torch.einsum("blhp,hrp->blrhp", x, mimo_x)
+    elif mimo_x is None:
         v = rearrange(x, "b l h p -> b h l 1 p")
     else:
         v = torch.einsum("blhp,hrp->bhlrp", x, mimo_x)
@@ -599,7 +597,7 @@ def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, in
     if pad:
         # dt = 0 on the padding: decay 1, weight 0, so the final state is untouched.
         B, C = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (B, C))
-        v = F.pad(v, (0, 0, 0, 0, 0, pad))
+        v = F.pad(v, (0, 0, 0, 0, 0, 0, 0, pad) if compiled else (0, 0, 0, 0, 0, pad))
         theta_h = F.pad(theta_h, (0, 0, 0, pad))
         dA, scale, current = (F.pad(t, (0, pad)) for t in (dA, scale, current))
     cum = dA.unflatten(-1, (-1, chunk)).cumsum(dim=-1)  # (B, H, K, Q)
@@ -624,7 +622,9 @@ def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, in
     if rotary == "pairwise":
         inverse = torch.argsort(order)
         final, k_last = final[..., inverse], k_last[..., inverse]
-    y = rearrange(y, "b h c (q r) p -> b (c q) r h p", r=rank)[:, :length]
+    if not compiled:
+        y = rearrange(y, "b h c (q r) p -> b (c q) r h p", r=rank)
+    y = y[:, :length]
     last = Mamba3ScanState(angle=theta_h[:, :, length - 1], ssm=final, k=rearrange(k_last, "b h r n -> b r h n"),
                            x=x[:, -1])
     return y, last

@@ -153,13 +153,16 @@ void chunk_weights(const Sizes& n, const T* cum, const T* scale, const T* curren
   const int64_t M = n.rows, R = n.rank;
   for (int64_t i = 0; i < M; ++i) {
     const int64_t start = (i / R) * R;  // the first row of i's time
-    T* w = W + i * M;
-    T* s = seg ? seg + i * M : nullptr;
+    T* __restrict w = W + i * M;
+    T* __restrict s = seg ? seg + i * M : nullptr;
     const T ci = cum[i];
-    for (int64_t j = 0; j < start; ++j) {
-      const T decay = decay_exp(ci - cum[j]);
-      w[j] = decay * scale[j];
-      if (s) s[j] = decay;
+    if (s) {
+      for (int64_t j = 0; j < start; ++j) {
+        s[j] = decay_exp(ci - cum[j]);
+        w[j] = s[j] * scale[j];
+      }
+    } else {
+      for (int64_t j = 0; j < start; ++j) w[j] = decay_exp(ci - cum[j]) * scale[j];
     }
     for (int64_t j = start; j < start + R; ++j) {
       w[j] = current[i];
@@ -415,17 +418,19 @@ void backward_kernel(const Sizes& n, const Inputs<T>& in, int64_t last, const at
         // over strictly later pairs. dMix becomes d scores = dMix o W in place.
         for (int64_t i = 0; i < M; ++i) {
           const int64_t start = (i / R) * R;
-          T* dm = dmix.data() + i * M;
-          const T* sc = scores.data() + i * M;
-          const T* w = W.data() + i * M;
-          const T* sg = seg.data() + i * M;
+          T* __restrict dm = dmix.data() + i * M;
+          const T* __restrict sc = scores.data() + i * M;
+          const T* __restrict w = W.data() + i * M;
+          const T* __restrict sg = seg.data() + i * M;
+          T* __restrict dscale_r = dscale;
+          T* __restrict dcum_r = dcum;
           T row_log = 0;
           for (int64_t j = 0; j < start; ++j) {
             const T d_weight = dm[j] * sc[j];
-            dscale[j] += d_weight * sg[j];
+            dscale_r[j] += d_weight * sg[j];
             const T d_log = d_weight * w[j];
             row_log += d_log;
-            dcum[j] -= d_log;
+            dcum_r[j] -= d_log;
           }
           dcum[i] += row_log;
           for (int64_t j = start; j < start + R; ++j) dcurrent[i] += dm[j] * sc[j];

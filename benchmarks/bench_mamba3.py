@@ -1,5 +1,6 @@
-"""Mamba-3 on CPU: the chunked scan against its sequential reference, the scan's peak memory over
-sequence lengths, and the mamba3 layer against the mamba2 layer of the same width in training.
+"""Mamba-3 on CPU: the compiled and chunked scans against the sequential reference, the compiled
+scan's peak memory over sequence lengths, and the mamba3 layer (its default path: compiled on CPU)
+against the mamba2 layer of the same width in training.
 
     python -m benchmarks.bench_mamba3            # L = 4096; memory at 1024, 2048, 4096
     python -m benchmarks.bench_mamba3 --quick    # L = 1024; memory at 256, 512, 1024
@@ -46,7 +47,7 @@ def scan_forward_backward(arguments: dict, backend: str) -> None:
 
 
 def scan_setup(impl: str, length: int, mode: str):
-    """impl "chunked" | "sequential": one scan call on the layer's own inputs at L."""
+    """impl "compiled" | "chunked" | "sequential": one scan call on the layer's own inputs at L."""
     arguments = scan_inputs(length)
     run = scan_forward if mode == "forward" else scan_forward_backward
     return lambda: run(arguments, impl)
@@ -62,7 +63,7 @@ def layer_setup(impl: str, length: int, mode: str, d_model: int = D_MODEL):
     return bench_mamba2.setup(impl, length, mode, d_model)
 
 
-SCAN = Benchmark(target="benchmarks.bench_mamba3:SCAN", impls=("chunked",), setup=scan_setup, modes=MODES,
+SCAN = Benchmark(target="benchmarks.bench_mamba3:SCAN", impls=("compiled",), setup=scan_setup, modes=MODES,
                  force_mmap=True)
 LAYERS = Benchmark(target="benchmarks.bench_mamba3:LAYERS", impls=("mamba2", "mamba3"), setup=layer_setup,
                    modes=MODES, force_mmap=True)
@@ -80,7 +81,7 @@ def main() -> None:
           f"median of {args.repeats} interleaved rounds")
 
     speed = interleaved_medians({backend: scan_setup(backend, length, "forward")
-                                 for backend in ("chunked", "sequential")}, args.repeats)
+                                 for backend in ("compiled", "chunked", "sequential")}, args.repeats)
     print(f"\n## Scan forward at L = {length}\n")
     print("| path | ms (median) | speed vs sequential |\n|---|---:|---:|")
     for backend, seconds in speed.items():
@@ -88,7 +89,7 @@ def main() -> None:
 
     memory_rows = run_benchmark(SCAN, memory_lengths, 1, threads=threads)
     peaks = {(r["mode"], r["L"]): r["peak_bytes"] / 2**20 for r in memory_rows}
-    print("\n## Chunked scan peak memory (MiB; linear in L doubles with L)\n")
+    print("\n## Compiled scan peak memory (MiB; linear in L doubles with L)\n")
     print("| mode | " + " | ".join(f"L = {n}" for n in memory_lengths) + " | ratio per doubling |")
     print("|---|" + "---:|" * (len(memory_lengths) + 1))
     for mode in MODES:

@@ -157,7 +157,7 @@ def test_config_is_validated():
     with pytest.raises(ValueError, match="rope_fraction"):
         build_mixer("mamba3", d_model=WIDTH, rope_fraction=0.25)
     with pytest.raises(ValueError, match="backend"):
-        build_mixer("mamba3", d_model=WIDTH, backend="compiled")
+        build_mixer("mamba3", d_model=WIDTH, backend="fused")
     with pytest.raises(ValueError, match="head_dim"):
         build_mixer("mamba3", d_model=WIDTH, head_dim=48)
 

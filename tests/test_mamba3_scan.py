@@ -1,5 +1,5 @@
-"""The chunked Mamba-3 scan against its sequential reference (outputs, final states and gradients),
-at odd lengths, float32 and float64, SISO and MIMO; carried states; the one-step function; the
+"""The chunked Mamba-3 scan (PyTorch and compiled) against its sequential reference (outputs, final
+states and gradients), at odd lengths, float32 and float64, SISO and MIMO; carried states; the one-step function; the
 reduction to Mamba-2's SSD; the rotation as complex multiplication; backend selection."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from seqarch.ops.mamba3 import (
     rotate,
 )
 from seqarch.ops.ssd import ssd_ref
+from tests.compiled import compiled, needs_compiler
 from tests.tolerance import assert_close
 
 BATCH, HEADS, HEADDIM, GROUPS, DSTATE, ANGLES = 2, 4, 3, 2, 8, 2
@@ -86,9 +87,11 @@ def run_with_grads(fn, inputs: dict, **options):
     return y, final, grads
 
 
-def compare(inputs: dict, label: str, dtype, **options) -> None:
+def compare(inputs: dict, label: str, dtype, backend: str = "chunked", chunk_size: int = CHUNK, **options) -> None:
+    """`backend` against the sequential reference: outputs, final states and every gradient."""
+    label = f"{backend} {label}"
     y_ref, final_ref, grads_ref = run_with_grads(mamba3_scan_ref, inputs, **options)
-    y, final, grads = run_with_grads(mamba3_scan, inputs, chunk_size=CHUNK, backend="chunked", **options)
+    y, final, grads = run_with_grads(mamba3_scan, inputs, chunk_size=chunk_size, backend=backend, **options)
     assert_close(y, y_ref, f"{label} y", dtype=dtype)
     assert_close(torch.cos(final.angle), torch.cos(final_ref.angle), f"{label} final angle", dtype=dtype)
     for field in ("ssm", "k", "x"):
@@ -98,27 +101,34 @@ def compare(inputs: dict, label: str, dtype, **options) -> None:
         assert_close(grads[name], grad_ref, f"{label} d{name}", dtype=dtype)
 
 
+FAST_PATHS = ["chunked", compiled("compiled")]
+
+
+@pytest.mark.parametrize("backend", FAST_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("length", [1, 7, 63, 257])
-def test_chunked_matches_reference_siso(length, dtype):
-    compare(make_inputs(length, dtype), f"siso L={length}", dtype)
+def test_chunked_matches_reference_siso(length, dtype, backend):
+    compare(make_inputs(length, dtype), f"siso L={length}", dtype, backend)
 
 
+@pytest.mark.parametrize("backend", FAST_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("length", [1, 63])
-def test_chunked_matches_reference_with_initial_state(length, dtype):
-    compare(make_inputs(length, dtype, initial_state=True), f"initial state L={length}", dtype)
+def test_chunked_matches_reference_with_initial_state(length, dtype, backend):
+    compare(make_inputs(length, dtype, initial_state=True), f"initial state L={length}", dtype, backend)
 
 
+@pytest.mark.parametrize("backend", FAST_PATHS)
 @pytest.mark.parametrize("rotary", ["pairwise", "halves"])
 @pytest.mark.parametrize("length", [7, 63])
-def test_chunked_matches_reference_mimo(length, rotary):
+def test_chunked_matches_reference_mimo(length, rotary, backend):
     inputs = make_inputs(length, torch.float64, rank=3, initial_state=True)
-    compare(inputs, f"mimo R=3 {rotary} L={length}", torch.float64, rotary=rotary)
+    compare(inputs, f"mimo R=3 {rotary} L={length}", torch.float64, backend, rotary=rotary)
 
 
+@pytest.mark.parametrize("backend", FAST_PATHS)
 @pytest.mark.parametrize("rank, rotary, length", [(1, "pairwise", 7), (2, "halves", 5)])
-def test_chunked_backward_passes_gradcheck(rank, rotary, length):
+def test_chunked_backward_passes_gradcheck(rank, rotary, length, backend):
     """The hand-written backward of the chunked path against finite differences (float64, small sizes,
     chunks of 2 so that state passing, padding and the carried-in state are all crossed)."""
     inputs = make_inputs(length, torch.float64, rank=rank, seed=5, initial_state=True)
@@ -129,7 +139,7 @@ def test_chunked_backward_passes_gradcheck(rank, rotary, length):
         arguments = dict(zip(names, tensors[: len(names)], strict=True))
         initial = Mamba3ScanState(*tensors[len(names):])
         y, final = mamba3_scan(**arguments, initial_state=initial, output_final_state=True, rotary=rotary,
-                               chunk_size=2, backend="chunked")
+                               chunk_size=2, backend=backend)
         return y, torch.cos(final.angle), final.ssm, final.k
 
     leaves = [inputs[name].detach().clone().requires_grad_(True) for name in names]
@@ -163,7 +173,7 @@ def test_mimo_without_down_projection_returns_every_rank():
     assert_close(y, y_ref, "mimo per-rank outputs")
 
 
-@pytest.mark.parametrize("backend", ["chunked", "sequential"])
+@pytest.mark.parametrize("backend", ["chunked", compiled("compiled"), "sequential"])
 def test_split_sequence_continues_from_final_state(backend):
     """scan(a) then scan(b) from its final state == scan(a + b): the state carries the angle, the
     SSM state and the previous token's k and x (the trapezoid's second term)."""
@@ -194,7 +204,7 @@ def test_step_matches_reference(rank):
     assert_close(state.ssm, final_ref.ssm, f"R={rank} step state")
 
 
-@pytest.mark.parametrize("backend", ["chunked", "sequential"])
+@pytest.mark.parametrize("backend", ["chunked", compiled("compiled"), "sequential"])
 def test_trapezoid_weight_one_and_no_rotation_is_mamba2(backend):
     """lam = 1 keeps only the current input (Euler's rule) and zero angles make the rotation the
     identity: the scan is then Mamba-2's SSD with the same x, dt, A, B, C, D, z (no biases)."""
@@ -232,11 +242,15 @@ def test_rotation_is_complex_multiplication(rotary):
         assert torch.equal(odd[:, 8:], t[:, 8:11])
 
 
+@needs_compiler
 def test_backend_choice():
-    assert resolve_backend("auto", "cpu") == "chunked"
+    assert resolve_backend("auto", "cpu") == "compiled"
+    assert resolve_backend("compiled", "cpu") == "compiled"
+    assert resolve_backend("auto", "meta") == "chunked"
+    assert resolve_backend("chunked", "cpu") == "chunked"
     assert resolve_backend("sequential", "cpu") == "sequential"
-    with pytest.raises(ValueError, match="valid: 'auto', 'chunked', 'sequential'"):
-        resolve_backend("compiled", "cpu")
+    with pytest.raises(ValueError, match="valid: 'auto', 'compiled', 'chunked', 'sequential'"):
+        resolve_backend("fused", "cpu")
 
 
 def test_bad_shapes_are_named():

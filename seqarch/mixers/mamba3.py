@@ -32,7 +32,7 @@ from torch import nn
 
 from seqarch.backends import notify_once
 from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
-from seqarch.ops.mamba3 import Mamba3ScanState, mamba3_scan, mamba3_step, resolve_backend
+from seqarch.ops.mamba3 import Mamba3ScanState, describe_backend, mamba3_scan, mamba3_step, resolve_backend
 from seqarch.registry import register
 
 
@@ -60,7 +60,7 @@ class Mamba3Config:
     mimo_rank: int = 4  # R when is_mimo (the decode state does not grow with R)
     # --- algorithm
     chunk_size: int = 64  # Q of the chunked scan (mamba-ssm recommends 64 for SISO)
-    backend: Literal["auto", "chunked", "sequential"] = "auto"  # see seqarch.ops.mamba3.resolve_backend
+    backend: Literal["auto", "compiled", "chunked", "sequential"] = "auto"  # see seqarch.ops.mamba3.resolve_backend
 
     def __post_init__(self):
         check_positive("mamba3", **{name: getattr(self, name) for name in ("d_model", "d_state", "expand", "head_dim",
@@ -238,9 +238,11 @@ class Mamba3Mixer(SequenceMixer):
 
     # --- the contract -----------------------------------------------------------------------
     def describe_paths(self, device: torch.device | str = "cpu") -> str:
-        chosen = resolve_backend(self.config.backend, device)
-        what = {"chunked": "chunked SSD-style scan (PyTorch)", "sequential": "sequential reference"}[chosen]
-        return f"backend={self.config.backend}: {what}; recurrent step"
+        backend = self.config.backend
+        what = {"compiled": "chunked scan with its products in a compiled C++ CPU kernel",
+                "chunked": "chunked SSD-style scan (PyTorch)", "sequential": "sequential reference"}.get(backend)
+        described = describe_backend(backend, device) if what is None else f"backend={backend}: {what}"
+        return f"{described}; recurrent step"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.d_model, 3, "mamba3.forward")

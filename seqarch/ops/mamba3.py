@@ -47,6 +47,7 @@ scan and the angles are `torch.autograd.Function`s whose backward is written out
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal, NamedTuple
 
 import torch
@@ -54,11 +55,20 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch.autograd.function import once_differentiable
 
-from seqarch.backends import notify_once
+from seqarch.backends import (
+    CompiledKernel,
+    check_backend,
+    compiled_or_eager,
+    describe_compiled_or_eager,
+    notify_once,
+)
 from seqarch.ops.ssd import DEFAULT_CHUNK_SIZE
 
-Backend = Literal["auto", "chunked", "sequential"]
-BACKENDS = ("auto", "chunked", "sequential")
+Backend = Literal["auto", "compiled", "chunked", "sequential"]
+BACKENDS = ("auto", "compiled", "chunked", "sequential")
+# The chunk-local products of the chunked path in C++ (seqarch/ops/csrc/mamba3.cpp).
+KERNEL = CompiledKernel("seqarch_mamba3", os.path.join(os.path.dirname(__file__), "csrc", "mamba3.cpp"),
+                        ("-march=native",))
 Rotary = Literal["pairwise", "halves"]
 TWO_PI = 2 * math.pi
 
@@ -73,11 +83,22 @@ class Mamba3ScanState(NamedTuple):
 
 
 def resolve_backend(backend: Backend, device: torch.device | str = "cpu") -> str:
-    """The path that runs for `backend` on `device`: "chunked" (the default everywhere: mamba-ssm's
-    Mamba-3 kernels are Triton / TileLang / CuTe only) or "sequential"."""
-    if backend not in BACKENDS:
-        raise ValueError(f"mamba3_scan: backend={backend!r}; valid: {', '.join(map(repr, BACKENDS))}")
-    return "chunked" if backend == "auto" else backend
+    """The path that runs for `backend` on `device`: "compiled" (the chunked algorithm with its
+    chunk-local products in C++), "chunked" (all PyTorch) or "sequential" (the reference loop).
+    "auto" on CPU builds the compiled kernel if needed (once, cached) and falls back to "chunked"
+    with a one-time notice saying why; on other devices it is "chunked" (mamba-ssm's Mamba-3 kernels
+    are Triton / TileLang / CuTe only); an explicit "compiled" that cannot run raises."""
+    check_backend("mamba3_scan", backend, BACKENDS)
+    device = torch.device(device)
+    if backend in ("chunked", "sequential"):
+        return backend
+    return compiled_or_eager("mamba3_scan", backend, device, KERNEL)
+
+
+def describe_backend(backend: Backend, device: torch.device | str = "cpu") -> str:
+    """What `resolve_backend` would pick, in words, without building anything (for `seqarch list`)."""
+    check_backend("mamba3_scan", backend, BACKENDS)
+    return describe_compiled_or_eager(backend, device, KERNEL, "chunked SSD-style")
 
 
 # --- shared pieces ------------------------------------------------------------------------------
@@ -363,6 +384,32 @@ def _linear_scan(x: torch.Tensor, a: torch.Tensor, h0: torch.Tensor | None, reve
     return local.flatten(2, 3)
 
 
+def _rotated(B, C, B_bias, C_bias, theta, heads):
+    """k, q (B, H, Lq, R, N): B, C per head with their biases, turned by theta (B, H, Lq, S) in the
+    "halves" layout; and the cos, sin (B, H, Lq, 1, S) of theta for the backward."""
+    cos, sin = torch.cos(theta)[:, :, :, None], torch.sin(theta)[:, :, :, None]
+    k, q = _per_head(B, B_bias, heads), _per_head(C, C_bias, heads)
+    _turn_(k, cos, sin)
+    _turn_(q, cos, sin)
+    return k, q, cos, sin
+
+
+def _rotation_backward(dk, dq, k, q, cos, sin, groups, B_bias, C_bias):
+    """The adjoint of `_rotated` from dL/dk, dL/dq (overwritten): d theta from the rotated pairs, then
+    dk, dq turned back and summed to the groups and biases -> (dB, dC, dB_bias, dC_bias, d theta)."""
+    angles = cos.shape[-1]
+    d_theta = torch.zeros_like(cos[:, :, :, 0])  # (B, H, Lq, S)
+    for grad, rotated in ((dk, k), (dq, q)):
+        first, second = _halves(rotated, angles)
+        d_first, d_second = _halves(grad, angles)
+        d_theta += (d_second * first - d_first * second).sum(-2)
+        _turn_(grad, cos, -sin)
+    dB, dC = _per_group(dk, groups), _per_group(dq, groups)
+    dB_bias = None if B_bias is None else dk.sum((0, 2))
+    dC_bias = None if C_bias is None else dq.sum((0, 2))
+    return dB, dC, dB_bias, dC_bias, d_theta
+
+
 class _ChunkedScan(torch.autograd.Function):
     """The chunked scan with B/C biases and rotations inside, and its backward written out.
 
@@ -385,10 +432,7 @@ class _ChunkedScan(torch.autograd.Function):
     def forward(ctx, B, C, B_bias, C_bias, theta, v, cum, scale, current, initial, D, heads, chunk, length):
         batch, length_q, rank, groups, dstate = B.shape
         headdim, n_chunks, rows = v.shape[-1], length_q // chunk, chunk * rank
-        cos, sin = torch.cos(theta)[:, :, :, None], torch.sin(theta)[:, :, :, None]  # (B, H, Lq, 1, S)
-        k, q = _per_head(B, B_bias, heads), _per_head(C, C_bias, heads)  # (B, H, Lq, R, N)
-        _turn_(k, cos, sin)
-        _turn_(q, cos, sin)
+        k, q, cos, sin = _rotated(B, C, B_bias, C_bias, theta, heads)
         kc, qc = (t.view(batch, heads, n_chunks, rows, dstate) for t in (k, q))
         vc = v.reshape(batch, heads, n_chunks, rows, headdim)
 
@@ -480,24 +524,54 @@ class _ChunkedScan(torch.autograd.Function):
         d_log_seg = d_seg.mul_(scale[..., None, :])
         d_cum += d_log_seg.sum(-1) - d_log_seg.sum(-2)
 
-        # The rotations and biases: d theta from the rotated pairs, then turn dk, dq back.
         dk, dq = dk.view_as(k), dq.view_as(q)
         dk[:, :, length - 1] += dk_last
-        angles = cos.shape[-1]
-        d_theta = torch.zeros_like(cos[:, :, :, 0])  # (B, H, Lq, S)
-        for grad, rotated in ((dk, k), (dq, q)):
-            first, second = _halves(rotated, angles)
-            d_first, d_second = _halves(grad, angles)
-            d_theta += (d_second * first - d_first * second).sum(-2)
-            _turn_(grad, cos, -sin)
-        dB, dC = _per_group(dk, groups), _per_group(dq, groups)
-        dB_bias = None if B_bias is None else dk.sum((0, 2))
-        dC_bias = None if C_bias is None else dq.sum((0, 2))
+        dB, dC, dB_bias, dC_bias, d_theta = _rotation_backward(dk, dq, k, q, cos, sin, groups, B_bias, C_bias)
         dv = dv.view(vc.shape[:2] + (-1, rank, vc.shape[-1]))
         return dB, dC, dB_bias, dC_bias, d_theta, dv, d_cum, d_scale, d_current, d_initial, dD, None, None, None
 
 
-def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, initial_state, chunk_size):
+class _CompiledScan(torch.autograd.Function):
+    """`_ChunkedScan` in the C++ kernel (seqarch/ops/csrc/mamba3.cpp), with v and y in the op's
+    (B, Lq, R, H, P) order instead of head-major. One task per (batch, head) walks its chunks in
+    order with the state in a local buffer, building each chunk's rotated, biased k and q from B, C,
+    the biases and cos / sin of theta, so no (B, H, L, N) tensor is made and no (B, H, K, M, M) or
+    (B, H, K, P, N) intermediate except the entering states kept for the backward. The backward
+    walks the chunks in reverse and returns the gradients of B, C (summed over the heads of a group
+    in per-thread buffers), the biases, theta, v, cum, scale, current, the initial state and D."""
+
+    @staticmethod
+    def forward(ctx, B, C, B_bias, C_bias, theta, v, cum, scale, current, initial, D, heads, chunk, length):
+        dtype = v.dtype
+        B, C, theta, cum, scale, current = (t.to(dtype).contiguous() for t in (B, C, theta, cum, scale, current))
+        B_bias, C_bias, initial, D = (None if t is None else t.to(dtype).contiguous()
+                                      for t in (B_bias, C_bias, initial, D))
+        if v.stride(-1) != 1 or v.shape[2] > 1:  # the kernel takes SISO's x as it comes (P contiguous)
+            v = v.contiguous()
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        store = any(ctx.needs_input_grad)
+        y, final, k_last, entering = KERNEL.load().forward(B, C, B_bias, C_bias, cos, sin, v, cum, scale, current,
+                                                           initial, D, length - 1, store)
+        if store:
+            ctx.save_for_backward(B, C, B_bias, C_bias, cos, sin, v, cum, scale, current, D, entering)
+        ctx.sizes = (length, initial is not None)
+        return y, final, k_last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dfinal, dk_last):
+        B, C, B_bias, C_bias, cos, sin, v, cum, scale, current, D, entering = ctx.saved_tensors
+        length, has_initial = ctx.sizes
+        (dB, dC, dB_bias, dC_bias, d_theta, dv, d_cum, d_scale, d_current, d_initial,
+         dD) = KERNEL.load().backward(B, C, B_bias, C_bias, cos, sin, v, cum, scale, current, D, length - 1, entering,
+                                      dy.contiguous(), dfinal.contiguous(), dk_last.contiguous())
+        return (dB, dC, None if B_bias is None else dB_bias.sum(0), None if C_bias is None else dC_bias.sum(0), d_theta,
+                dv, d_cum, d_scale, d_current, d_initial if has_initial else None, None if D is None else dD.sum(0),
+                None, None, None)
+
+
+def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, initial_state, chunk_size,
+             compiled=False):
     """Returns y (B, L, R, H, P) with the skip D v (D of shape (H,) or None) before the gate and
     down-projection, and the final state."""
     batch, length, heads, headdim = x.shape
@@ -509,7 +583,9 @@ def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, in
 
     angle0 = None if initial_state is None else initial_state.angle
     theta_h = _CumulativeAngles.apply(angles, dt, angle0)  # (B, H, L, S)
-    if mimo_x is None:
+    if compiled:  # the kernel reads v in the op's order, (B, L, R, H, P)
+        v = x[:, :, None] if mimo_x is None else torch.einsum("blhp,hrp->blrhp", x, mimo_x)
+    elif mimo_x is None:
         v = rearrange(x, "b l h p -> b h l 1 p")
     else:
         v = torch.einsum("blhp,hrp->bhlrp", x, mimo_x)
@@ -521,7 +597,7 @@ def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, in
     if pad:
         # dt = 0 on the padding: decay 1, weight 0, so the final state is untouched.
         B, C = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (B, C))
-        v = F.pad(v, (0, 0, 0, 0, 0, pad))
+        v = F.pad(v, (0, 0, 0, 0, 0, 0, 0, pad) if compiled else (0, 0, 0, 0, 0, pad))
         theta_h = F.pad(theta_h, (0, 0, 0, pad))
         dA, scale, current = (F.pad(t, (0, pad)) for t in (dA, scale, current))
     cum = dA.unflatten(-1, (-1, chunk)).cumsum(dim=-1)  # (B, H, K, Q)
@@ -540,12 +616,15 @@ def _chunked(x, dt, A, B, C, trap, angles, D, B_bias, C_bias, mimo_x, rotary, in
         order = _pairwise_as_halves(B.shape[-1], angles.shape[-1], x.device)
         B, C = B[..., order], C[..., order]
         B_bias, C_bias, initial = (None if t is None else t[..., order] for t in (B_bias, C_bias, initial))
-    y, final, k_last = _ChunkedScan.apply(B, C, B_bias, C_bias, theta_h, v, cum, scale_c, current_c, initial, D,
+    scan = _CompiledScan if compiled else _ChunkedScan
+    y, final, k_last = scan.apply(B, C, B_bias, C_bias, theta_h, v, cum, scale_c, current_c, initial, D,
                                           heads, chunk, length)
     if rotary == "pairwise":
         inverse = torch.argsort(order)
         final, k_last = final[..., inverse], k_last[..., inverse]
-    y = rearrange(y, "b h c (q r) p -> b (c q) r h p", r=rank)[:, :length]
+    if not compiled:
+        y = rearrange(y, "b h c (q r) p -> b (c q) r h p", r=rank)
+    y = y[:, :length]
     last = Mamba3ScanState(angle=theta_h[:, :, length - 1], ssm=final, k=rearrange(k_last, "b h r n -> b r h n"),
                            x=x[:, -1])
     return y, last
@@ -575,12 +654,16 @@ def mamba3_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
         initial_state: a `Mamba3ScanState` (angle (B, H, S), ssm (B, H, P, N), k (B, R, H, N), x (B, H, P)).
         output_final_state: also return the final state.
         chunk_size: Q of the chunked path.
-        backend: "auto" | "chunked" | "sequential" (see `resolve_backend`).
+        backend: "auto" | "compiled" | "chunked" | "sequential" (see `resolve_backend`).
 
     Returns:
         (y, final state or None); y is (B, L, H, P), or (B, L, R, H, P) when R > 1 and mimo_o is None.
     """
     path = resolve_backend(backend, x.device)
+    if path == "compiled" and x.dtype not in (torch.float32, torch.float64):
+        if backend == "compiled":
+            raise ValueError(f"mamba3_scan: backend='compiled' takes float32 or float64 inputs, got {x.dtype}")
+        path = "chunked"
     notify_once(f"mamba3_scan-{path}-{x.device.type}", f"mamba3_scan runs the {path} path on {x.device.type}")
     arguments = {"D": D, "z": z, "B_bias": B_bias, "C_bias": C_bias, "mimo_x": mimo_x, "mimo_z": mimo_z,
                  "mimo_o": mimo_o, "rotary": rotary, "initial_state": initial_state,
@@ -592,7 +675,8 @@ def mamba3_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
         raise ValueError(f"mamba3_scan: chunk_size must be >= 1, got {chunk_size}")
     state = None if initial_state is None else Mamba3ScanState(*initial_state)
     skip = D if D is not None and D.ndim == 1 else None  # (H,) is added inside the scan, (H, P) after it
-    y, final = _chunked(x, dt, A, B, C, trap, angles, skip, B_bias, C_bias, mimo_x, rotary, state, chunk_size)
+    y, final = _chunked(x, dt, A, B, C, trap, angles, skip, B_bias, C_bias, mimo_x, rotary, state, chunk_size,
+                        compiled=path == "compiled")
     v, rest = None, None
     if skip is None and D is not None:
         v, rest = (x[:, :, None] if mimo_x is None else torch.einsum("blhp,hrp->blrhp", x, mimo_x)), D

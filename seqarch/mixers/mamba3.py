@@ -32,7 +32,7 @@ from torch import nn
 
 from seqarch.backends import notify_once
 from seqarch.mixers.base import MixerState, SequenceMixer, check_input, check_positive, check_state
-from seqarch.ops.mamba3 import Mamba3ScanState, describe_backend, mamba3_scan, mamba3_step, resolve_backend
+from seqarch.ops.mamba3 import Backend, Mamba3ScanState, describe_backend, mamba3_scan, mamba3_step, resolve_backend
 from seqarch.registry import register
 
 
@@ -60,7 +60,7 @@ class Mamba3Config:
     mimo_rank: int = 4  # R when is_mimo (the decode state does not grow with R)
     # --- algorithm
     chunk_size: int = 64  # Q of the chunked scan (mamba-ssm recommends 64 for SISO)
-    backend: Literal["auto", "compiled", "chunked", "sequential"] = "auto"  # see seqarch.ops.mamba3.resolve_backend
+    backend: Backend = "auto"  # "auto" | "compiled" | "chunked" | "sequential"; see seqarch.ops.mamba3.resolve_backend
 
     def __post_init__(self):
         check_positive("mamba3", **{name: getattr(self, name) for name in ("d_model", "d_state", "expand", "head_dim",

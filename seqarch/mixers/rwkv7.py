@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +70,7 @@ from seqarch.mixers.base import (
 )
 from seqarch.mixers.rwkv import layer_ratios, ln_x_scale, rwkv_lm_init
 from seqarch.ops.generalized_delta_rule import (
+    Backend,
     describe_backend,
     generalized_delta_rule,
     generalized_delta_rule_step,
@@ -109,7 +109,7 @@ class RWKV7Config:
     n_layers: int = 1
     # generalized delta rule: "auto" ("compiled" on CPU where it builds, else "chunked"), "compiled" (C++ CPU
     # kernel), "chunked" (DPLR chunked form), "sequential" (token loop)
-    backend: Literal["auto", "compiled", "chunked", "sequential"] = "auto"
+    backend: Backend = "auto"
     chunk_size: int = 32  # tokens per chunk: of the chunked form, and the checkpoints of "compiled"
     subchunk_size: int = 8  # tokens whose pairwise decays are formed exactly; divides chunk_size
     norm_eps: float = 64e-5  # ln_x GroupNorm eps, RWKV-LM's value

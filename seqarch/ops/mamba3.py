@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ from seqarch.backends import (
 from seqarch.ops.ssd import DEFAULT_CHUNK_SIZE
 
 Backend = Literal["auto", "compiled", "chunked", "sequential"]
-BACKENDS = ("auto", "compiled", "chunked", "sequential")
+BACKENDS: tuple[str, ...] = get_args(Backend)
 # The chunk-local products of the chunked path in C++ (seqarch/ops/csrc/mamba3.cpp).
 KERNEL = CompiledKernel("seqarch_mamba3", os.path.join(os.path.dirname(__file__), "csrc", "mamba3.cpp"),
                         ("-march=native",))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -119,21 +118,24 @@ def benchmark(args) -> None:
     reference = "compiled" if usable else "chunked"
     print(f"threads {torch.get_num_threads()}, B=1, H={HEADS}, K=V={HEAD_DIM}, C={DEFAULT_CHUNK_SIZE}, "
           f"{args.repeats} interleaved repeats, medians\n")
-    rows = run_benchmark(BENCHMARK, args.lengths, args.repeats, threads=args.threads,
-                         progress=lambda line: print(line, file=sys.stderr, flush=True))
-    medians = {(r["L"], r["impl"]): r["seconds"] for r in rows}
     header, header_chunked = f"{reference} is x faster", "chunked is x faster"
     print(f"| {'T':>5} | {'form':<10} | {'median s':>9} | {'peak MB':>8} | {header:>20} | {header_chunked:>19} |")
     print(f"|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 10}|{'-' * 22}|{'-' * 21}|")
-    for r in rows:
-        if r["impl"] == "mm":
-            continue
-        length, seconds = r["L"], r["seconds"]
-        peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
-        ratio = seconds / medians[(length, reference)]
-        ratio_chunked = seconds / medians[(length, "chunked")]
-        print(f"| {length:>5} | {r['impl']:<10} | {seconds:>9.3f} | {peak:>8} | {ratio:>19.1f}x | "
-              f"{ratio_chunked:>18.1f}x |")
+    medians = {}
+
+    def print_rows(rows: list[dict]) -> None:
+        medians.update({(r["L"], r["impl"]): r["seconds"] for r in rows})
+        for r in rows:
+            if r["impl"] == "mm":
+                continue
+            length, seconds = r["L"], r["seconds"]
+            peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
+            ratio = seconds / medians[(length, reference)]
+            ratio_chunked = seconds / medians[(length, "chunked")]
+            print(f"| {length:>5} | {r['impl']:<10} | {seconds:>9.3f} | {peak:>8} | {ratio:>19.1f}x | "
+                  f"{ratio_chunked:>18.1f}x |", flush=True)
+
+    run_benchmark(BENCHMARK, args.lengths, args.repeats, threads=args.threads, on_rows=print_rows)
     print("\nmatmul rate (GFLOP/s): the chunked path's matrix products vs torch.mm 2048^3, same run")
     for length in args.lengths:
         chunked_rate = chunked_flops(length) / medians[(length, "chunked")] / 1e9

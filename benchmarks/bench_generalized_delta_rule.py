@@ -30,7 +30,6 @@ import functools
 import importlib.util
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -140,21 +139,25 @@ BENCHMARK = Benchmark(target="benchmarks.bench_generalized_delta_rule:BENCHMARK"
 
 
 def benchmark(args, naive) -> list[dict]:
-    measured = run_benchmark(BENCHMARK, args.lengths, args.repeats, threads=args.threads,
-                             progress=lambda line: print(line, file=sys.stderr, flush=True))
-    medians = {(r["L"], r["impl"]): r["seconds"] for r in measured}
+    """Rows per (T, form), each T's printed as soon as it is measured."""
     rows = []
-    for r in measured:
-        length, form, seconds = r["L"], r["impl"], r["seconds"]
-        if form == "mm":
-            continue
-        counted = {"chunked": chunked_flops, "compiled": recurrence_flops}.get(form)
-        rows.append({"length": length, "form": form, "seconds": seconds,
-                     "peak_mb": None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20,
-                     "vs_sequential": medians[(length, "sequential")] / seconds,
-                     "vs_fla_naive": medians[(length, "fla_naive")] / seconds if naive is not None else None,
-                     "gflops": counted(length) / seconds / 1e9 if counted else None,
-                     "mm_gflops": 2 * MATMUL_SIZE**3 / medians[(length, "mm")] / 1e9})
+
+    def add(measured: list[dict]) -> None:
+        medians = {r["impl"]: r["seconds"] for r in measured}
+        for r in measured:
+            length, form, seconds = r["L"], r["impl"], r["seconds"]
+            if form == "mm":
+                continue
+            counted = {"chunked": chunked_flops, "compiled": recurrence_flops}.get(form)
+            rows.append({"length": length, "form": form, "seconds": seconds,
+                         "peak_mb": None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20,
+                         "vs_sequential": medians["sequential"] / seconds,
+                         "vs_fla_naive": medians["fla_naive"] / seconds if naive is not None else None,
+                         "gflops": counted(length) / seconds / 1e9 if counted else None,
+                         "mm_gflops": 2 * MATMUL_SIZE**3 / medians["mm"] / 1e9})
+            print_row(rows[-1])
+
+    run_benchmark(BENCHMARK, args.lengths, args.repeats, threads=args.threads, on_rows=add)
     return rows
 
 
@@ -198,10 +201,8 @@ def main() -> None:
         resolve_backend("compiled", "cpu")
     except RuntimeError as error:
         print(f"compiled skipped: {error}")
-    rows = benchmark(args, naive)
     print_header()
-    for row in rows:
-        print_row(row)
+    rows = benchmark(args, naive)
     print_memory_scaling(rows)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 
 import torch
 
@@ -80,21 +79,22 @@ def sweep(args) -> None:
           f"median of {args.repeats} interleaved rounds after one warm-up round")
     registration = dataclasses.replace(
         BENCHMARK, runnable=lambda form, length, mode: form in forms_for(length, mode != "forward", args))
-    rows = run_benchmark(registration, args.lengths, args.repeats, memory=args.memory,
-                         threads=torch.get_num_threads(),
-                         progress=lambda line: print(line, file=sys.stderr, flush=True))
-    medians = {(r["mode"], r["L"], r["impl"]): r["seconds"] for r in rows}
     header = (f"{'pass':<8}{'T':>6}  {'form':<10}{'time (ms)':>11}{'tokens/s':>12}"
               f"{'peak MB':>10}{'ref / form':>12}")
     print(header)
     print("-" * len(header))
-    for r in sorted(rows, key=lambda r: (MODES.index(r["mode"]), r["L"], FORMS.index(r["impl"]))):
-        seconds = r["seconds"]
-        memory = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None else math.nan
-        reference = medians.get((r["mode"], r["L"], "reference"))
-        ratio = reference / seconds if reference is not None else math.nan
-        print(f"{'fwd+bwd' if r['mode'] != 'forward' else 'forward':<8}{r['L']:>6}  {r['impl']:<10}"
-              f"{seconds * 1e3:>11.1f}{r['L'] / seconds:>12.0f}{memory:>10.1f}{ratio:>12.1f}")
+
+    def print_rows(rows: list[dict]) -> None:
+        medians = {r["impl"]: r["seconds"] for r in rows}
+        for r in sorted(rows, key=lambda r: FORMS.index(r["impl"])):
+            seconds = r["seconds"]
+            memory = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None else math.nan
+            ratio = medians["reference"] / seconds if "reference" in medians else math.nan
+            print(f"{'fwd+bwd' if r['mode'] != 'forward' else 'forward':<8}{r['L']:>6}  {r['impl']:<10}"
+                  f"{seconds * 1e3:>11.1f}{r['L'] / seconds:>12.0f}{memory:>10.1f}{ratio:>12.1f}", flush=True)
+
+    run_benchmark(registration, args.lengths, args.repeats, memory=args.memory, threads=torch.get_num_threads(),
+                  on_rows=print_rows)
 
 
 def chunk_sweep(args) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 import torch
 
@@ -76,21 +75,25 @@ def forms_at(length: int, backward: bool, args) -> list[str]:
 
 
 def benchmark(args) -> list[dict]:
-    """Rows {length, pass, form, seconds, tokens_per_s, peak_mb, speedup (vs sequential), vs_chunked}."""
+    """Rows {length, pass, form, seconds, tokens_per_s, peak_mb, speedup (vs sequential), vs_chunked}, each
+    printed as soon as its (L, pass) is measured."""
     registration = dataclasses.replace(
         BENCHMARK, runnable=lambda form, length, pass_name: form in forms_at(length, pass_name != "forward", args))
-    measured = run_benchmark(registration, args.lengths, args.repeats, modes=args.passes, threads=args.threads,
-                             progress=lambda line: print(line, file=sys.stderr, flush=True))
-    medians = {(r["L"], r["mode"], r["impl"]): r["seconds"] for r in measured}
     rows = []
-    for r in sorted(measured, key=lambda r: (r["L"], PASSES.index(r["mode"]))):  # stable: forms in order
-        length, pass_name, seconds = r["L"], r["mode"], r["seconds"]
-        sequential = medians.get((length, pass_name, "sequential"))
-        rows.append({"length": length, "pass": pass_name, "form": r["impl"], "seconds": seconds,
-                     "tokens_per_s": length / seconds,
-                     "peak_mb": None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20,
-                     "speedup": sequential / seconds if sequential is not None else None,
-                     "vs_chunked": medians[(length, pass_name, "chunked")] / seconds})
+
+    def add(measured: list[dict]) -> None:
+        medians = {r["impl"]: r["seconds"] for r in measured}
+        for r in measured:
+            length, seconds = r["L"], r["seconds"]
+            rows.append({"length": length, "pass": r["mode"], "form": r["impl"], "seconds": seconds,
+                         "tokens_per_s": length / seconds,
+                         "peak_mb": None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20,
+                         "speedup": medians["sequential"] / seconds if "sequential" in medians else None,
+                         "vs_chunked": medians["chunked"] / seconds})
+            print_row(rows[-1])
+
+    for length in args.lengths:  # lengths outside, passes inside, as the table reads
+        run_benchmark(registration, [length], args.repeats, modes=args.passes, threads=args.threads, on_rows=add)
     return rows
 
 
@@ -141,10 +144,8 @@ def main() -> None:
         print(f"compiled form skipped: {reason}")
     print(f"wkv6, B=1, H={HEADS}, K=V={HEAD_SIZE}, float32, {args.threads} thread(s), torch {torch.__version__}; "
           f"median of {args.repeats} interleaved runs\n")
-    rows = benchmark(args)
     print_header()
-    for row in rows:
-        print_row(row)
+    rows = benchmark(args)
     print_memory_scaling(rows)
 
 

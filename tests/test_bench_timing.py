@@ -25,6 +25,15 @@ def test_alternate_rounds_run_backwards_every_second_time():
     assert order == ["a", "b", "c"] + ["a", "b", "c"] + ["c", "b", "a"] + ["a", "b", "c"]
 
 
+def test_each_mode_and_length_hands_over_its_rows_as_soon_as_measured():
+    groups = []
+    rows = run_benchmark(TOY, [4, 16], repeats=1, modes=["fwd", "fwd+bwd"], memory=False, on_rows=groups.append)
+    assert [[(r["mode"], r["L"], r["impl"]) for r in group] for group in groups] == [
+        [("fwd", 4, "small"), ("fwd", 4, "big")], [("fwd", 16, "small")],
+        [("fwd+bwd", 4, "small"), ("fwd+bwd", 4, "big")], [("fwd+bwd", 16, "small")]]
+    assert [r for group in groups for r in group] == rows
+
+
 def test_with_mode_runs_the_backward_only_outside_forward():
     weight = torch.randn(3, requires_grad=True)
     with_mode(lambda: weight * 2, [weight], "fwd")()

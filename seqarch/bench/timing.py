@@ -125,10 +125,12 @@ def peak_memory_bytes(benchmark: Benchmark, impl: str, length: int, mode: str, t
 def run_benchmark(benchmark: Benchmark, lengths: Sequence[int], repeats: int, *, modes: Sequence[str] | None = None,
                   impls: Sequence[str] | None = None, memory: bool = True, threads: int | None = None,
                   options: Mapping[str, Any] | None = None,
-                  progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+                  progress: Callable[[str], None] | None = None,
+                  on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Rows {mode, L, impl, seconds (median), samples, peak_bytes (None without memory or for `timing_only`)}:
     for each mode and length, the runnable implementations timed interleaved, then each one's peak memory. `options`
-    (JSON-serialisable) go to every `setup` call, here and in the memory child."""
+    (JSON-serialisable) go to every `setup` call, here and in the memory child. `on_rows` gets each (mode, L)'s
+    rows as soon as they are measured (a script prints its table as it goes)."""
     options = dict(options or {})
     benchmark.prepare()
     rows = []
@@ -143,6 +145,8 @@ def run_benchmark(benchmark: Benchmark, lengths: Sequence[int], repeats: int, *,
                 peak = peak_memory_bytes(benchmark, impl, length, mode, threads, options) if measured else None
                 rows.append({"mode": mode, "L": length, "impl": impl, "seconds": statistics.median(samples[impl]),
                              "samples": samples[impl], "peak_bytes": peak})
+            if on_rows is not None:
+                on_rows(rows[len(rows) - len(present):])
             if progress is not None:
                 progress(f"done {mode} L={length}")
     return rows

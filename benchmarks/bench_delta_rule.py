@@ -8,35 +8,36 @@ Legend: B batch (1), H heads (12), T length, K = V head dims (64), C chunk lengt
 
 The compiled form is skipped, and said so, when the kernel cannot be built here (no C++ compiler).
 
-Timing: in this process, the forms are run interleaved (A B C A B C ...) and the median is kept, so a
-slow spell of a shared machine hits every form alike; speed-ups are ratios within one T. fla's naive
-function is loaded from its file (importing `fla` pulls triton); it is skipped, and said so, when
-fla-core is not installed (pip install --no-deps -r requirements-reference.txt). Peak memory: each
-(form, T) runs once in a fresh subprocess and reports its peak resident memory above the resident
-memory it had before the call (seqarch.bench.memory). The matmul rate of the chunked path is the count
-of its matrix-product FLOPs (`chunked_flops`) over its median time, next to torch.mm on 2048 x 2048
-matrices timed in the same run.
+Timing (seqarch.bench.timing): in this process, the forms and a torch.mm of two 2048 x 2048 matrices
+are run interleaved (A B C D, D C B A, ...) and the median is kept, so a slow spell of a shared machine
+hits every form alike; speed-ups are ratios within one T. fla's naive function is loaded from its file
+(importing `fla` pulls triton); it is skipped, and said so, when fla-core is not installed (see
+FLA_INSTALL). Peak memory: each (form, T) runs once in a fresh subprocess and reports its peak resident
+memory above the resident memory it had before the call (inputs included in the baseline). The matmul
+rate of the chunked path is the count of its matrix-product FLOPs (`chunked_flops`) over its median
+time, next to the torch.mm's rate in the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from seqarch.bench.memory import peak_rss_growth_bytes
+from seqarch.bench.timing import Benchmark, run_benchmark, with_mode
 from seqarch.ops.delta_rule import DEFAULT_CHUNK_SIZE, KERNEL, gated_delta_rule, gated_delta_rule_ref
 
 HEADS, HEAD_DIM = 12, 64
+MATMUL_SIZE = 2048
+FLA_INSTALL = ("MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install --no-deps --no-build-isolation "
+               "-r requirements-reference.txt")
 
 
+@functools.cache
 def load_fla_naive():
     """fla's ops/gated_delta_rule/naive.py loaded by path, or None when fla-core is not installed."""
     spec = importlib.util.find_spec("fla")
@@ -85,76 +86,60 @@ def chunked_flops(length: int, heads: int = HEADS, dk: int = HEAD_DIM, dv: int =
     return heads * chunks * per_chunk
 
 
-def measure_peak_memory(form: str, length: int) -> int:
-    fla = load_fla_naive() if form == "fla_naive" else None
-    if form == "compiled":
-        KERNEL.load()  # the extension's own memory is not the form's
-    function = forms(fla)[form]
+def setup(form: str, length: int, mode: str = "forward"):
+    """One forward of `form` under no_grad on inputs made here; "mm" is torch.mm of two 2048 x 2048 matrices,
+    the machine's matmul rate in the same rounds."""
+    if form == "mm":
+        left, right = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+        return with_mode(lambda: torch.mm(left, right), [], mode)
+    function = forms(load_fla_naive())[form]
     inputs = make_inputs(length)
-    with torch.no_grad():
-        return peak_rss_growth_bytes(function, *inputs)
+    return with_mode(lambda: function(*inputs), [], mode)
 
 
-def peak_memory_in_subprocess(form: str, length: int, threads: int) -> int:
-    command = [sys.executable, __file__, "--memory-case", form, str(length), "--threads", str(threads)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1])
+def runnable(form: str, length: int, mode: str) -> bool:
+    if form == "compiled":
+        return KERNEL.usable()[0]
+    return form != "fla_naive" or load_fla_naive() is not None
 
 
-def matmul_rate(repeats: int) -> float:
-    """GFLOP/s of torch.mm on two 2048 x 2048 float32 matrices (median of `repeats`)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * 2048**3 / statistics.median(times) / 1e9
+BENCHMARK = Benchmark(target="benchmarks.bench_delta_rule:BENCHMARK",
+                      impls=("compiled", "chunked", "sequential", "fla_naive", "mm"), setup=setup,
+                      modes=("forward",), runnable=runnable, prepare=KERNEL.usable, timing_only=("mm",),
+                      alternate=True)
 
 
 def benchmark(args) -> None:
-    fla = load_fla_naive()
-    if fla is None:
-        print("fla-core is not installed: fla's naive function is skipped "
-              "(pip install --no-deps -r requirements-reference.txt)")
+    if load_fla_naive() is None:
+        print(f"fla-core is not installed: fla's naive function is skipped ({FLA_INSTALL})")
     usable, reason = KERNEL.usable()
     if not usable:
         print(f"the compiled kernel is unavailable here: {reason}")
-    functions = forms(fla, usable)
     reference = "compiled" if usable else "chunked"
     print(f"threads {torch.get_num_threads()}, B=1, H={HEADS}, K=V={HEAD_DIM}, C={DEFAULT_CHUNK_SIZE}, "
           f"{args.repeats} interleaved repeats, medians\n")
     header, header_chunked = f"{reference} is x faster", "chunked is x faster"
     print(f"| {'T':>5} | {'form':<10} | {'median s':>9} | {'peak MB':>8} | {header:>20} | {header_chunked:>19} |")
     print(f"|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 10}|{'-' * 22}|{'-' * 21}|")
-    rates = []
-    with torch.no_grad():
-        for length in args.lengths:
-            inputs = make_inputs(length)
-            names = list(functions)
-            times = {name: [] for name in names}
-            for name in ("compiled", "chunked"):  # warm-up (and the kernel's build or load)
-                if name in functions:
-                    functions[name](*inputs)
-            mm_times = []
-            for repeat in range(args.repeats):
-                for name in names if repeat % 2 == 0 else reversed(names):
-                    start = time.perf_counter()
-                    functions[name](*inputs)
-                    times[name].append(time.perf_counter() - start)
-                mm_times.append(matmul_rate(1))
-            medians = {name: statistics.median(values) for name, values in times.items()}
-            for name in names:
-                peak = peak_memory_in_subprocess(name, length, args.threads) / 2**20
-                ratio = medians[name] / medians[reference]
-                ratio_chunked = medians[name] / medians["chunked"]
-                print(f"| {length:>5} | {name:<10} | {medians[name]:>9.3f} | {peak:>8.1f} | {ratio:>19.1f}x | "
-                      f"{ratio_chunked:>18.1f}x |", flush=True)
-            chunked_rate = chunked_flops(length) / medians["chunked"] / 1e9
-            rates.append((length, chunked_rate, statistics.median(mm_times)))
+    medians = {}
+
+    def print_rows(rows: list[dict]) -> None:
+        medians.update({(r["L"], r["impl"]): r["seconds"] for r in rows})
+        for r in rows:
+            if r["impl"] == "mm":
+                continue
+            length, seconds = r["L"], r["seconds"]
+            peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
+            ratio = seconds / medians[(length, reference)]
+            ratio_chunked = seconds / medians[(length, "chunked")]
+            print(f"| {length:>5} | {r['impl']:<10} | {seconds:>9.3f} | {peak:>8} | {ratio:>19.1f}x | "
+                  f"{ratio_chunked:>18.1f}x |", flush=True)
+
+    run_benchmark(BENCHMARK, args.lengths, args.repeats, threads=args.threads, on_rows=print_rows)
     print("\nmatmul rate (GFLOP/s): the chunked path's matrix products vs torch.mm 2048^3, same run")
-    for length, chunked_rate, mm_rate in rates:
+    for length in args.lengths:
+        chunked_rate = chunked_flops(length) / medians[(length, "chunked")] / 1e9
+        mm_rate = 2 * MATMUL_SIZE**3 / medians[(length, "mm")] / 1e9
         print(f"  T={length}: chunked {chunked_rate:.1f} ({chunked_flops(length) / 1e9:.2f} GFLOP), "
               f"torch.mm {mm_rate:.1f}: {100 * chunked_rate / mm_rate:.0f}% of the matmul rate")
 
@@ -164,13 +149,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--memory-case", nargs=2, metavar=("FORM", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.memory_case:
-        form, length = args.memory_case
-        print(measure_peak_memory(form, int(length)))
-        return
     benchmark(args)
 
 

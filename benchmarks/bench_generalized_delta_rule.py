@@ -5,7 +5,8 @@ Forms: "compiled" (`generalized_delta_rule(backend="compiled")`, the C++ CPU ker
 when it cannot build here), "chunked" (`generalized_delta_rule(backend="chunked")`), "sequential"
 (`generalized_delta_rule_ref`, the token loop), "fla_naive" (fla-core's
 ops/generalized_delta_rule/dplr/naive.py `dplr_recurrence`, loaded by path; skipped with a note when
-fla-core is not installed: `pip install --no-deps -r requirements-reference.txt`).
+fla-core is not installed: `MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install --no-deps
+--no-build-isolation -r requirements-reference.txt`).
 
 Legend: B batch (1), H heads (12), T length, K = V head size (64). Inputs are RWKV-7-shaped:
 a = -kappa, b = kappa * a_in with kappa unit-norm, gk = -exp(-0.5) sigmoid(N(0, 1)).
@@ -13,30 +14,27 @@ a = -kappa, b = kappa * a_in with kappa unit-norm, gk = -exp(-0.5) sigmoid(N(0, 
     python benchmarks/bench_generalized_delta_rule.py                      # T = 1024, 2048, 4096
     python benchmarks/bench_generalized_delta_rule.py --lengths 4096 --repeats 1
 
-Timing: in this process, the forms (and a torch.mm of 2048^3, the machine's matmul rate in the same
-run) are run interleaved (A B C D, D C B A, ...) and the median is kept, so a slow spell of a shared
-machine hits every form alike; ratios are within one T. Peak memory: each (form, T) runs once in a
-fresh subprocess and reports its peak resident memory above the resident memory it had before the
-call (inputs included in the baseline). GFLOP/s of the chunked form counts the multiply-adds of its
-matrix products, triangular solve and pairwise sub-chunk scores (`chunked_flops`); of the compiled
-kernel, the recurrence's 5 multiply-adds per state element and token (`recurrence_flops`).
+Timing (seqarch.bench.timing): in this process, the forms (and a torch.mm of 2048^3, the machine's
+matmul rate in the same run) are run interleaved (A B C D, D C B A, ...) and the median is kept, so a
+slow spell of a shared machine hits every form alike; ratios are within one T. Peak memory: each (form,
+T) runs once in a fresh subprocess and reports its peak resident memory above the resident memory it had
+before the call (inputs included in the baseline). GFLOP/s of the chunked form counts the multiply-adds
+of its matrix products, triangular solve and pairwise sub-chunk scores (`chunked_flops`); of the
+compiled kernel, the recurrence's 5 multiply-adds per state element and token (`recurrence_flops`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import os
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-from seqarch.bench.memory import peak_rss_growth_bytes
+from seqarch.bench.timing import Benchmark, run_benchmark, with_mode
 from seqarch.ops.generalized_delta_rule import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_SUBCHUNK_SIZE,
@@ -47,8 +45,12 @@ from seqarch.ops.generalized_delta_rule import (
 
 HEADS, HEAD_SIZE = 12, 64
 MATMUL_SIZE = 2048
+FORMS = ("compiled", "chunked", "sequential", "fla_naive")
+FLA_INSTALL = ("MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install --no-deps --no-build-isolation "
+               "-r requirements-reference.txt")
 
 
+@functools.cache
 def load_fla_naive():
     """fla-core's dplr naive.py as a module, or None when fla-core is not installed."""
     spec = importlib.util.find_spec("fla")
@@ -71,16 +73,15 @@ def make_inputs(length: int, seed: int = 0):
     return q, k, v, a, b, gk
 
 
-def run_form(form: str, inputs, naive=None) -> None:
-    with torch.no_grad():
-        if form in ("compiled", "chunked"):
-            generalized_delta_rule(*inputs, backend=form)
-        elif form == "sequential":
-            generalized_delta_rule_ref(*inputs)
-        elif form == "fla_naive":  # (B, H, T, K) layout
-            naive.dplr_recurrence(*(t.transpose(1, 2) for t in inputs), output_final_state=False)
-        else:
-            raise ValueError(form)
+def run_form(form: str, inputs, naive=None):
+    """One forward of `form` (its output; grad mode is the caller's)."""
+    if form in ("compiled", "chunked"):
+        return generalized_delta_rule(*inputs, backend=form)[0]
+    if form == "sequential":
+        return generalized_delta_rule_ref(*inputs)[0]
+    if form == "fla_naive":  # (B, H, T, K) layout
+        return naive.dplr_recurrence(*(t.transpose(1, 2) for t in inputs), output_final_state=False)[0]
+    raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
 
 
 def chunked_flops(length: int, chunk: int = DEFAULT_CHUNK_SIZE, sub: int = DEFAULT_SUBCHUNK_SIZE,
@@ -109,47 +110,54 @@ def recurrence_flops(length: int, heads: int = HEADS, key: int = HEAD_SIZE, valu
     return 2 * 5 * heads * length * key * value
 
 
-def measure_peak_memory(form: str, length: int) -> int:
-    inputs = make_inputs(length)
-    naive = load_fla_naive() if form == "fla_naive" else None
-    return peak_rss_growth_bytes(run_form, form, inputs, naive)
+def compiled_usable() -> bool:
+    try:
+        return resolve_backend("compiled", "cpu") == "compiled"  # builds or loads the kernel
+    except RuntimeError:
+        return False
 
 
-def peak_memory_in_subprocess(form: str, length: int, threads: int) -> int:
-    command = [sys.executable, __file__, "--memory-case", form, str(length), "--threads", str(threads)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1])
+def setup(form: str, length: int, mode: str = "forward"):
+    """One forward of `form` under no_grad on inputs made here; "mm" is torch.mm of two 2048 x 2048 matrices,
+    the machine's matmul rate in the same rounds."""
+    if form == "mm":
+        left, right = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+        return with_mode(lambda: torch.mm(left, right), [], mode)
+    inputs, naive = make_inputs(length), load_fla_naive() if form == "fla_naive" else None
+    return with_mode(lambda: run_form(form, inputs, naive), [], mode)
 
 
-def benchmark(args, naive, with_compiled: bool) -> list[dict]:
-    forms = (["compiled"] if with_compiled else []) + ["chunked", "sequential"] + (["fla_naive"] if naive else [])
-    left, right = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+def runnable(form: str, length: int, mode: str) -> bool:
+    if form == "compiled":
+        return compiled_usable()
+    return form != "fla_naive" or load_fla_naive() is not None
+
+
+BENCHMARK = Benchmark(target="benchmarks.bench_generalized_delta_rule:BENCHMARK", impls=(*FORMS, "mm"),
+                      setup=setup, modes=("forward",), runnable=runnable, prepare=compiled_usable,
+                      timing_only=("mm",), alternate=True)
+
+
+def benchmark(args, naive) -> list[dict]:
+    """Rows per (T, form), each T's printed as soon as it is measured."""
     rows = []
-    for length in args.lengths:
-        inputs = make_inputs(length)
-        jobs = {form: (lambda form=form, inputs=inputs: run_form(form, inputs, naive)) for form in forms}
-        jobs["mm"] = lambda: torch.mm(left, right)
-        jobs["chunked"]()  # warm-up; the token loops need none
-        if with_compiled:
-            jobs["compiled"]()
-        jobs["mm"]()
-        times = {name: [] for name in jobs}
-        for repeat in range(args.repeats):
-            for name in list(jobs) if repeat % 2 == 0 else reversed(list(jobs)):
-                start = time.perf_counter()
-                jobs[name]()
-                times[name].append(time.perf_counter() - start)
-        medians = {name: statistics.median(values) for name, values in times.items()}
-        mm_gflops = 2 * MATMUL_SIZE**3 / medians["mm"] / 1e9
-        for form in forms:
-            peak = peak_memory_in_subprocess(form, length, args.threads)
+
+    def add(measured: list[dict]) -> None:
+        medians = {r["impl"]: r["seconds"] for r in measured}
+        for r in measured:
+            length, form, seconds = r["L"], r["impl"], r["seconds"]
+            if form == "mm":
+                continue
             counted = {"chunked": chunked_flops, "compiled": recurrence_flops}.get(form)
-            gflops = counted(length) / medians[form] / 1e9 if counted else None
-            rows.append({"length": length, "form": form, "seconds": medians[form], "peak_mb": peak / 2**20,
-                         "vs_sequential": medians["sequential"] / medians[form],
-                         "vs_fla_naive": medians["fla_naive"] / medians[form] if naive is not None else None,
-                         "gflops": gflops, "mm_gflops": mm_gflops})
+            rows.append({"length": length, "form": form, "seconds": seconds,
+                         "peak_mb": None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20,
+                         "vs_sequential": medians["sequential"] / seconds,
+                         "vs_fla_naive": medians["fla_naive"] / seconds if naive is not None else None,
+                         "gflops": counted(length) / seconds / 1e9 if counted else None,
+                         "mm_gflops": 2 * MATMUL_SIZE**3 / medians["mm"] / 1e9})
             print_row(rows[-1])
+
+    run_benchmark(BENCHMARK, args.lengths, args.repeats, threads=args.threads, on_rows=add)
     return rows
 
 
@@ -162,7 +170,8 @@ def print_header() -> None:
 def print_row(row: dict) -> None:
     fla = f"{row['vs_fla_naive']:.1f}x" if row["vs_fla_naive"] is not None else "-"
     gflops = f"{row['gflops']:.1f}" if row["gflops"] is not None else "-"
-    print(f"| {row['length']:>5} | {row['form']:<10} | {row['seconds'] * 1e3:>10.1f} | {row['peak_mb']:>8.1f} "
+    peak = f"{row['peak_mb']:.1f}" if row["peak_mb"] is not None else "-"
+    print(f"| {row['length']:>5} | {row['form']:<10} | {row['seconds'] * 1e3:>10.1f} | {peak:>8} "
           f"| {row['vs_sequential']:>9.1f}x | {fla:>10} | {gflops:>8} | {row['mm_gflops']:>10.1f} |", flush=True)
 
 
@@ -171,7 +180,7 @@ def print_memory_scaling(rows: list[dict]) -> None:
     print("\npeak memory per token (KB): flat = linear in T")
     for form in dict.fromkeys(row["form"] for row in rows):
         cells = [f"T={row['length']}: {row['peak_mb'] * 1024 / row['length']:.1f}"
-                 for row in rows if row["form"] == form]
+                 for row in rows if row["form"] == form and row["peak_mb"] is not None]
         print(f"  {form:<10} " + ", ".join(cells))
 
 
@@ -180,26 +189,20 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--memory-case", nargs=2, metavar=("FORM", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.memory_case:
-        form, length = args.memory_case
-        print(measure_peak_memory(form, int(length)))
-        return
     naive = load_fla_naive()
     if naive is None:
-        print("fla_naive skipped: fla-core is not installed (pip install --no-deps -r requirements-reference.txt)")
+        print(f"fla_naive skipped: fla-core is not installed ({FLA_INSTALL})")
     print(f"generalized_delta_rule forward, B=1, H={HEADS}, K=V={HEAD_SIZE}, float32, {args.threads} thread(s), "
           f"chunk {DEFAULT_CHUNK_SIZE} / sub-chunk {DEFAULT_SUBCHUNK_SIZE}, torch {torch.__version__}; "
           f"median of {args.repeats} interleaved runs\n")
     try:
-        with_compiled = resolve_backend("compiled", "cpu") == "compiled"
+        resolve_backend("compiled", "cpu")
     except RuntimeError as error:
         print(f"compiled skipped: {error}")
-        with_compiled = False
     print_header()
-    rows = benchmark(args, naive, with_compiled)
+    rows = benchmark(args, naive)
     print_memory_scaling(rows)
 
 

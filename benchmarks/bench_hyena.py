@@ -7,7 +7,7 @@ Tables (Markdown on stdout):
 1. fftconv forward vs L (D channels, batch 1): median time, tokens/s.
 2. hyena vs attention forward at the same width vs L, timed interleaved (A B A B ...), medians,
    the ratio, and the crossover length where Hyena becomes faster; peak RSS of one forward, each
-   case in its own subprocess.
+   case in its own subprocess (timing and memory: seqarch.bench.timing).
 3. decode latency per token after a prefill of T tokens: exact (history) vs distilled (modal).
 4. distillation error (median / max relative L2 over channels) vs d_state.
 
@@ -17,87 +17,60 @@ Timings on a shared machine are noisy: read ratios measured in the same run, not
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 from seqarch import build_mixer
-from seqarch.bench.memory import peak_rss_growth_bytes
+from seqarch.bench.timing import Benchmark, interleaved_medians, run_benchmark, with_mode
 from seqarch.ops.fftconv import fftconv
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def fftconv_setup(impl: str, length: int, mode: str, d_model: int = 768):
+    """impl "fftconv": one `fftconv` of d_model random channels and filters of length L."""
+    u, k = torch.randn(1, d_model, length), torch.randn(d_model, length)
+    return with_mode(lambda: fftconv(u, k), [], mode)
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds of each fn, timed A B A B ... so that slow phases of the machine hit all."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+def forward_setup(name: str, length: int, mode: str, d_model: int = 768, max_len: int = 16384):
+    """One forward of mixer `name` ("hyena" with filters of `max_len`, or "attention") at width d_model."""
+    overrides = {"max_len": max_len} if name == "hyena" else {}
+    mixer = build_mixer(name, d_model=d_model, **overrides)
+    x = torch.randn(1, length, d_model)
+    return with_mode(lambda: mixer(x), [], mode)
 
 
-def peak_rss_mib(name: str, d_model: int, length: int, max_len: int) -> float:
-    """Peak resident memory (MiB) one forward adds, measured in a fresh subprocess."""
-    case = json.dumps({"name": name, "d_model": d_model, "length": length, "max_len": max_len})
-    command = [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--memory-case", case]
-    out = subprocess.run(command, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def memory_case(case: dict) -> None:
-    """Print the growth of peak RSS (MiB) over one forward; imports and set-up do not count."""
-    overrides = {"max_len": case["max_len"]} if case["name"] == "hyena" else {}
-    mixer = build_mixer(case["name"], d_model=case["d_model"], **overrides)
-    x = torch.randn(1, case["length"], case["d_model"])
-    with torch.no_grad():
-        print(peak_rss_growth_bytes(mixer, x) / 2**20)
+FFTCONV = Benchmark(target="benchmarks.bench_hyena:FFTCONV", impls=("fftconv",), setup=fftconv_setup,
+                    modes=("forward",))
+FORWARD = Benchmark(target="benchmarks.bench_hyena:FORWARD", impls=("hyena", "attention"), setup=forward_setup,
+                    modes=("forward",))
 
 
 def table_fftconv(d_model: int, lengths, repeats: int) -> None:
     print(f"\n### fftconv forward, {d_model} channels, batch 1\n")
     print("| L | median ms | ktokens/s |")
     print("|---|---|---|")
-    for length in lengths:
-        u, k = torch.randn(1, d_model, length), torch.randn(d_model, length)
-        seconds = median_time(lambda u=u, k=k: fftconv(u, k), repeats)
-        print(f"| {length} | {seconds * 1e3:.2f} | {length / seconds / 1e3:.1f} |")
+    for row in run_benchmark(FFTCONV, lengths, repeats, memory=False, options={"d_model": d_model}):
+        print(f"| {row['L']} | {row['seconds'] * 1e3:.2f} | {row['L'] / row['seconds'] / 1e3:.1f} |")
 
 
 def table_forward(d_model: int, lengths, repeats: int, memory: bool) -> None:
     print(f"\n### forward, d_model {d_model}, batch 1: hyena vs attention (interleaved medians)\n")
     print("| L | hyena ms | attention ms | attention / hyena | hyena peak MiB | attention peak MiB |")
     print("|---|---|---|---|---|---|")
-    max_len = max(lengths)
-    hyena = build_mixer("hyena", d_model=d_model, max_len=max_len)
-    attention = build_mixer("attention", d_model=d_model)
+    rows = run_benchmark(FORWARD, lengths, repeats, memory=memory, threads=torch.get_num_threads(),
+                         options={"d_model": d_model, "max_len": max(lengths)},
+                         progress=lambda line: print(line, file=sys.stderr, flush=True))
+    cases = {(row["L"], row["impl"]): row for row in rows}
     crossover = None
     for length in lengths:
-        x = torch.randn(1, length, d_model)
-        with torch.no_grad():
-            medians = interleaved({"hyena": lambda x=x: hyena(x), "attention": lambda x=x: attention(x)}, repeats)
-        ratio = medians["attention"] / medians["hyena"]
+        hyena, attention = cases[(length, "hyena")], cases[(length, "attention")]
+        ratio = attention["seconds"] / hyena["seconds"]
         if ratio > 1 and crossover is None:
             crossover = length
-        mem = ([f"{peak_rss_mib(name, d_model, length, max_len):.0f}" for name in ("hyena", "attention")]
-               if memory else ["-", "-"])
-        print(f"| {length} | {medians['hyena'] * 1e3:.1f} | {medians['attention'] * 1e3:.1f} | {ratio:.2f} | "
+        mem = ["-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.0f}" for row in (hyena, attention)]
+        print(f"| {length} | {hyena['seconds'] * 1e3:.1f} | {attention['seconds'] * 1e3:.1f} | {ratio:.2f} | "
               f"{mem[0]} | {mem[1]} |")
     where = f"L = {crossover}" if crossover else f"none up to L = {max(lengths)}"
     print(f"\nCrossover (first L where hyena forward is faster than attention): {where}")
@@ -123,8 +96,8 @@ def table_decode(d_model: int, contexts, steps: int, d_state: int) -> None:
         with torch.no_grad():
             states = {name: mixer.prefill(prompt, mixer.init_state(1))[1]
                       for name, mixer in (("exact", exact), ("distilled", distilled))}
-            medians = interleaved({name: lambda m=mixer, s=states[name]: decode(m, s, tokens)
-                                   for name, mixer in (("exact", exact), ("distilled", distilled))}, 3)
+            medians = interleaved_medians({name: lambda m=mixer, s=states[name]: decode(m, s, tokens)
+                                           for name, mixer in (("exact", exact), ("distilled", distilled))}, 3)
         exact_ms, distilled_ms = (medians[name] / steps * 1e3 for name in ("exact", "distilled"))
         print(f"| {context} | {exact_ms:.3f} | {distilled_ms:.3f} | {exact_ms / distilled_ms:.1f} | "
               f"{exact.state_nbytes(1, context) / 1024:.0f} | {distilled.state_nbytes(1, context) / 1024:.1f} |")
@@ -152,13 +125,9 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--tables", default="fftconv,forward,decode,distill",
                         help="comma-separated subset of: fftconv, forward, decode, distill")
-    parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_case:
-        memory_case(json.loads(args.memory_case))
-        return
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
     tables = set(args.tables.split(","))

@@ -2,14 +2,16 @@
 
 Legend: B batch (1), L length, D d_inner (1536), N d_state (16).
 
-Scan implementations, timed interleaved (A B C A B C ...) in one process, median of --repeats:
+Scan implementations, timed interleaved (A B C A B C ...) in one process (seqarch.bench.timing),
+median of --repeats:
   compiled    the default CPU path (C++ kernel, seqarch.ops.selective_scan)
   chunked     the eager chunked PyTorch fallback
   sequential  selective_scan_ref, the loop over time steps (the oracle)
   mambapy     mamba.py's parallel scan (PyPI `mambapy`), which materialises (B, L, D, N);
               optional: reported as missing when not installed
 Mixers: `mamba` (default scan) against `attention` (12 heads) of the same width.
-Peak memory: each case once more in a fresh subprocess, peak RSS above the RSS before the call.
+Peak memory: each case once more in a fresh subprocess, peak RSS above the RSS before the call
+(inputs and the compiled kernel loaded before it).
 
     python benchmarks/bench_mamba.py            # L = 256 ... 8192 (slow cases capped, see CAPS)
     python benchmarks/bench_mamba.py --quick    # L = 1024, < 1 min on a quiet machine
@@ -18,11 +20,7 @@ Peak memory: each case once more in a fresh subprocess, peak RSS above the RSS b
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +28,7 @@ from einops import rearrange
 
 from seqarch import build_mixer
 from seqarch.backends import module_available
-from seqarch.bench.memory import peak_rss_growth_bytes
+from seqarch.bench.timing import Benchmark, run_benchmark, with_mode
 from seqarch.ops.selective_scan import KERNEL, selective_scan, selective_scan_ref
 
 D_MODEL, D_INNER, D_STATE = 768, 1536, 16
@@ -46,6 +44,7 @@ CAPS = {
 }
 SCANS = ("compiled", "chunked", "sequential", "mambapy")
 MIXERS = ("mamba", "attention")
+MODES = ("fwd", "fwd+bwd")
 
 
 def scan_inputs(length: int, requires_grad: bool):
@@ -88,7 +87,7 @@ def scan_call(name: str, length: int, mode: str):
     else:
         def forward():
             return selective_scan(*args, delta_bias=inputs["delta_bias"], delta_softplus=True, backend=name)
-    return _with_mode(forward, inputs.values(), mode)
+    return with_mode(forward, inputs.values(), mode)
 
 
 def mixer_call(name: str, length: int, mode: str):
@@ -96,90 +95,47 @@ def mixer_call(name: str, length: int, mode: str):
     kwargs = {"n_heads": 12} if name == "attention" else {}
     mixer = build_mixer(name, d_model=D_MODEL, **kwargs)
     x = torch.randn(1, length, D_MODEL)
-    return _with_mode(lambda: mixer(x), mixer.parameters(), mode)
-
-
-def _with_mode(forward, leaves, mode: str):
-    leaves = list(leaves)
-
-    def run():
-        if mode == "fwd":
-            with torch.no_grad():
-                forward()
-            return
-        for leaf in leaves:
-            leaf.grad = None
-        forward().sum().backward()
-
-    return run
-
-
-def make_call(kind: str, name: str, length: int, mode: str):
-    return scan_call(name, length, mode) if kind == "scan" else mixer_call(name, length, mode)
+    return with_mode(lambda: mixer(x), mixer.parameters(), mode)
 
 
 def runnable(name: str, length: int, mode: str) -> bool:
     if name == "mambapy" and not module_available("mambapy"):
         return False
+    if name == "compiled" and not KERNEL.usable()[0]:
+        return False
     return length <= CAPS.get((name, mode), 1 << 30)
 
 
-def time_interleaved(calls: dict, repeats: int) -> dict:
-    """Median seconds per call, running the calls in turn A B C A B C ... after one warm-up each."""
-    for call in calls.values():
-        call()
-    samples = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
-
-
-def child_peak_memory(kind: str, name: str, length: int, mode: str) -> None:
-    """In a fresh process: peak RSS above the RSS just before one call (Linux /proc), as JSON."""
-    KERNEL.load()  # the extension's own pages are not the op's memory
-    if name == "mambapy":
+def prepare() -> None:
+    """Build or load the kernel (and import mamba.py) once, so neither counts in a case's time or memory."""
+    KERNEL.usable()
+    if module_available("mambapy"):
         import mambapy.pscan  # noqa: F401
-    call = make_call(kind, name, length, mode)
-    print(json.dumps({"peak_bytes": peak_rss_growth_bytes(call)}))
 
 
-def peak_memory(kind: str, name: str, length: int, mode: str, threads: int) -> float | None:
-    command = [sys.executable, __file__, "--child", kind, name, str(length), mode, "--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+SCAN = Benchmark(target="benchmarks.bench_mamba:SCAN", impls=SCANS, setup=scan_call, modes=MODES,
+                 runnable=runnable, prepare=prepare)
+MIXER = Benchmark(target="benchmarks.bench_mamba:MIXER", impls=MIXERS, setup=mixer_call, modes=MODES,
+                  runnable=runnable, prepare=prepare)
 
 
-def sweep(kind: str, names, lengths, modes, repeats: int, threads: int, measure_memory: bool):
-    rows = []
-    for mode in modes:
-        for length in lengths:
-            present = [name for name in names if runnable(name, length, mode)]
-            calls = {name: make_call(kind, name, length, mode) for name in present}
-            seconds = time_interleaved(calls, repeats)
-            for name in present:
-                memory = peak_memory(kind, name, length, mode, threads) if measure_memory else None
-                rows.append({"kind": kind, "mode": mode, "L": length, "impl": name, "seconds": seconds[name],
-                             "memory": memory})
-            print(f"  done {kind} {mode} L={length}", file=sys.stderr, flush=True)
-    return rows
+def sweep(benchmark: Benchmark, names, lengths, repeats: int, threads: int, measure_memory: bool):
+    return run_benchmark(benchmark, lengths, repeats, impls=names, memory=measure_memory, threads=threads,
+                         progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
 
 
 def print_table(rows, baseline: str) -> None:
-    """One line per case; ratios are the baseline's speedup over each implementation (time_impl /
-    time_baseline) and the baseline's peak memory as a fraction of the implementation's."""
+    """One line per case (rows of `run_benchmark`); ratios are the baseline's speedup over each implementation
+    (time_impl / time_baseline) and the baseline's peak memory as a fraction of the implementation's."""
     print("| mode | L | impl | median s | tokens/s | peak MB | " + f"{baseline} speedup | {baseline} memory / impl |")
     print("|---|---|---|---|---|---|---|---|")
     base = {(r["mode"], r["L"]): r for r in rows if r["impl"] == baseline}
     for r in rows:
         ref = base.get((r["mode"], r["L"]))
         speedup = f"{r['seconds'] / ref['seconds']:.1f}x" if ref else "-"
-        memory = f"{r['memory'] / 2**20:.0f}" if r["memory"] is not None else "-"
-        fraction = (f"{ref['memory'] / r['memory']:.2f}" if ref and ref["memory"] and r["memory"] else "-")
+        memory = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else "-"
+        fraction = (f"{ref['peak_bytes'] / r['peak_bytes']:.2f}" if ref and ref["peak_bytes"] and r["peak_bytes"]
+                    else "-")
         print(f"| {r['mode']} | {r['L']} | {r['impl']} | {r['seconds']:.4f} | {r['L'] / r['seconds']:,.0f} | "
               f"{memory} | {speedup} | {fraction} |")
 
@@ -192,27 +148,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--skip", nargs="+", default=[], choices=SCANS + MIXERS, help="implementations to leave out")
-    parser.add_argument("--child", nargs=4, metavar=("KIND", "NAME", "L", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.child:
-        kind, name, length, mode = args.child
-        child_peak_memory(kind, name, int(length), mode)
-        return
     lengths, repeats = ([1024], 3) if args.quick else (args.lengths, args.repeats)
-    KERNEL.load()  # build or load once before timing anything
+    usable, reason = KERNEL.usable()  # build or load once before timing anything
     print(f"torch {torch.__version__}, {args.threads} threads, batch 1, d_model {D_MODEL}, d_inner {D_INNER}, "
           f"d_state {D_STATE}; medians of {repeats} interleaved runs")
     if not module_available("mambapy"):
         print("mambapy is not installed (pip install mambapy): its parallel scan is left out")
+    if not usable:
+        print(f"the compiled scan is left out: {reason}")
     print("\n## selective_scan (ratios: the compiled default against each)\n")
     scans = [name for name in SCANS if name not in args.skip]
     mixers = [name for name in MIXERS if name not in args.skip]
-    print_table(sweep("scan", scans, lengths, ("fwd", "fwd+bwd"), repeats, args.threads, not args.no_memory),
-                "compiled")
+    print_table(sweep(SCAN, scans, lengths, repeats, args.threads, not args.no_memory), "compiled")
     print("\n## mixers, d_model 768 (ratios: mamba against each)\n")
-    print_table(sweep("mixer", mixers, lengths, ("fwd", "fwd+bwd"), repeats, args.threads, not args.no_memory),
-                "mamba")
+    print_table(sweep(MIXER, mixers, lengths, repeats, args.threads, not args.no_memory), "mamba")
 
 
 if __name__ == "__main__":

@@ -10,25 +10,22 @@ Legend: B batch (1), H heads (12), T length, K head size (64).
     python benchmarks/bench_wkv.py --quick    # L = 256, 1024; under a minute
     python benchmarks/bench_wkv.py --lengths 1024 4096 --threads 1 --repeats 3   # issue #4's case
 
-Timing: in this process, the forms are run interleaved (A B C A B C ...) and the median is kept, so a
-slow spell of a shared machine hits every form alike; speed-ups are ratios within one L. Peak memory:
-each (form, L, pass) runs once in a fresh subprocess and reports its peak resident memory above the
-resident memory it had before the call (inputs included in the baseline). The sequential reference
-is a loop over tokens, so it is only run up to `--max-sequential-length`; the parallel form holds
-(T, T, K) tensors, so it stops at `--max-parallel-length`.
+Timing (seqarch.bench.timing): in this process, the forms are run interleaved (A B C, C B A, ...) and
+the median is kept, so a slow spell of a shared machine hits every form alike; speed-ups are ratios
+within one L. Peak memory: each (form, L, pass) runs once in a fresh subprocess and reports its peak
+resident memory above the resident memory it had before the call (inputs included in the baseline).
+The sequential reference is a loop over tokens, so it is only run up to `--max-sequential-length`; the
+parallel form holds (T, T, K) tensors, so it stops at `--max-parallel-length`.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
-import sys
-import time
+import dataclasses
 
 import torch
 
-from seqarch.bench.memory import peak_rss_growth_bytes
+from seqarch.bench.timing import Benchmark, run_benchmark, with_mode
 from seqarch.ops.wkv import KERNEL, wkv6, wkv6_parallel, wkv6_ref
 
 HEADS, HEAD_SIZE = 12, 64
@@ -53,26 +50,18 @@ def make_inputs(length: int, requires_grad: bool, seed: int = 0):
     return tensors
 
 
-def run_once(form: str, inputs, backward: bool) -> None:
-    out, _ = FORMS[form](*inputs, scale=1.0)
-    if backward:
-        out.sum().backward()
+def setup(form: str, length: int, pass_name: str):
+    """One call of `form` on inputs made here (forward under no_grad, or forward + backward)."""
+    inputs = make_inputs(length, pass_name != "forward")
+    return with_mode(lambda: FORMS[form](*inputs, scale=1.0)[0], inputs, pass_name)
 
 
-def measure_peak_memory(form: str, length: int, backward: bool) -> int:
-    """Run in a fresh process: bytes of peak RSS above the RSS once the inputs exist.
-
-    The peak is this process's VmHWM, reset just before the call (seqarch.bench.memory).
-    """
-    inputs = make_inputs(length, backward)
-    return peak_rss_growth_bytes(run_once, form, inputs, backward)
+def _load_kernel_if_usable() -> None:
+    KERNEL.usable()  # builds or loads it once; the extension's own pages are not a form's memory
 
 
-def peak_memory_in_subprocess(form: str, length: int, backward: bool, threads: int) -> int:
-    command = [sys.executable, __file__, "--memory-case", form, str(length), str(int(backward)),
-               "--threads", str(threads)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1])
+BENCHMARK = Benchmark(target="benchmarks.bench_wkv:BENCHMARK", impls=tuple(FORMS), setup=setup, modes=PASSES,
+                      prepare=_load_kernel_if_usable, alternate=True)
 
 
 def forms_at(length: int, backward: bool, args) -> list[str]:
@@ -86,30 +75,25 @@ def forms_at(length: int, backward: bool, args) -> list[str]:
 
 
 def benchmark(args) -> list[dict]:
+    """Rows {length, pass, form, seconds, tokens_per_s, peak_mb, speedup (vs sequential), vs_chunked}, each
+    printed as soon as its (L, pass) is measured."""
+    registration = dataclasses.replace(
+        BENCHMARK, runnable=lambda form, length, pass_name: form in forms_at(length, pass_name != "forward", args))
     rows = []
-    for length in args.lengths:
-        for pass_name in args.passes:
-            backward = pass_name != "forward"
-            forms = forms_at(length, backward, args)
-            inputs = make_inputs(length, backward)
-            times = {form: [] for form in forms}
-            for form in forms:  # warm-up
-                run_once(form, inputs, backward)
-            for repeat in range(args.repeats):
-                for form in forms if repeat % 2 == 0 else reversed(forms):
-                    start = time.perf_counter()
-                    run_once(form, inputs, backward)
-                    times[form].append(time.perf_counter() - start)
-            medians = {form: statistics.median(values) for form, values in times.items()}
-            for form in forms:
-                peak = peak_memory_in_subprocess(form, length, backward, args.threads)
-                rows.append({
-                    "length": length, "pass": pass_name, "form": form, "seconds": medians[form],
-                    "tokens_per_s": length / medians[form], "peak_mb": peak / 2**20,
-                    "speedup": medians["sequential"] / medians[form] if "sequential" in medians else None,
-                    "vs_chunked": medians["chunked"] / medians[form],
-                })
-                print_row(rows[-1])
+
+    def add(measured: list[dict]) -> None:
+        medians = {r["impl"]: r["seconds"] for r in measured}
+        for r in measured:
+            length, seconds = r["L"], r["seconds"]
+            rows.append({"length": length, "pass": r["mode"], "form": r["impl"], "seconds": seconds,
+                         "tokens_per_s": length / seconds,
+                         "peak_mb": None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20,
+                         "speedup": medians["sequential"] / seconds if "sequential" in medians else None,
+                         "vs_chunked": medians["chunked"] / seconds})
+            print_row(rows[-1])
+
+    for length in args.lengths:  # lengths outside, passes inside, as the table reads
+        run_benchmark(registration, [length], args.repeats, modes=args.passes, threads=args.threads, on_rows=add)
     return rows
 
 
@@ -121,8 +105,9 @@ def print_header() -> None:
 
 def print_row(row: dict) -> None:
     speedup = f"{row['speedup']:.1f}x" if row["speedup"] is not None else "-"
+    peak = f"{row['peak_mb']:.1f}" if row["peak_mb"] is not None else "-"
     print(f"| {row['length']:>5} | {row['pass']:<16} | {row['form']:<10} | {row['seconds'] * 1e3:>10.1f} "
-          f"| {row['tokens_per_s']:>10.0f} | {row['peak_mb']:>8.1f} | {speedup:>13} | {row['vs_chunked']:>9.1f}x |",
+          f"| {row['tokens_per_s']:>10.0f} | {peak:>8} | {speedup:>13} | {row['vs_chunked']:>9.1f}x |",
           flush=True)
 
 
@@ -134,7 +119,7 @@ def print_memory_scaling(rows: list[dict]) -> None:
         print(f"\n{form} peak memory per token (KB): flat = linear in L")
         for pass_name in sorted({row["pass"] for row in rows}):
             cells = [f"L={row['length']}: {row['peak_mb'] * 1024 / row['length']:.1f}"
-                     for row in rows if row["form"] == form and row["pass"] == pass_name]
+                     for row in rows if row["form"] == form and row["pass"] == pass_name and row["peak_mb"] is not None]
             print(f"  {pass_name:<16} " + ", ".join(cells))
 
 
@@ -148,13 +133,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--max-sequential-length", type=int, default=4096)
     parser.add_argument("--max-parallel-length", type=int, default=256)
-    parser.add_argument("--memory-case", nargs=3, metavar=("FORM", "LENGTH", "BACKWARD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.memory_case:
-        form, length, backward = args.memory_case
-        print(measure_peak_memory(form, int(length), bool(int(backward))))
-        return
     if args.quick:
         args.lengths, args.repeats = [256, 1024], 3
         args.max_sequential_length = min(args.max_sequential_length, 1024)

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import time
-from pathlib import Path
 
-import torch
-
+from benchmarks.run_quality_sweep import RESULTS as QUALITY_RESULTS
+from benchmarks.run_quality_sweep import run_and_record
 from seqarch.bench.lm_quality import (
     LM_GRIDS,
     LMQualitySettings,
@@ -29,11 +26,10 @@ from seqarch.bench.lm_quality import (
     run_lm_quality,
     write_lm_quality_report,
 )
-from seqarch.bench.machine import machine_info
 from seqarch.bench.settings import parse_overrides
 from seqarch.configs import make_config
 
-RESULTS = Path(__file__).resolve().parent / "results" / "quality" / "lm"
+RESULTS = QUALITY_RESULTS / "lm"
 
 
 def main() -> None:
@@ -52,17 +48,7 @@ def main() -> None:
     base = lm_quality_settings(args.preset, out=str(out))
     settings = make_config(LMQualitySettings, owner="run_lm_quality", **{**dataclasses.asdict(base), **values})
 
-    torch.set_num_threads(settings.threads)
-    (out / "machine.json").write_text(json.dumps(machine_info(), indent=1) + "\n")
-    started = time.perf_counter()
-    rows = run_lm_quality(settings)
-    wall_seconds = round(time.perf_counter() - started, 1)
-    recorded = {**dataclasses.asdict(settings), "out": str(out.relative_to(RESULTS.parents[3])),
-                "preset": args.preset, "wall_seconds_this_invocation": wall_seconds}
-    (out / "settings.json").write_text(json.dumps(recorded, indent=1) + "\n")
-    header = [f"Preset `{args.preset}`: `python -m benchmarks.run_lm_quality --preset {args.preset}`; this "
-              f"invocation ran {wall_seconds:.0f} s on {settings.threads} thread(s) (finished runs are cached in "
-              "runs/ and skipped on rerun). Every field: settings.json; machine: machine.json.", ""]
+    rows, wall_seconds, header = run_and_record(settings, out, args.preset, "run_lm_quality", run_lm_quality)
     report = write_lm_quality_report(rows, settings, out, header, baseline_bpb=corpus_baseline(settings))
     print(f"lm quality: {len(rows)} rows in {wall_seconds:.0f} s; wrote {report}")
 

@@ -22,7 +22,9 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +33,27 @@ from seqarch.bench.quality import GRIDS, QualitySettings, quality_settings, run_
 from seqarch.bench.settings import parse_overrides
 from seqarch.configs import make_config
 
-RESULTS = Path(__file__).resolve().parent / "results" / "quality"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "quality"
+
+
+def run_and_record(settings: Any, out: Path, preset: str, program: str,
+                   run: Callable[[Any], list[dict]]) -> tuple[list[dict], float, list[str]]:
+    """`run(settings)` on `settings.threads` threads, with machine.json before and settings.json (every field,
+    the preset, the wall time of this invocation) after it in `out`; returns the rows, the wall seconds and
+    the report's header lines. Shared by this script and run_lm_quality."""
+    torch.set_num_threads(settings.threads)
+    (out / "machine.json").write_text(json.dumps(machine_info(), indent=1) + "\n")
+    started = time.perf_counter()
+    rows = run(settings)
+    wall_seconds = round(time.perf_counter() - started, 1)
+    recorded = {**dataclasses.asdict(settings), "out": str(out.relative_to(ROOT)), "preset": preset,
+                "wall_seconds_this_invocation": wall_seconds}
+    (out / "settings.json").write_text(json.dumps(recorded, indent=1) + "\n")
+    header = [f"Preset `{preset}`: `python -m benchmarks.{program} --preset {preset}`; this invocation ran "
+              f"{wall_seconds:.0f} s on {settings.threads} thread(s) (finished runs are cached in runs/ and skipped "
+              "on rerun). Every field: settings.json; machine: machine.json.", ""]
+    return rows, wall_seconds, header
 
 
 def main() -> None:
@@ -48,17 +70,7 @@ def main() -> None:
     base = quality_settings(args.preset, out=str(out))
     settings = make_config(QualitySettings, owner="run_quality_sweep", **{**dataclasses.asdict(base), **values})
 
-    torch.set_num_threads(settings.threads)
-    (out / "machine.json").write_text(json.dumps(machine_info(), indent=1) + "\n")
-    started = time.perf_counter()
-    rows = run_quality_sweep(settings)
-    wall_seconds = round(time.perf_counter() - started, 1)
-    recorded = {**dataclasses.asdict(settings), "out": str(out.relative_to(RESULTS.parents[2])),
-                "preset": args.preset, "wall_seconds_this_invocation": wall_seconds}
-    (out / "settings.json").write_text(json.dumps(recorded, indent=1) + "\n")
-    header = [f"Preset `{args.preset}`: `python -m benchmarks.run_quality_sweep --preset {args.preset}`; "
-              f"this invocation ran {wall_seconds:.0f} s on {settings.threads} thread(s) (finished runs are cached in "
-              f"runs/ and skipped on rerun). Every field: settings.json; machine: machine.json.", ""]
+    rows, wall_seconds, header = run_and_record(settings, out, args.preset, "run_quality_sweep", run_quality_sweep)
     report = write_quality_report(rows, out, header)
     print(f"quality sweep: {len(rows)} rows in {wall_seconds:.0f} s; wrote {report}")
 

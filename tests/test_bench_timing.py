@@ -3,6 +3,8 @@ child rebuilding a registered case from its target and options."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from seqarch.bench.timing import Benchmark, interleaved_samples, run_benchmark, with_mode
@@ -14,6 +16,22 @@ def test_calls_are_interleaved_after_the_warm_up():
     samples = interleaved_samples(calls, repeats=3, warmup=1)
     assert order == ["a", "b", "c"] * 4
     assert {name: len(times) for name, times in samples.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_alternate_rounds_run_backwards_every_second_time():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    interleaved_samples(calls, repeats=3, warmup=1, alternate=True)
+    assert order == ["a", "b", "c"] + ["a", "b", "c"] + ["c", "b", "a"] + ["a", "b", "c"]
+
+
+def test_each_mode_and_length_hands_over_its_rows_as_soon_as_measured():
+    groups = []
+    rows = run_benchmark(TOY, [4, 16], repeats=1, modes=["fwd", "fwd+bwd"], memory=False, on_rows=groups.append)
+    assert [[(r["mode"], r["L"], r["impl"]) for r in group] for group in groups] == [
+        [("fwd", 4, "small"), ("fwd", 4, "big")], [("fwd", 16, "small")],
+        [("fwd+bwd", 4, "small"), ("fwd+bwd", 4, "big")], [("fwd+bwd", 16, "small")]]
+    assert [r for group in groups for r in group] == rows
 
 
 def test_with_mode_runs_the_backward_only_outside_forward():
@@ -46,3 +64,10 @@ def test_run_benchmark_measures_every_runnable_case_and_its_memory_in_a_child():
     # 8 MiB held at L = 4, 32 MiB at L = 16 (options reached the child): peaks near those sizes
     assert 6 * 2**20 < peaks[("small", 4)] < 40 * 2**20
     assert peaks[("small", 16)] > 3 * peaks[("small", 4)]
+
+
+def test_timing_only_implementations_are_timed_in_the_rounds_without_a_memory_child():
+    rows = run_benchmark(dataclasses.replace(TOY, timing_only=("big",)), [4], repeats=2, modes=["fwd"])
+    peaks = {r["impl"]: r["peak_bytes"] for r in rows}
+    assert set(peaks) == {"small", "big"} and all(len(r["samples"]) == 2 for r in rows)
+    assert peaks["big"] is None and peaks["small"] > 2 * 2**20

@@ -38,24 +38,29 @@ Call = Callable[[], Any]
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
-def interleaved_samples(calls: Mapping[str, Call], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved_samples(calls: Mapping[str, Call], repeats: int, warmup: int = 1,
+                        alternate: bool = False) -> dict[str, list[float]]:
     """Seconds of each call, run in turn A B C A B C ... `repeats` times after `warmup` runs of each,
-    so a slow spell of a shared machine hits every call alike."""
+    so a slow spell of a shared machine hits every call alike. With `alternate`, every second round
+    runs backwards (A B C C B A ...), so no call always runs right after the same other one."""
     for _ in range(warmup):
         for call in calls.values():
             call()
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
+    order = list(calls.items())
+    for repeat in range(repeats):
+        for name, call in order[::-1] if alternate and repeat % 2 else order:
             start = time.perf_counter()
             call()
             samples[name].append(time.perf_counter() - start)
     return samples
 
 
-def interleaved_medians(calls: Mapping[str, Call], repeats: int, warmup: int = 1) -> dict[str, float]:
+def interleaved_medians(calls: Mapping[str, Call], repeats: int, warmup: int = 1,
+                        alternate: bool = False) -> dict[str, float]:
     """Median seconds per call of `interleaved_samples`."""
-    return {name: statistics.median(times) for name, times in interleaved_samples(calls, repeats, warmup).items()}
+    samples = interleaved_samples(calls, repeats, warmup, alternate)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def force_mmap_for_large_allocations() -> None:
@@ -84,7 +89,10 @@ def with_mode(forward: Callable[[], torch.Tensor], leaves, mode: str) -> Call:
 class Benchmark:
     """What one script compares: `setup(impl, L, mode, **options)` -> a zero-argument call (made before timing, so
     inputs and modules are built outside it); `runnable(impl, L, mode)` leaves out cases too slow or too
-    large. `target` is "module:attribute" of this registration, for the memory child to import."""
+    large (limits set on a script's command line: time `dataclasses.replace(benchmark, runnable=...)`; the
+    memory child never asks). `target` is "module:attribute" of this registration, for the memory child
+    to import. `timing_only` implementations are timed in the same rounds but get no memory child (e.g. a
+    torch.mm whose rate is the machine's yardstick); `alternate` reverses every second round."""
 
     target: str
     impls: Sequence[str]
@@ -93,6 +101,8 @@ class Benchmark:
     runnable: Callable[[str, int, str], bool] = field(default=lambda impl, length, mode: True)
     force_mmap: bool = False  # in the memory child; see the module docstring
     prepare: Callable[[], None] = field(default=lambda: None)  # e.g. build a compiled kernel before measuring
+    timing_only: Sequence[str] = ()
+    alternate: bool = False
 
 
 def peak_memory_bytes(benchmark: Benchmark, impl: str, length: int, mode: str, threads: int | None = None,
@@ -115,10 +125,12 @@ def peak_memory_bytes(benchmark: Benchmark, impl: str, length: int, mode: str, t
 def run_benchmark(benchmark: Benchmark, lengths: Sequence[int], repeats: int, *, modes: Sequence[str] | None = None,
                   impls: Sequence[str] | None = None, memory: bool = True, threads: int | None = None,
                   options: Mapping[str, Any] | None = None,
-                  progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Rows {mode, L, impl, seconds (median), samples, peak_bytes (None without memory)}: for each mode
-    and length, the runnable implementations timed interleaved, then each one's peak memory. `options`
-    (JSON-serialisable) go to every `setup` call, here and in the memory child."""
+                  progress: Callable[[str], None] | None = None,
+                  on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Rows {mode, L, impl, seconds (median), samples, peak_bytes (None without memory or for `timing_only`)}:
+    for each mode and length, the runnable implementations timed interleaved, then each one's peak memory. `options`
+    (JSON-serialisable) go to every `setup` call, here and in the memory child. `on_rows` gets each (mode, L)'s
+    rows as soon as they are measured (a script prints its table as it goes)."""
     options = dict(options or {})
     benchmark.prepare()
     rows = []
@@ -126,12 +138,15 @@ def run_benchmark(benchmark: Benchmark, lengths: Sequence[int], repeats: int, *,
         for length in lengths:
             present = [impl for impl in impls or benchmark.impls if benchmark.runnable(impl, length, mode)]
             calls = {impl: benchmark.setup(impl, length, mode, **options) for impl in present}
-            samples = interleaved_samples(calls, repeats)
+            samples = interleaved_samples(calls, repeats, alternate=benchmark.alternate)
             del calls
             for impl in present:
-                peak = peak_memory_bytes(benchmark, impl, length, mode, threads, options) if memory else None
+                measured = memory and impl not in benchmark.timing_only
+                peak = peak_memory_bytes(benchmark, impl, length, mode, threads, options) if measured else None
                 rows.append({"mode": mode, "L": length, "impl": impl, "seconds": statistics.median(samples[impl]),
                              "samples": samples[impl], "peak_bytes": peak})
+            if on_rows is not None:
+                on_rows(rows[len(rows) - len(present):])
             if progress is not None:
                 progress(f"done {mode} L={length}")
     return rows

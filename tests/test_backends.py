@@ -15,24 +15,12 @@ import seqarch.ops.causal_conv1d as conv_module
 import seqarch.ops.selective_scan as scan_module
 import seqarch.ops.wkv as wkv_module
 from seqarch.backends import CompiledKernel, renamed_keyword
+from tests.compiled import FakeKernel
 
 OPS = [(scan_module, "selective_scan", "chunked"), (wkv_module, "wkv6", "chunked"),
        (conv_module, "causal_conv1d", "parallel")]
 IDS = ["selective_scan", "wkv6", "causal_conv1d"]
 EAGER_LABEL = {"chunked": "eager chunked", "parallel": "parallel"}
-
-
-class FakeKernel:
-    """Stands in for an op's KERNEL: says whether it loads, never builds anything."""
-
-    def __init__(self, ok: bool, reason: str = ""):
-        self.ok, self.reason = ok, reason
-
-    def usable(self):
-        return self.ok, self.reason
-
-    def available(self):
-        return self.ok
 
 
 @pytest.mark.parametrize(("module", "op", "fallback"), OPS, ids=IDS)

@@ -10,7 +10,7 @@ import torch
 import seqarch.ops.gated_norm as norm_module
 from seqarch import backends
 from seqarch.ops.gated_norm import gated_rms_norm, gated_rms_norm_ref, resolve_backend
-from tests.compiled import compiled, needs_compiler
+from tests.compiled import FakeKernel, compiled, needs_compiler
 from tests.references import load_mamba_ssm_file
 from tests.tolerance import assert_close
 
@@ -137,17 +137,6 @@ def test_bad_input_is_named(change, message):
     arguments = {"x": torch.randn(2, 3, 12), "z": torch.randn(2, 3, 12), "weight": torch.ones(12), **change}
     with pytest.raises(ValueError, match=message):
         gated_rms_norm(**arguments)
-
-
-class FakeKernel:
-    def __init__(self, ok: bool, reason: str = ""):
-        self.ok, self.reason = ok, reason
-
-    def usable(self):
-        return self.ok, self.reason
-
-    def available(self):
-        return self.ok
 
 
 def test_auto_takes_the_kernel_on_cpu_and_falls_back_with_a_notice(monkeypatch, capsys):

@@ -7,52 +7,23 @@ Compiled, chunked and sequential paths are held to each other, forward and every
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
-from seqarch.ops.mamba3 import Mamba3ScanState, mamba3_scan
+from seqarch.ops.mamba3 import mamba3_scan
 from tests.compiled import needs_compiler
-from tests.test_mamba3_scan import run_with_grads
+from tests.mamba3_helpers import Sizes, run_with_grads, scan_inputs
 from tests.tolerance import assert_close
 
 pytestmark = needs_compiler
 
 # P = 20 and N = 72: one or two vectors plus a remainder (float32: 16 lanes, float64: 8); S = 20 angles.
-BATCH, HEADS, HEADDIM, GROUPS, DSTATE, ANGLES = 2, 2, 20, 1, 72, 20
+BATCH, HEADS, HEADDIM, GROUPS, DSTATE, ANGLES = SIZES = Sizes(2, 2, 20, 1, 72, 20)
 
 
 def make_inputs(length: int, dtype, rank: int = 1, seed: int = 0) -> dict:
-    """Random inputs at the mixer's scales (see tests/test_mamba3_scan.make_inputs), with a carried-in state."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=dtype)
-
-    bc_shape = (BATCH, length, GROUPS, DSTATE) if rank == 1 else (BATCH, length, rank, GROUPS, DSTATE)
-    inputs = {
-        "x": randn(BATCH, length, HEADS, HEADDIM),
-        "dt": F.softplus(randn(BATCH, length, HEADS) - 1),
-        "A": -(1 + randn(BATCH, length, HEADS).abs()),
-        "B": F.rms_norm(randn(*bc_shape), (DSTATE,)),
-        "C": F.rms_norm(randn(*bc_shape), (DSTATE,)),
-        "trap": torch.sigmoid(randn(BATCH, length, HEADS)),
-        "angles": torch.tanh(randn(BATCH, length, HEADS, ANGLES)) * math.pi,
-        "D": randn(HEADS),
-        "z": randn(BATCH, length, HEADS, HEADDIM),
-        "B_bias": 1 + 0.3 * randn(HEADS, rank, DSTATE),
-        "C_bias": 1 + 0.3 * randn(HEADS, rank, DSTATE),
-        "initial_state": Mamba3ScanState(
-            angle=torch.rand(BATCH, HEADS, ANGLES, generator=gen, dtype=dtype) * 2 * math.pi,
-            ssm=randn(BATCH, HEADS, HEADDIM, DSTATE), k=randn(BATCH, rank, HEADS, DSTATE),
-            x=randn(BATCH, HEADS, HEADDIM)),
-    }
-    if rank > 1:
-        inputs.update(mimo_x=randn(HEADS, rank, HEADDIM), mimo_z=randn(HEADS, rank, HEADDIM),
-                      mimo_o=randn(HEADS, rank, HEADDIM))
-    return inputs
+    """Random inputs at the mixer's scales (tests/mamba3_helpers.scan_inputs), with a carried-in state."""
+    return scan_inputs(SIZES, length, dtype, rank, seed, initial_state=True)
 
 
 def check_against(reference: str, inputs: dict, dtype, label: str, **options) -> None:

@@ -4,11 +4,8 @@ reduction to Mamba-2's SSD; the rotation as complex multiplication; backend sele
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from seqarch.ops.mamba3 import (
     Mamba3ScanState,
@@ -21,70 +18,15 @@ from seqarch.ops.mamba3 import (
 )
 from seqarch.ops.ssd import ssd_ref
 from tests.compiled import compiled, needs_compiler
+from tests.mamba3_helpers import Sizes, run_with_grads, scan_inputs
 from tests.tolerance import assert_close
 
-BATCH, HEADS, HEADDIM, GROUPS, DSTATE, ANGLES = 2, 4, 3, 2, 8, 2
+BATCH, HEADS, HEADDIM, GROUPS, DSTATE, ANGLES = SIZES = Sizes(2, 4, 3, 2, 8, 2)
 CHUNK = 16  # small, so that 63 and 257 cross several chunk boundaries and pad the last one
 
 
 def make_inputs(length: int, dtype, rank: int = 1, seed: int = 0, initial_state: bool = False) -> dict:
-    """Random inputs at the scales the mixer feeds the op: dt = softplus(.) around 0.3 (with a tail),
-    A = -(1 + |.|) as the heavy-tail activation gives, RMS-normed B/C plus biases near 1,
-    trapezoid weights in (0, 1), angular velocities tanh(.) * pi."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=dtype)
-
-    bc_shape = (BATCH, length, GROUPS, DSTATE) if rank == 1 else (BATCH, length, rank, GROUPS, DSTATE)
-    inputs = {
-        "x": randn(BATCH, length, HEADS, HEADDIM),
-        "dt": F.softplus(randn(BATCH, length, HEADS) - 1),
-        "A": -(1 + randn(BATCH, length, HEADS).abs()),
-        "B": F.rms_norm(randn(*bc_shape), (DSTATE,)),
-        "C": F.rms_norm(randn(*bc_shape), (DSTATE,)),
-        "trap": torch.sigmoid(randn(BATCH, length, HEADS)),
-        "angles": torch.tanh(randn(BATCH, length, HEADS, ANGLES)) * math.pi,
-        "D": randn(HEADS),
-        "z": randn(BATCH, length, HEADS, HEADDIM),
-        "B_bias": 1 + 0.3 * randn(HEADS, rank, DSTATE),
-        "C_bias": 1 + 0.3 * randn(HEADS, rank, DSTATE),
-    }
-    if rank > 1:
-        inputs.update(mimo_x=randn(HEADS, rank, HEADDIM), mimo_z=randn(HEADS, rank, HEADDIM),
-                      mimo_o=randn(HEADS, rank, HEADDIM))
-    if initial_state:
-        inputs["initial_state"] = Mamba3ScanState(
-            angle=torch.rand(BATCH, HEADS, ANGLES, generator=gen, dtype=dtype) * 2 * math.pi,
-            ssm=randn(BATCH, HEADS, HEADDIM, DSTATE), k=randn(BATCH, rank, HEADS, DSTATE),
-            x=randn(BATCH, HEADS, HEADDIM))
-    return inputs
-
-
-def run_with_grads(fn, inputs: dict, **options):
-    """Output, final state and the gradient of every floating input under fixed random cotangents."""
-    leaves = {}
-    for name, value in inputs.items():
-        if name == "initial_state":
-            leaves[name] = Mamba3ScanState(*(t.detach().clone().requires_grad_(True) for t in value))
-        else:
-            leaves[name] = value.detach().clone().requires_grad_(True)
-    y, final = fn(**leaves, output_final_state=True, **options)
-    gen = torch.Generator().manual_seed(7)
-    loss = (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum()
-    # The angle is wrapped to [0, 2 pi), so only its cos / sin are smooth: weight those.
-    loss = loss + (torch.cos(final.angle) * torch.randn(final.angle.shape, generator=gen, dtype=y.dtype)).sum()
-    for tensor in (final.ssm, final.k, final.x):
-        loss = loss + (tensor * torch.randn(tensor.shape, generator=gen, dtype=y.dtype)).sum()
-    loss.backward()
-    grads = {}
-    for name, leaf in leaves.items():
-        if name == "initial_state":
-            fields = zip(Mamba3ScanState._fields, leaf, strict=True)
-            grads.update({f"initial_state.{field}": t.grad for field, t in fields})
-        else:
-            grads[name] = leaf.grad
-    return y, final, grads
+    return scan_inputs(SIZES, length, dtype, rank, seed, initial_state)
 
 
 def compare(inputs: dict, label: str, dtype, backend: str = "chunked", chunk_size: int = CHUNK, **options) -> None:

@@ -13,7 +13,7 @@ from einops import repeat
 import seqarch.ops.ssd as ssd_module
 from seqarch import backends
 from seqarch.ops.ssd import resolve_backend, segsum_stable, ssd, ssd_chunked, ssd_compiled, ssd_ref, ssd_step
-from tests.compiled import compiled, needs_compiler
+from tests.compiled import FakeKernel, compiled, needs_compiler
 from tests.tolerance import RELATIVE_TOLERANCE, assert_close
 
 # The two chunked paths: the C++ kernel for steps 1 and 3 ("compiled") and PyTorch throughout ("chunked").
@@ -202,18 +202,6 @@ def test_bad_chunk_size_is_named():
 
 
 # --- dispatch ------------------------------------------------------------------------------------
-class FakeKernel:
-    """Stands in for the op's KERNEL: says whether it loads, never builds anything."""
-
-    def __init__(self, ok: bool, reason: str = ""):
-        self.ok, self.reason = ok, reason
-
-    def usable(self):
-        return self.ok, self.reason
-
-    def available(self):
-        return self.ok
-
 
 def test_auto_takes_the_cuda_kernel_only_where_mamba_ssm_is_usable(monkeypatch):
     monkeypatch.setattr(ssd_module, "KERNEL", FakeKernel(True))

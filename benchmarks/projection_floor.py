@@ -33,6 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import seqarch
+from seqarch.bench.timing import interleaved_samples
 from seqarch.registry import build_config
 
 D_MODEL = 768
@@ -135,10 +136,9 @@ def measure(name: str, seq_len: int, repeats: int, bwd_budget_s: float) -> dict:
         n = repeats
         if mode == "fwdbwd" and warm * repeats > bwd_budget_s:
             n = 3  # capped: slow mixer, the minimum the median needs
-        mix_t, proj_t = [], []
-        for _ in range(n):
-            mix_t.append(timed(mix_fn))
-            proj_t.append(timed(proj_fn))
+        # the one harness's interleaving (mixer, projections, mixer, ...), the warm-up already done above
+        samples = interleaved_samples({"mixer": mix_fn, "projections": proj_fn}, repeats=n, warmup=0)
+        mix_t, proj_t = samples["mixer"], samples["projections"]
         mix_ms, proj_ms = 1e3 * statistics.median(mix_t), 1e3 * statistics.median(proj_t)
         result[mode] = {"mixer_ms": mix_ms, "projections_ms": proj_ms, "ratio": mix_ms / proj_ms, "repeats": n,
                         "mixer_runs_ms": [1e3 * t for t in mix_t], "projection_runs_ms": [1e3 * t for t in proj_t]}

@@ -127,6 +127,16 @@ void gemm(int64_t m, int64_t n, int64_t kd, const T* A, int64_t a_rs, int64_t a_
   }
 }
 
+template <typename T>
+inline void load_or_zero(std::vector<T>& dst, const T* src, int64_t offset) {
+  // a task's carried state: copied in when given (initial state, final-state gradient), zeros otherwise
+  if (src) {
+    std::memcpy(dst.data(), src + offset, dst.size() * sizeof(T));
+  } else {
+    std::fill(dst.begin(), dst.end(), T(0));
+  }
+}
+
 // out (cols, rows) = in (rows, cols)^T, in rows at in + r * ld.
 template <typename T>
 inline void transpose(int64_t rows, int64_t cols, const T* in, int64_t ld, T* out) {
@@ -225,11 +235,7 @@ void forward_kernel(const Sizes& n, const Inputs<T>& in, const at::Tensor& h0_t,
         ecum(M);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n.heads, head = task % n.heads;
-      if (h0p) {
-        std::memcpy(S.data(), h0p + task * state, state * sizeof(T));
-      } else {
-        std::fill(S.begin(), S.end(), T(0));
-      }
+      load_or_zero(S, h0p, task * state);
       for (int64_t c = 0; c < K; ++c) {
         const int64_t row0 = task * K * M + c * M;
         const T* v = in.v + b * in.v_batch + c * M * in.v_row + head * in.v_head;
@@ -339,11 +345,7 @@ void backward_kernel(const Sizes& n, const Inputs<T>& in, int64_t last, const at
         G(M * N), ecum(M), decay_end(M), to_end(M);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n.heads, head = task % n.heads;
-      if (dfinalp) {
-        std::memcpy(dS.data(), dfinalp + task * state, state * sizeof(T));
-      } else {
-        std::fill(dS.begin(), dS.end(), T(0));
-      }
+      load_or_zero(dS, dfinalp, task * state);
       T dD = 0;
       T* d_theta = d_thetap + task * n.length() * n.angles;
       for (int64_t c = K - 1; c >= 0; --c) {
